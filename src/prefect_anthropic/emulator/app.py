@@ -1,0 +1,148 @@
+"""The emulator's HTTP face: a Starlette app that speaks the Anthropic API on top of EmulatedAnthropic."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .batches import BatchStore
+from .config import EmulatorConfig
+from .errors import APIError
+from .service import EmulatedAnthropic, new_id
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class DroppedResponse(Response):
+    """Announces the whole body, sends half of it, then abandons the connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
+        raise ConnectionAbortedError("emulator: connection dropped mid-response (injected fault)")
+
+
+class _QuietDrops(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + str(record.exc_info[1] if record.exc_info else "")
+        return "injected fault" not in text and "without completing response" not in text
+
+
+def create_app(config: EmulatorConfig | None = None) -> Starlette:
+    config = config or EmulatorConfig()
+    api = EmulatedAnthropic(config)
+    batches = BatchStore(api)
+    for name in ("uvicorn.error", "uvicorn"):
+        logging.getLogger(name).addFilter(_QuietDrops())
+
+    def error_response(error: APIError, request_id: str) -> Response:
+        api.ledger.responses_by_status[error.status] += 1
+        headers = {"request-id": request_id, **error.headers}
+        return JSONResponse(error.envelope(request_id), status_code=error.status, headers=headers)
+
+    def ok(content: Any, request_id: str, headers: dict[str, str] | None = None) -> Response:
+        api.ledger.responses_by_status[200] += 1
+        return JSONResponse(content, headers={"request-id": request_id, **(headers or {})})
+
+    async def messages(request: Request) -> Response:
+        request_id = new_id("req")
+        api.ledger.requests_total += 1
+        try:
+            key = api.authenticate(request.headers)
+            raw = await request.body()
+            body = api.parse_json(raw)
+            completion = await api.create_message(key, raw, body)
+        except APIError as error:
+            return error_response(error, request_id)
+        headers = {"request-id": request_id, **completion.headers}
+        api.ledger.responses_by_status[200] += 1
+        if completion.drop_connection:
+            return DroppedResponse(orjson.dumps(completion.message), headers=headers, media_type="application/json")
+        return JSONResponse(completion.message, headers=headers)
+
+    async def count_tokens(request: Request) -> Response:
+        request_id = new_id("req")
+        api.ledger.requests_total += 1
+        try:
+            api.authenticate(request.headers)
+            return ok(api.count_tokens(api.parse_json(await request.body())), request_id)
+        except APIError as error:
+            return error_response(error, request_id)
+
+    def batch_endpoint(handler):
+        async def endpoint(request: Request) -> Response:
+            request_id = new_id("req")
+            try:
+                key = api.authenticate(request.headers)
+                return await handler(request, key, request_id)
+            except APIError as error:
+                return error_response(error, request_id)
+
+        return endpoint
+
+    async def batch_collection(request: Request, key: str, request_id: str) -> Response:
+        if request.method == "POST":
+            raw = await request.body()
+            base_url = str(request.base_url).rstrip("/")
+            return ok(batches.create(key, api.parse_json(raw), len(raw), base_url), request_id)
+        params = request.query_params
+        try:
+            limit = int(params.get("limit", "20"))
+        except ValueError:
+            raise APIError(400, "limit: Input should be a valid integer") from None
+        return ok(batches.list(key, limit, params.get("after_id"), params.get("before_id")), request_id)
+
+    async def batch_item(request: Request, key: str, request_id: str) -> Response:
+        batch_id = request.path_params["batch_id"]
+        if request.method == "DELETE":
+            return ok(batches.delete(key, batch_id), request_id)
+        return ok(batches.retrieve(key, batch_id), request_id)
+
+    async def batch_cancel(request: Request, key: str, request_id: str) -> Response:
+        return ok(batches.cancel(key, request.path_params["batch_id"]), request_id)
+
+    async def batch_results(request: Request, key: str, request_id: str) -> Response:
+        body = batches.results(key, request.path_params["batch_id"])
+        api.ledger.responses_by_status[200] += 1
+        return Response(body, media_type="application/binary", headers={"request-id": request_id})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(api.ledger.as_dict())
+
+    async def reset(request: Request) -> Response:
+        api.reset()
+        batches.reset()
+        return JSONResponse({"reset": True})
+
+    async def advance_clock(request: Request) -> Response:
+        api.clock_offset += float(request.query_params.get("seconds", "0"))
+        return JSONResponse({"clock_offset": api.clock_offset})
+
+    app = Starlette(
+        routes=[
+            Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+            Route("/v1/messages/batches", batch_endpoint(batch_collection), methods=["GET", "POST"]),
+            Route("/v1/messages/batches/{batch_id}", batch_endpoint(batch_item), methods=["GET", "DELETE"]),
+            Route("/v1/messages/batches/{batch_id}/cancel", batch_endpoint(batch_cancel), methods=["POST"]),
+            Route("/v1/messages/batches/{batch_id}/results", batch_endpoint(batch_results), methods=["GET"]),
+            Route("/_emulator/stats", stats, methods=["GET"]),
+            Route("/_emulator/reset", reset, methods=["POST"]),
+            Route("/_emulator/advance", advance_clock, methods=["POST"]),
+        ]
+    )
+    app.state.api = api
+    app.state.batches = batches
+    return app

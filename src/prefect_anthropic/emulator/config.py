@@ -1,0 +1,87 @@
+"""Every emulator option, with its command-line flag, default and help in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class EmulatorConfig:
+    host: str = _opt("127.0.0.1", "Address to listen on.")
+    port: int = _opt(8765, "Port to listen on (0 picks a free one).")
+    api_key: str | None = _opt(None, "Accept only this key (others get 401); by default any non-empty key.")
+    # Rate limits, per API key and model class, as continuously refilled token buckets (0 = unlimited).
+    requests_per_minute: float = _opt(0, "Requests per minute (0 = unlimited).")
+    input_tokens_per_minute: float = _opt(0, "Input tokens per minute; cache reads do not count (0 = unlimited).")
+    output_tokens_per_minute: float = _opt(0, "Output tokens per minute (0 = unlimited).")
+    burst_seconds: float = _opt(
+        60.0,
+        "Bucket capacity in seconds of refill: 60 holds a whole minute's budget; smaller values enforce "
+        "the per-minute limit over shorter intervals, as Anthropic may.",
+    )
+    reserve_max_tokens: bool = _opt(
+        False,
+        "Account output tokens the pre-2026 way: reserve max_tokens at admission, settle at the end "
+        "(default: count output tokens as they are produced).",
+    )
+    # Latency.
+    latency_ms: float = _opt(0.0, "Mean response latency in ms.")
+    latency_jitter_ms: float = _opt(0.0, "Uniform jitter around the mean latency, in ms.")
+    # Faults, each a fraction 0..1 of requests, drawn from a generator seeded by --seed.
+    error_rate_429: float = _opt(0.0, "Fraction of requests answered 429 rate_limit_error (with retry-after).")
+    error_rate_529: float = _opt(0.0, "Fraction of requests answered 529 overloaded_error.")
+    error_rate_500: float = _opt(0.0, "Fraction of requests answered 500 api_error.")
+    error_rate_504: float = _opt(0.0, "Fraction of requests answered 504 timeout_error.")
+    error_rate_409: float = _opt(0.0, "Fraction of requests answered 409 conflict_error.")
+    drop_rate: float = _opt(0.0, "Fraction of responses whose connection drops mid-body (the work is billed).")
+    stall_rate: float = _opt(0.0, "Fraction of responses that stall for --stall-s before answering.")
+    stall_s: float = _opt(30.0, "How long a stalled response stalls, in seconds.")
+    fault_retry_after_s: float = _opt(1.0, "retry-after (seconds) sent with an injected 429.")
+    billing_error: bool = _opt(False, "Answer every message request 402 billing_error.")
+    permission_error: bool = _opt(False, "Answer every message request 403 permission_error.")
+    spend_limit_usd: float = _opt(
+        0.0,
+        "Once billed cost reaches this many dollars, answer 429 with details.error_code "
+        "enforced_spend_limit_reached and no retry-after (0 = no cap).",
+    )
+    # Prompt caching and batches.
+    batch_delay_s: float = _opt(2.0, "Time a message batch takes to process, in seconds.")
+    batch_expire_rate: float = _opt(0.0, "Fraction of batch requests that end as expired.")
+    seed: int | None = _opt(None, "Seed for the fault and latency generator (reproducible runs).")
+    log_level: str = _opt("warning", "Server log level.")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+                continue
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            if f.name == "seed":
+                kind = int
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> EmulatorConfig:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+    def to_args(self) -> list[str]:
+        """The command line that starts an emulator process with this configuration."""
+        args: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default or value is None:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag)
+            else:
+                args += [flag, str(value)]
+        return args

@@ -1,0 +1,304 @@
+"""The emulated API's behaviour, free of HTTP: what each request gets, and the ledger of what was billed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import re
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..models import ModelInfo, Usage, cost_usd
+from .cache import PromptCache
+from .config import EmulatorConfig
+from .errors import APIError
+from .prompt import ParsedRequest, parse_request
+from .ratelimit import ClassBuckets
+from .tokenizer import truncate
+
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# Emulator-only test hook: a user message containing `[[emulator:status=NNN]]` gets that error status.
+_DIRECTIVE = re.compile(r"\[\[emulator:status=(\d{3})\]\]")
+_FAULT_MESSAGES = {
+    429: "Number of requests has exceeded your rate limit. Please try again later.",
+    529: "Overloaded",
+    500: "Internal server error",
+    504: "Request timed out before completion",
+    409: "Conflict: the request conflicts with another in progress",
+    402: "Your credit balance is too low to access the Anthropic API.",
+    403: "Your API key does not have permission to use the specified resource.",
+    413: "Request exceeds the maximum allowed number of bytes.",
+    401: "invalid x-api-key",
+    400: "Invalid request",
+    404: "Not found",
+}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+@dataclass
+class Ledger:
+    """What the emulated Anthropic has served and billed since start or the last reset."""
+
+    requests_total: int = 0
+    responses_by_status: Counter[int] = field(default_factory=Counter)
+    billed_requests: int = 0
+    billed_batch_requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    first_request_at: float | None = None
+    last_request_at: float | None = None
+    duplicate_billed_requests: int = 0
+    _billed_bodies: set[int] = field(default_factory=set)
+
+    def bill(self, body_digest: int, model: ModelInfo, usage: Usage, *, batch: bool) -> None:
+        now = time.time()
+        if self.first_request_at is None:
+            self.first_request_at = now
+        self.last_request_at = now
+        self.billed_requests += 1
+        self.billed_batch_requests += batch
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cache_creation_input_tokens += usage.cache_creation_input_tokens
+        self.cache_read_input_tokens += usage.cache_read_input_tokens
+        self.cost_usd += cost_usd(model, usage, batch=batch)
+        if body_digest in self._billed_bodies:
+            self.duplicate_billed_requests += 1
+        else:
+            self._billed_bodies.add(body_digest)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests_total": self.requests_total,
+            "responses_by_status": {str(k): v for k, v in sorted(self.responses_by_status.items())},
+            "billed_requests": self.billed_requests,
+            "billed_batch_requests": self.billed_batch_requests,
+            "duplicate_billed_requests": self.duplicate_billed_requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "first_request_at": self.first_request_at,
+            "last_request_at": self.last_request_at,
+        }
+
+
+def body_digest(raw: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+@dataclass
+class Completion:
+    """A message the emulator produced, before it is sent."""
+
+    message: dict[str, Any]
+    usage: Usage
+    latency_s: float
+    headers: dict[str, str]
+    drop_connection: bool = False
+
+
+class EmulatedAnthropic:
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.cache = PromptCache()
+        self.ledger = Ledger()
+        self._buckets: dict[tuple[str, str], ClassBuckets] = {}
+        #: Seconds added to the clock: tests jump past a cache TTL or a minute of refill without waiting.
+        self.clock_offset = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() + self.clock_offset
+
+    def wall_now(self) -> float:
+        return time.time() + self.clock_offset
+
+    def reset(self) -> None:
+        self.rng = random.Random(self.config.seed)
+        self.cache.clear()
+        self.ledger = Ledger()
+        self._buckets.clear()
+        self.clock_offset = 0.0
+
+    # -- request checks shared by every endpoint -------------------------------------------------------
+
+    def authenticate(self, headers: Any) -> str:
+        key = headers.get("x-api-key")
+        if key is None:
+            auth = headers.get("authorization", "")
+            if auth.lower().startswith("bearer "):
+                key = auth[7:].strip()
+        if not key:
+            raise APIError(401, "x-api-key header is required")
+        if self.config.api_key is not None and key != self.config.api_key:
+            raise APIError(401, "invalid x-api-key")
+        if not headers.get("anthropic-version"):
+            raise APIError(400, "anthropic-version: header is required")
+        return key
+
+    @staticmethod
+    def parse_json(raw: bytes) -> Any:
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise APIError(413, _FAULT_MESSAGES[413])
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise APIError(400, "There was an error parsing the body of your request as JSON") from None
+
+    # -- messages -----------------------------------------------------------------------------------------
+
+    def _buckets_for(self, key: str, model: ModelInfo, now: float) -> ClassBuckets:
+        scope = (key, model.rate_limit_class)
+        buckets = self._buckets.get(scope)
+        if buckets is None:
+            buckets = self._buckets[scope] = ClassBuckets(self.config, now)
+        return buckets
+
+    def _latency(self) -> float:
+        mean = self.config.latency_ms / 1000.0
+        jitter = self.config.latency_jitter_ms / 1000.0
+        if jitter:
+            return max(0.0, mean + self.rng.uniform(-jitter, jitter))
+        return mean
+
+    def _injected_fault(self, parsed: ParsedRequest, key: str, now: float) -> APIError | None:
+        match = _DIRECTIVE.search(parsed.last_user_text)
+        if match:
+            status = int(match.group(1))
+            headers = {"retry-after": _retry_after_text(self.config.fault_retry_after_s)} if status == 429 else None
+            return APIError(status, _FAULT_MESSAGES.get(status, "Injected error"), headers=headers)
+        config = self.config
+        if config.billing_error:
+            return APIError(402, _FAULT_MESSAGES[402])
+        if config.permission_error:
+            return APIError(403, _FAULT_MESSAGES[403])
+        if config.spend_limit_usd and self.ledger.cost_usd >= config.spend_limit_usd:
+            return APIError(
+                429,
+                "You have reached your specified workspace API usage limits. You will regain access on "
+                "the first day of next month.",
+                details={"error_code": "enforced_spend_limit_reached"},
+            )
+        draw = self.rng.random()
+        for status, rate in (
+            (429, config.error_rate_429),
+            (529, config.error_rate_529),
+            (500, config.error_rate_500),
+            (504, config.error_rate_504),
+            (409, config.error_rate_409),
+        ):
+            if draw < rate:
+                headers = {"retry-after": _retry_after_text(config.fault_retry_after_s)} if status == 429 else None
+                return APIError(status, _FAULT_MESSAGES[status], headers=headers)
+            draw -= rate
+        return None
+
+    async def create_message(self, key: str, raw: bytes, body: Any) -> Completion:
+        """Validate, fault, rate-limit, cache, wait out the latency and produce a message; raise APIError
+        where the API answers with an error."""
+        parsed = parse_request(body)
+        now = self.now()
+        fault = self._injected_fault(parsed, key, now)
+        if fault is not None:
+            raise fault
+        model = parsed.model
+        buckets = self._buckets_for(key, model, now)
+        read_if_admitted = self.cache.peek_read_tokens(key, parsed, now)
+        charged_input = parsed.total_input_tokens - (0 if model.cache_reads_count_toward_itpm else read_if_admitted)
+        output_admission = parsed.max_tokens if self.config.reserve_max_tokens else 1
+        wait, which = buckets.admission_wait(charged_input, output_admission, now)
+        if wait > 0:
+            headers = buckets.headers(now)
+            headers["retry-after"] = str(max(1, math.ceil(wait)))
+            raise APIError(
+                429,
+                f"This request would exceed your organization's rate limit of {which} per minute "
+                f"(model: {model.id}). For details, refer to: https://docs.claude.com/en/api/rate-limits.",
+                headers=headers,
+            )
+        stalled = self.config.stall_rate and self.rng.random() < self.config.stall_rate
+        latency = self.config.stall_s if stalled else self._latency()
+        drop = bool(self.config.drop_rate) and self.rng.random() < self.config.drop_rate
+        for bucket, cost in ((buckets.requests, 1.0), (buckets.input, charged_input)):
+            if bucket is not None:
+                bucket.take(cost, now)
+        if buckets.output is not None and self.config.reserve_max_tokens:
+            buckets.output.take(parsed.max_tokens, now)
+
+        message, usage = self.generate(key, parsed, now, ready_at=now + latency)
+        if latency > 0:
+            await asyncio.sleep(latency)
+        done = self.now()
+        if buckets.output is not None:
+            if self.config.reserve_max_tokens:
+                buckets.output.give_back(parsed.max_tokens - usage.output_tokens, done)
+            else:
+                buckets.output.take(usage.output_tokens, done)
+        self.ledger.bill(body_digest(raw), model, usage, batch=False)
+        return Completion(message, usage, latency, buckets.headers(done), drop_connection=drop)
+
+    def generate(self, scope: str, parsed: ParsedRequest, now: float, *, ready_at: float) -> tuple[dict, Usage]:
+        """The deterministic reply: `echo: ` and the last user message, cut by max_tokens and stop sequences."""
+        outcome = self.cache.lookup_and_write(scope, parsed, now, ready_at)
+        reply = "echo: " + parsed.last_user_text
+        stop_reason, stop_sequence = "end_turn", None
+        for sequence in parsed.stop_sequences:
+            at = reply.find(sequence)
+            if sequence and at >= 0:
+                reply, stop_reason, stop_sequence = reply[:at], "stop_sequence", sequence
+                break
+        text, output_tokens, cut = truncate(reply, parsed.max_tokens)
+        if cut or parsed.max_tokens == 0:
+            stop_reason, stop_sequence = "max_tokens", None
+        usage = Usage(
+            input_tokens=parsed.total_input_tokens - outcome.read_tokens - outcome.creation_tokens,
+            output_tokens=output_tokens,
+            cache_creation_input_tokens=outcome.creation_tokens,
+            cache_read_input_tokens=outcome.read_tokens,
+            cache_creation_1h_input_tokens=outcome.creation_1h_tokens,
+        )
+        message = {
+            "id": new_id("msg"),
+            "type": "message",
+            "role": "assistant",
+            "model": parsed.model.id,
+            "content": [{"type": "text", "text": text}] if text else [],
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": {
+                "input_tokens": usage.input_tokens,
+                "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+                "cache_read_input_tokens": usage.cache_read_input_tokens,
+                "cache_creation": {
+                    "ephemeral_5m_input_tokens": usage.cache_creation_input_tokens
+                    - usage.cache_creation_1h_input_tokens,
+                    "ephemeral_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+                },
+                "output_tokens": usage.output_tokens,
+                "service_tier": "standard",
+            },
+        }
+        return message, usage
+
+    def count_tokens(self, body: Any) -> dict[str, int]:
+        parsed = parse_request(body, count_tokens_only=True)
+        return {"input_tokens": parsed.total_input_tokens}
+
+
+def _retry_after_text(seconds: float) -> str:
+    return str(max(0, math.ceil(seconds)))

@@ -1,0 +1,322 @@
+"""The rate-limited async Anthropic client: one request in, one result record out.
+
+For each request it estimates input and output tokens, waits for a concurrency slot and for the rate
+limiter of the model's class, sends, reconciles the limiter with the server's headers and the real
+`usage`, and retries what the official SDK retries. Errors that every later request would meet too (a bad
+key, no credit, no permission, the spend cap) stop the client for good: nothing more is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from ..models import Usage, cost_usd, lookup_model
+from .errors import APIStatusError, FatalAPIError
+from .estimator import InputTokenEstimator, OutputTokenEstimator
+from .limiter import RateLimiter, RateLimits
+from .records import RequestItem, ResultRecord
+from .retry import RetryPolicy, retry_after_seconds
+
+__all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "ClientStats"]
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+
+LimitsForClass = Callable[[str], RateLimits]
+_CONNECTIONS_PER_LANE = 2
+
+
+@dataclass
+class ClientStats:
+    http_requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    connection_errors: int = 0
+
+
+def rate_limit_class(model: str) -> str:
+    info = lookup_model(model)
+    return info.rate_limit_class if info is not None else model
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    return "".join(
+        block.get("text", "")
+        for block in message.get("content") or ()
+        if isinstance(block, dict) and block.get("type") == "text"
+    )
+
+
+class AnthropicClient:
+    """Sends Messages API requests as fast as the account's limits allow and no faster.
+
+    `limits` is either one `RateLimits` for every model class or a function from a class name ("opus",
+    "sonnet", "haiku", ...) to its limits, as Anthropic limits each class separately. One client is meant
+    to be shared by everything that sends on the same account in a process: its limiters and its
+    concurrency cap then hold for all of them together.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        anthropic_version: str = DEFAULT_ANTHROPIC_VERSION,
+        limits: RateLimits | LimitsForClass = RateLimits(),
+        adopt_server_limits: bool = False,
+        max_concurrency: int = 50,
+        retry: RetryPolicy = RetryPolicy(),
+        timeout: float | httpx.Timeout = 600.0,
+        burst_seconds: float = 0.5,
+        include_request: bool = False,
+        input_estimator: InputTokenEstimator | None = None,
+        output_estimator: OutputTokenEstimator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.base_url = base_url.rstrip("/")
+        self._limits = limits if callable(limits) else (lambda _cls, _l=limits: _l)
+        self.adopt_server_limits = adopt_server_limits
+        self.burst_seconds = burst_seconds
+        self.max_concurrency = max_concurrency
+        self.retry = retry
+        self.include_request = include_request
+        self.input_estimator = input_estimator or InputTokenEstimator()
+        self.output_estimator = output_estimator or OutputTokenEstimator()
+        self.stats = ClientStats()
+        self.fatal_error: FatalAPIError | None = None
+        self._limiters: dict[str, RateLimiter] = {}
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._rng = random.Random(seed)
+        if not isinstance(timeout, httpx.Timeout):
+            timeout = httpx.Timeout(timeout, connect=min(5.0, timeout))
+        headers = {"x-api-key": api_key, "anthropic-version": anthropic_version, "content-type": "application/json"}
+        # httpcore's pool scans every connection for every queued request (cost ~ connections x queue),
+        # which caps one pool of 100 connections near 300 requests/s on our 2-core machines. Pools of two
+        # connections ("lanes") keep each scan short (measured: 1,500 requests/s); a request holds one
+        # lane place while in flight, so no lane ever queues.
+        lane_count = math.ceil(max_concurrency / _CONNECTIONS_PER_LANE)
+        tls = ssl.create_default_context()  # one context for every lane: loading CA roots costs ~25 ms
+        self._lanes = [
+            httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=timeout,
+                verify=tls,
+                limits=httpx.Limits(
+                    max_connections=_CONNECTIONS_PER_LANE, max_keepalive_connections=_CONNECTIONS_PER_LANE
+                ),
+            )
+            for _ in range(lane_count)
+        ]
+        self._free_lanes: deque[httpx.AsyncClient] = deque(
+            lane for _ in range(_CONNECTIONS_PER_LANE) for lane in self._lanes
+        )
+
+    async def __aenter__(self) -> AnthropicClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for lane in self._lanes:
+            await lane.aclose()
+
+    def limiter(self, model: str) -> RateLimiter:
+        cls = rate_limit_class(model)
+        limiter = self._limiters.get(cls)
+        if limiter is None:
+            limiter = self._limiters[cls] = RateLimiter(
+                self._limits(cls),
+                burst_seconds=self.burst_seconds,
+                adopt_server_limits=self.adopt_server_limits,
+            )
+        return limiter
+
+    def limits_in_force(self) -> dict[str, RateLimits]:
+        return {cls: limiter.limits for cls, limiter in self._limiters.items()}
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_concurrency - self._slots._value
+
+    def _raise_if_stopped(self) -> None:
+        if self.fatal_error is not None:
+            raise self.fatal_error
+
+    def _error_record(self, item: RequestItem, error_type: str, message: str, **fields: Any) -> ResultRecord:
+        return ResultRecord(
+            line=item.line,
+            custom_id=item.custom_id,
+            status="errored",
+            model=item.model or None,
+            error_type=error_type,
+            error_message=message,
+            metadata=item.metadata,
+            request=item.body if self.include_request else None,
+            **fields,
+        )
+
+    async def send(self, item: RequestItem) -> ResultRecord:
+        """Send one request, with retries; raise FatalAPIError when the run must stop."""
+        if item.invalid is not None:
+            return self._error_record(item, "invalid_request", item.invalid, errors=[item.invalid])
+        self._raise_if_stopped()
+        body = item.body
+        model = item.model
+        cl100k = self.input_estimator.count_cl100k(body)
+        estimated_input = self.input_estimator.estimate(body, cl100k)
+        max_tokens = body.get("max_tokens")
+        max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 4096
+        payload = orjson.dumps(body)
+        limiter = self.limiter(model)
+        errors: list[str] = []
+        last: APIStatusError | None = None
+        attempt = 0
+        while attempt < self.retry.max_attempts:
+            attempt += 1
+            async with self._slots:
+                self._raise_if_stopped()
+                reservation = await limiter.acquire(
+                    estimated_input, lambda: self.output_estimator.reserve(model, max_tokens)
+                )
+                self._raise_if_stopped()
+                started = time.monotonic()
+                self.stats.http_requests += 1
+                try:
+                    response = await self._post(payload)
+                    content = response.content
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    # The server may have processed it: keep the reservation, as it may have been charged.
+                    self.stats.connection_errors += 1
+                    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
+                    errors.append(f"{kind}: {exc!r}")
+                    last = APIStatusError(0, kind, repr(exc))
+                    retry_headers: dict[str, str] | None = None
+                else:
+                    latency = time.monotonic() - started
+                    headers = response.headers
+                    limiter.observe_headers(headers)
+                    status = response.status_code
+                    if status == 200:
+                        try:
+                            message = orjson.loads(content)
+                        except orjson.JSONDecodeError:
+                            message = None
+                        if isinstance(message, dict):
+                            return self._succeeded(
+                                item,
+                                message,
+                                limiter,
+                                reservation,
+                                cl100k,
+                                estimated_input,
+                                attempt,
+                                latency,
+                                errors,
+                                headers.get("request-id"),
+                            )
+                        errors.append("invalid_response: the 200 response body is not a JSON object")
+                        last = APIStatusError(status, "invalid_response", "unparseable 200 response body")
+                        retry_headers = None
+                    else:
+                        try:
+                            error_body = orjson.loads(content)
+                        except orjson.JSONDecodeError:
+                            error_body = content.decode("utf-8", "replace")
+                        last = APIStatusError.from_body(status, error_body, headers.get("request-id"))
+                        errors.append(str(last))
+                        limiter.refund(reservation)
+                        if isinstance(last, FatalAPIError):
+                            if self.fatal_error is None:
+                                self.fatal_error = last
+                            raise last
+                        if status == 429:
+                            self.stats.rate_limited += 1
+                            # Hold the whole class, not just this request, so in-flight peers do not stampede.
+                            limiter.pause(retry_after_seconds(headers) or self.retry.delay(attempt - 1, rng=self._rng))
+                        elif status >= 500:
+                            self.stats.server_errors += 1
+                        if not self.retry.is_retryable(status, headers):
+                            break
+                        retry_headers = dict(headers)
+            if attempt < self.retry.max_attempts:
+                self.stats.retries += 1
+                await asyncio.sleep(self.retry.delay(attempt - 1, retry_headers, self._rng))
+        assert last is not None
+        return self._error_record(
+            item,
+            last.error_type,
+            last.message,
+            http_status=last.status or None,
+            request_id=last.request_id,
+            attempts=attempt,
+            estimated_input_tokens=estimated_input,
+            errors=errors,
+        )
+
+    async def _post(self, payload: bytes) -> httpx.Response:
+        lane = self._free_lanes.popleft()  # never empty: callers hold one of max_concurrency slots
+        try:
+            return await lane.post("/v1/messages", content=payload)
+        finally:
+            self._free_lanes.append(lane)
+
+    def _succeeded(
+        self,
+        item: RequestItem,
+        message: dict[str, Any],
+        limiter: RateLimiter,
+        reservation: Any,
+        cl100k: int,
+        estimated_input: int,
+        attempt: int,
+        latency: float,
+        errors: list[str],
+        request_id: str | None,
+    ) -> ResultRecord:
+        usage = Usage.from_api(message.get("usage"))
+        model = str(message.get("model") or item.model)
+        info = lookup_model(model)
+        charged = usage.input_tokens + usage.cache_creation_input_tokens
+        if info is not None and info.cache_reads_count_toward_itpm:
+            charged += usage.cache_read_input_tokens
+        limiter.settle(reservation, charged, usage.output_tokens)
+        self.input_estimator.observe(item.model, cl100k, usage.total_input_tokens)
+        if item.body.get("max_tokens"):
+            self.output_estimator.observe(item.model, usage.output_tokens)
+        return ResultRecord(
+            line=item.line,
+            custom_id=item.custom_id,
+            status="succeeded",
+            model=model,
+            text=_text_of(message),
+            stop_reason=message.get("stop_reason"),
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens,
+            cache_read_input_tokens=usage.cache_read_input_tokens,
+            cost_usd=cost_usd(info or model, usage),
+            attempts=attempt,
+            latency_s=round(latency, 6),
+            request_id=request_id,
+            estimated_input_tokens=estimated_input,
+            metadata=item.metadata,
+            response=message,
+            request=item.body if self.include_request else None,
+            errors=errors,
+        )

@@ -1,0 +1,68 @@
+"""Exceptions of the engine, in one place: an API error answer, and the ones that stop a whole run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "APIStatusError",
+    "AuthenticationError",
+    "BillingError",
+    "FatalAPIError",
+    "PermissionDeniedError",
+    "SpendLimitReachedError",
+]
+
+
+class APIStatusError(Exception):
+    """The API answered with an error status."""
+
+    def __init__(self, status: int, error_type: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{status} {error_type}: {message}")
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.request_id = request_id
+
+    @classmethod
+    def from_body(cls, status: int, body: Any, request_id: str | None) -> APIStatusError:
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict):
+            error = {}
+        error_type = str(error.get("type") or f"http_{status}")
+        message = str(error.get("message") or (body if isinstance(body, str) else ""))[:2000]
+        details = error.get("details") if isinstance(error.get("details"), dict) else {}
+        if status == 401:
+            return AuthenticationError(status, error_type, message, request_id)
+        if status == 402:
+            return BillingError(status, error_type, message, request_id)
+        if status == 403:
+            return PermissionDeniedError(status, error_type, message, request_id)
+        if status == 429 and details.get("error_code") == "enforced_spend_limit_reached":
+            return SpendLimitReachedError(status, error_type, message, request_id)
+        return cls(status, error_type, message, request_id)
+
+
+class FatalAPIError(APIStatusError):
+    """An answer that no retry can fix and that every later request would get too: the run stops."""
+
+    hint = ""
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.error_type}: {self.message}. {self.hint}".strip()
+
+
+class AuthenticationError(FatalAPIError):
+    hint = "Check the API key (ANTHROPIC_API_KEY, --api-key or the credentials block)."
+
+
+class BillingError(FatalAPIError):
+    hint = "Add credit to the Anthropic account, then run again: finished requests are not re-sent."
+
+
+class PermissionDeniedError(FatalAPIError):
+    hint = "The API key lacks access to this model or resource."
+
+
+class SpendLimitReachedError(FatalAPIError):
+    hint = "The workspace spend limit is reached; raise it in the Console or wait for it to reset, then resume."

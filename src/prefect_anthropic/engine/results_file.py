@@ -1,0 +1,130 @@
+"""The results file: one JSON record per line, appended as requests complete, durable in batches.
+
+A crash loses at most the records not yet flushed (the in-flight ones and one flush interval). A torn last
+line left by a crash is cut off when the file is opened again, and `LineSet` tells a restarted run which
+lines already succeeded, so they are never sent (or paid for) twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .records import ResultRecord
+
+__all__ = ["LineSet", "ResultsWriter", "read_records", "succeeded_lines"]
+
+
+class LineSet:
+    """A set of line numbers as a bitmap: 10^7 lines take 1.25 MB, not the 600 MB of a Python set."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+        self.count = 0
+
+    def add(self, line: int) -> None:
+        byte, bit = divmod(line, 8)
+        if byte >= len(self._bits):
+            self._bits.extend(b"\0" * (byte - len(self._bits) + 1 + len(self._bits) // 2))
+        if not self._bits[byte] & (1 << bit):
+            self._bits[byte] |= 1 << bit
+            self.count += 1
+
+    def __contains__(self, line: int) -> bool:
+        byte, bit = divmod(line, 8)
+        return byte < len(self._bits) and bool(self._bits[byte] & (1 << bit))
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a write interrupted by a crash)."""
+    with open(path, "rb+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size == 0:
+            return
+        position = size
+        while position > 0:
+            step = min(65536, position)
+            handle.seek(position - step)
+            chunk = handle.read(step)
+            if position == size and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                handle.truncate(position - step + newline + 1)
+                return
+            position -= step
+        handle.truncate(0)
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Every complete record of a results file, in file order (a torn last line is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+def succeeded_lines(path: str | os.PathLike[str]) -> LineSet:
+    done = LineSet()
+    for record in read_records(path):
+        if record.get("status") == "succeeded":
+            done.add(int(record["line"]))
+    return done
+
+
+class ResultsWriter:
+    """Appends records, flushing and fsyncing every `flush_every` records or `flush_interval_s` seconds."""
+
+    def __init__(self, path: str | os.PathLike[str], *, flush_every: int = 1000, flush_interval_s: float = 1.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            _cut_torn_tail(self.path)
+        self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the writer's life
+        self._buffer: list[bytes] = []
+        self._flush_every = flush_every
+        self._flush_interval = flush_interval_s
+        self._last_flush = time.monotonic()
+
+    def write(self, record: ResultRecord | dict[str, Any]) -> None:
+        data = record.to_dict() if isinstance(record, ResultRecord) else record
+        self._buffer.append(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        if len(self._buffer) >= self._flush_every or time.monotonic() - self._last_flush >= self._flush_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._handle.write(b"".join(self._buffer))
+            self._buffer.clear()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self.flush()
+            self._handle.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""Run a stream of requests through a client: bounded memory, results as they complete, resumable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from .client import AnthropicClient
+from .errors import FatalAPIError
+from .records import RequestItem, ResultRecord
+from .results_file import LineSet, ResultsWriter
+
+__all__ = ["Progress", "RunStopped", "run_requests"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunStopped(Exception):
+    """The run was asked to stop (Ctrl-C): in-flight requests were saved, the rest can be resumed."""
+
+
+@dataclass
+class Progress:
+    """Counters of one run, handed to the progress callback and returned at the end."""
+
+    done: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    in_flight: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    estimated_input_tokens: int = 0
+    real_input_tokens_of_estimated: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 0
+    elapsed_s: float = 0.0
+    errors_by_type: Counter[str] = field(default_factory=Counter)
+
+    def add(self, record: ResultRecord) -> None:
+        self.done += 1
+        self.attempts += record.attempts
+        if record.succeeded:
+            self.succeeded += 1
+            self.input_tokens += record.input_tokens
+            self.output_tokens += record.output_tokens
+            self.cache_creation_input_tokens += record.cache_creation_input_tokens
+            self.cache_read_input_tokens += record.cache_read_input_tokens
+            self.cost_usd += record.cost_usd
+            if record.estimated_input_tokens:
+                self.estimated_input_tokens += record.estimated_input_tokens
+                self.real_input_tokens_of_estimated += (
+                    record.input_tokens + record.cache_creation_input_tokens + record.cache_read_input_tokens
+                )
+        else:
+            self.failed += 1
+            self.errors_by_type[record.error_type or "unknown"] += 1
+
+    @property
+    def requests_per_minute(self) -> float:
+        return 60.0 * self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+async def _aiter(items: Iterable[RequestItem] | AsyncIterable[RequestItem]):
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+async def run_requests(
+    client: AnthropicClient,
+    items: Iterable[RequestItem] | AsyncIterable[RequestItem],
+    *,
+    writer: ResultsWriter | None = None,
+    on_record: Callable[[ResultRecord], None] | None = None,
+    already_succeeded: LineSet | None = None,
+    on_progress: ProgressCallback | None = None,
+    progress_interval_s: float = 1.0,
+    stop: asyncio.Event | None = None,
+    drain_timeout_s: float = 60.0,
+) -> Progress:
+    """Send every item not in `already_succeeded`; write each record as it completes.
+
+    At most `client.max_concurrency` requests are pending at once, so memory does not grow with the input.
+    Raises the client's FatalAPIError (after saving what finished) when the run must stop, and RunStopped
+    when `stop` was set.
+    """
+    progress = Progress()
+    started = time.monotonic()
+    window = asyncio.Semaphore(client.max_concurrency)
+    pending: set[asyncio.Task[None]] = set()
+
+    def report() -> None:
+        progress.elapsed_s = time.monotonic() - started
+        progress.in_flight = len(pending)
+        if on_progress is not None:
+            on_progress(progress)
+
+    async def one(item: RequestItem) -> None:
+        try:
+            record = await client.send(item)
+        except FatalAPIError:
+            return  # the client holds the error; the dispatcher stops and raises it
+        finally:
+            window.release()
+        progress.add(record)
+        if writer is not None:
+            writer.write(record)
+        if on_record is not None:
+            on_record(record)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(progress_interval_s)
+            if writer is not None:
+                writer.flush()
+            report()
+
+    tick = asyncio.create_task(ticker())
+    stopped = False
+    try:
+        async for item in _aiter(items):
+            if already_succeeded is not None and item.line in already_succeeded:
+                progress.skipped += 1
+                continue
+            await window.acquire()
+            if client.fatal_error is not None or (stop is not None and stop.is_set()):
+                window.release()
+                stopped = True
+                break
+            task = asyncio.create_task(one(item))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            if stopped and stop is not None and stop.is_set():
+                _done, not_done = await asyncio.wait(pending, timeout=drain_timeout_s)
+                for task in not_done:
+                    task.cancel()
+                await asyncio.gather(*not_done, return_exceptions=True)
+            else:
+                await asyncio.gather(*pending)
+    finally:
+        tick.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tick
+        if writer is not None:
+            writer.flush()
+        report()
+    if client.fatal_error is not None:
+        raise client.fatal_error
+    if stopped:
+        raise RunStopped(f"stopped after {progress.done} requests; run again to resume")
+    return progress

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import contextlib
+import os
+
+import httpx
+import pytest
+
+from prefect_anthropic.emulator import EmulatorConfig, RunningEmulator, emulator_in_thread
+
+# Keep Prefect quiet and local for every test that touches it.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+HEADERS = {"x-api-key": "test-key", "anthropic-version": "2023-06-01"}
+MODEL = "claude-sonnet-4-6"
+
+
+def message_body(text: str = "Hello there", max_tokens: int = 50, **extra) -> dict:
+    return {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}], **extra}
+
+
+@pytest.fixture
+def start_emulator():
+    """Start emulators with given options; each is stopped at the end of the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**options) -> RunningEmulator:
+            return stack.enter_context(emulator_in_thread(EmulatorConfig(port=0), **options))
+
+        yield start
+
+
+@pytest.fixture
+def emulator(start_emulator) -> RunningEmulator:
+    return start_emulator(seed=1)
+
+
+@pytest.fixture
+def http(emulator):
+    with httpx.Client(base_url=emulator.base_url, headers=HEADERS, timeout=30) as client:
+        yield client

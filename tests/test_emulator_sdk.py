@@ -1,0 +1,68 @@
+"""The official anthropic SDK, pointed at the emulator, works as against the real API."""
+
+from __future__ import annotations
+
+import time
+
+import anthropic
+import pytest
+
+from conftest import MODEL
+
+
+@pytest.fixture
+def sdk(start_emulator):
+    emu = start_emulator(batch_delay_s=0.3)
+    return anthropic.Anthropic(api_key="sk-ant-fake-sdk-key", base_url=emu.base_url, max_retries=0)
+
+
+def test_sdk_creates_a_message(sdk):
+    message = sdk.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "Hello SDK"}])
+    assert message.content[0].text == "echo: Hello SDK"
+    assert message.usage.input_tokens > 0 and message.stop_reason == "end_turn"
+
+
+def test_sdk_counts_tokens(sdk):
+    counted = sdk.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "Count me"}])
+    assert counted.input_tokens > 0
+
+
+def test_sdk_runs_a_batch_and_reads_results(sdk):
+    batch = sdk.messages.batches.create(
+        requests=[
+            {
+                "custom_id": f"r{i}",
+                "params": {"model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": f"n{i}"}]},
+            }
+            for i in range(5)
+        ]
+    )
+    while batch.processing_status != "ended":
+        time.sleep(0.1)
+        batch = sdk.messages.batches.retrieve(batch.id)
+    assert batch.request_counts.succeeded == 5
+    results = {r.custom_id: r.result for r in sdk.messages.batches.results(batch.id)}
+    assert results["r3"].type == "succeeded" and results["r3"].message.content[0].text == "echo: n3"
+
+
+def test_sdk_sees_rate_limit_error_with_retry_after(start_emulator):
+    emu = start_emulator(requests_per_minute=60, burst_seconds=1)
+    client = anthropic.Anthropic(api_key="sk-ant-fake-sdk-key", base_url=emu.base_url, max_retries=0)
+    client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "a"}])
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "b"}])
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+def test_sdk_error_classes_match_statuses(start_emulator):
+    emu = start_emulator(api_key="only-this-key")
+    client = anthropic.Anthropic(api_key="wrong", base_url=emu.base_url, max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "a"}])
+    client = anthropic.Anthropic(api_key="only-this-key", base_url=emu.base_url, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(
+            model="claude-3-5-sonnet-20240620", max_tokens=5, messages=[{"role": "user", "content": "a"}]
+        )
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "system", "content": "a"}])
