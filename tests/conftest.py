@@ -39,3 +39,25 @@ def emulator(start_emulator) -> RunningEmulator:
 def http(emulator):
     with httpx.Client(base_url=emulator.base_url, headers=HEADERS, timeout=30) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for the session (Prefect's own harness, ~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_requests(path, n: int, *, start: int = 0, text: str = "Question {i}: what is {i} times 8?", extra=()):
+    """A request file in the original format, one line per request, metadata carrying the row id."""
+    import json
+
+    with open(path, "w") as handle:
+        for i in range(start, start + n):
+            body = message_body(text.format(i=i), metadata={"row_id": i})
+            handle.write(json.dumps(body) + "\n")
+        for line in extra:
+            handle.write(line + "\n")
+    return path

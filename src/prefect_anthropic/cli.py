@@ -1,11 +1,211 @@
-"""The `prefect-anthropic` command: emulator, run, estimate, demo."""
+"""The `prefect-anthropic` command: run, estimate, demo, emulator."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from .emulator.config import EmulatorConfig
+from .settings import API_KEY_ENV, BASE_URL_ENV
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_STOPPED = 2
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tiers import TIER_NAMES
+
+    group = parser.add_argument_group("API and limits")
+    group.add_argument("--base-url", default=os.environ.get(BASE_URL_ENV), help=f"API base URL (env {BASE_URL_ENV}).")
+    group.add_argument("--api-key", default=None, help=f"API key (default: env {API_KEY_ENV}).")
+    group.add_argument("--tier", choices=TIER_NAMES, type=str.lower, help="Usage tier preset, or auto.")
+    group.add_argument("--requests-per-minute", type=float, help="Requests per minute (overrides the tier).")
+    group.add_argument("--input-tokens-per-minute", type=float, help="Input tokens per minute.")
+    group.add_argument("--output-tokens-per-minute", type=float, help="Output tokens per minute.")
+    group.add_argument("--max-concurrency", type=int, default=50, help="Most requests in flight (default 50).")
+    group.add_argument("--max-attempts", type=int, default=5, help="Attempts per request (default 5).")
+    group.add_argument("--timeout", type=float, default=600.0, help="Seconds per HTTP request (default 600).")
+
+
+def _settings(args: argparse.Namespace):
+    from .settings import ClientSettings
+
+    values: dict[str, Any] = {
+        "tier": args.tier,
+        "requests_per_minute": args.requests_per_minute,
+        "input_tokens_per_minute": args.input_tokens_per_minute,
+        "output_tokens_per_minute": args.output_tokens_per_minute,
+        "max_concurrency": args.max_concurrency,
+        "max_attempts": args.max_attempts,
+        "timeout_s": args.timeout,
+    }
+    if args.base_url:
+        values["base_url"] = args.base_url
+    if getattr(args, "include_request", False):
+        values["include_request"] = True
+    return ClientSettings(**values)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[None]:
+    from . import progress as progress_module
+
+    if not enabled:
+        yield
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]requests"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        transient=False,
+    )
+    task_id = bar.add_task("", total=100)
+
+    def listener(run) -> None:
+        bar.update(task_id, completed=run.percent, description=run.describe())
+
+    progress_module.listeners.append(listener)
+    with bar:
+        try:
+            yield
+        finally:
+            progress_module.listeners.remove(listener)
+
+
+def run_flow(
+    requests_path: str,
+    output_dir: str,
+    settings,
+    *,
+    client_block: str | None = None,
+    credentials_block: str | None = None,
+    shard_size: int = 5000,
+    max_parallel_shards: int = 4,
+    original_layout_path: str | None = None,
+    parquet_beside_original: bool = False,
+    show_progress: bool = True,
+) -> int:
+    """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
+    from .engine import FatalAPIError
+    from .flows import generate_dataset
+    from .settings import MissingAPIKeyError
+
+    try:
+        with _progress_bar(show_progress):
+            summary = asyncio.run(
+                generate_dataset(
+                    requests_path=str(requests_path),
+                    output_dir=str(output_dir),
+                    settings=settings,
+                    client_block=client_block,
+                    credentials_block=credentials_block,
+                    shard_size=shard_size,
+                    max_parallel_shards=max_parallel_shards,
+                    original_layout_path=original_layout_path,
+                    parquet_beside_original=parquet_beside_original,
+                )
+            )
+    except FatalAPIError as error:
+        print(f"error: the run stopped: {error}", file=sys.stderr)
+        return EXIT_STOPPED
+    except (MissingAPIKeyError, FileNotFoundError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    print(
+        f"{summary['succeeded']:,} of {summary['requests']:,} requests succeeded, {summary['failed']:,} failed; "
+        f"cost ${summary['cost_usd']:.4f}; outputs in {output_dir}",
+        file=sys.stderr,
+    )
+    return EXIT_OK if summary["failed"] == 0 else EXIT_SOME_FAILED
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.api_key:
+        # The key goes into this process's environment, never into a flow parameter.
+        os.environ[API_KEY_ENV] = args.api_key
+    return run_flow(
+        args.requests,
+        args.output_dir,
+        _settings(args),
+        client_block=args.client_block,
+        credentials_block=args.credentials_block,
+        shard_size=args.shard_size,
+        max_parallel_shards=args.max_parallel_shards,
+        original_layout_path=args.original_layout,
+        show_progress=not args.no_progress,
+    )
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate_file, format_estimate
+
+    result = estimate_file(args.requests, _settings(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_estimate(result))
+    return EXIT_OK if not result["invalid_lines"] else EXIT_SOME_FAILED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .emulator import emulator_in_thread
+    from .settings import ClientSettings
+
+    output_dir = Path(args.output_dir)
+    requests = Path(args.requests or EXAMPLES / "requests.jsonl")
+    if not requests.exists() and not args.requests:  # installed without the repository's examples
+        output_dir.mkdir(parents=True, exist_ok=True)
+        requests = output_dir / "requests.jsonl"
+        lines = (
+            json.dumps(
+                {
+                    "model": "claude-sonnet-4-6",
+                    "max_tokens": 1024,
+                    "messages": [{"role": "user", "content": f"How much is 8 * {x}? Return only the result."}],
+                    "metadata": {"row_id": x},
+                }
+            )
+            for x in range(200)
+        )
+        requests.write_text("\n".join(lines) + "\n")
+    with emulator_in_thread(
+        EmulatorConfig(port=0),
+        requests_per_minute=1200,
+        input_tokens_per_minute=200_000,
+        output_tokens_per_minute=40_000,
+        latency_ms=150,
+        latency_jitter_ms=100,
+        error_rate_529=0.02,
+        seed=7,
+    ) as emulator:
+        print(f"Emulator on {emulator.base_url}: 1,200 requests/min, 2% overloaded errors.", file=sys.stderr)
+        os.environ.setdefault(API_KEY_ENV, "sk-ant-demo-key-for-the-emulator")
+        settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200, max_concurrency=20)
+        code = run_flow(str(requests), str(output_dir), settings, shard_size=50)
+        stats = emulator.stats()
+    print(
+        f"The emulator billed {stats['billed_requests']} requests (${stats['cost_usd']:.4f}); "
+        f"dataset: {output_dir / 'results.parquet'}",
+        file=sys.stderr,
+    )
+    return code
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -14,12 +214,38 @@ def _emulator(args: argparse.Namespace) -> int:
     config = EmulatorConfig.from_namespace(args)
     print(f"Anthropic API emulator on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
     serve(config)
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefect-anthropic", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="Send every request of a JSONL file; write the dataset.")
+    run.add_argument("requests", help="JSONL file of Messages API requests.")
+    run.add_argument("--output-dir", required=True, help="Directory for results.parquet/.jsonl and summary.json.")
+    _add_client_arguments(run)
+    run.add_argument("--shard-size", type=int, default=5000, help="Lines per shard task (default 5000).")
+    run.add_argument("--max-parallel-shards", type=int, default=4, help="Shards running at once (default 4).")
+    run.add_argument("--use-caching", action="store_true", help="Warm shared cached prefixes before fanning out.")
+    run.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block.")
+    run.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
+    run.add_argument("--original-layout", metavar="PATH", help="Also write the original script's JSONL layout.")
+    run.add_argument("--include-request", action="store_true", help="Keep each request body in the results.")
+    run.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    run.set_defaults(handler=_run)
+
+    estimate = commands.add_parser("estimate", help="Count, price and time a request file without any API call.")
+    estimate.add_argument("requests", help="JSONL file of Messages API requests.")
+    _add_client_arguments(estimate)
+    estimate.add_argument("--json", action="store_true", help="Print JSON.")
+    estimate.set_defaults(handler=_estimate)
+
+    demo = commands.add_parser("demo", help="Start the emulator and run the flow on the shipped example.")
+    demo.add_argument("--requests", help="Request file (default: examples/requests.jsonl).")
+    demo.add_argument("--output-dir", default="demo-output", help="Where the dataset goes (default demo-output).")
+    demo.set_defaults(handler=_demo)
+
     emulator = commands.add_parser("emulator", help="Run the local Anthropic API emulator.")
     EmulatorConfig.add_arguments(emulator)
     emulator.set_defaults(handler=_emulator)

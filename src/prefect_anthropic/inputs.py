@@ -11,6 +11,7 @@ row naming the line: one bad line never stops the others. Blank lines are not re
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +22,15 @@ import orjson
 
 from .engine.records import RequestItem
 
-__all__ = ["MAX_REQUEST_BYTES", "Shard", "iter_requests", "parse_line", "plan_shards"]
+__all__ = ["MAX_REQUEST_BYTES", "Shard", "ShardPlan", "iter_requests", "parse_line", "plan_shards"]
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 _REQUIRED = ("model", "max_tokens", "messages")
+
+
+def line_digest(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 def _invalid(line: int, custom_id: str, why: str, metadata: Any = None) -> RequestItem:
@@ -59,6 +64,12 @@ def parse_line(line: int, raw: bytes) -> RequestItem | None:
         raw = raw[len(_BOM) :]
     if not raw.strip():
         return None
+    item = _parse_nonblank(line, raw, default_id)
+    item.digest = line_digest(raw)
+    return item
+
+
+def _parse_nonblank(line: int, raw: bytes, default_id: str) -> RequestItem:
     if len(raw) > MAX_REQUEST_BYTES:
         return _invalid(line, default_id, f"request is {len(raw):,} bytes, over the API's 32 MB limit")
     try:
@@ -100,6 +111,8 @@ class Shard:
     end: int
     first_line: int
     line_count: int
+    #: Digest of the shard's bytes and position: a shard's results are never mistaken for another's.
+    digest: str = ""
 
 
 def iter_requests(
@@ -120,7 +133,14 @@ def iter_requests(
             line += 1
 
 
-def plan_shards(path: str | os.PathLike[str], lines_per_shard: int) -> list[Shard]:
+@dataclass(frozen=True)
+class ShardPlan:
+    shards: list[Shard]
+    lines: int
+    size_bytes: int
+
+
+def plan_shards(path: str | os.PathLike[str], lines_per_shard: int) -> ShardPlan:
     """Cut a file into shards of `lines_per_shard` lines, in one pass over its bytes."""
     if lines_per_shard < 1:
         raise ValueError("lines_per_shard must be at least 1")
@@ -130,13 +150,20 @@ def plan_shards(path: str | os.PathLike[str], lines_per_shard: int) -> list[Shar
     first_line = 1
     line = 0
     position = 0
+
+    def new_digest(first: int):
+        return hashlib.blake2b(f"{first}:".encode(), digest_size=8)
+
+    digest = new_digest(1)
     with open(path, "rb") as handle:
         for raw in handle:
+            digest.update(raw)
             position += len(raw)
             line += 1
             if line - first_line + 1 == lines_per_shard:
-                shards.append(Shard(len(shards), start, position, first_line, lines_per_shard))
+                shards.append(Shard(len(shards), start, position, first_line, lines_per_shard, digest.hexdigest()))
                 start, first_line = position, line + 1
+                digest = new_digest(first_line)
     if position > start:
-        shards.append(Shard(len(shards), start, position, first_line, line - first_line + 1))
-    return shards
+        shards.append(Shard(len(shards), start, position, first_line, line - first_line + 1, digest.hexdigest()))
+    return ShardPlan(shards, line, position)

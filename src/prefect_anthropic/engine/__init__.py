@@ -12,7 +12,7 @@ from .errors import (
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import RateLimiter, RateLimits, TokenBucket
 from .records import RequestItem, ResultRecord
-from .results_file import LineSet, ResultsWriter, read_records, succeeded_lines
+from .results_file import LineSet, ResultsWriter, read_records, succeeded_lines, succeeded_requests
 from .retry import RetryPolicy
 from .runner import Progress, RunStopped, run_requests
 
@@ -41,4 +41,5 @@ __all__ = [
     "read_records",
     "run_requests",
     "succeeded_lines",
+    "succeeded_requests",
 ]

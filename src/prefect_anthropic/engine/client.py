@@ -9,6 +9,7 @@ key, no credit, no permission, the spend cap) stop the client for good: nothing 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import ssl
@@ -22,6 +23,7 @@ import httpx
 import orjson
 
 from ..models import Usage, cost_usd, lookup_model
+from .caching import PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import RateLimiter, RateLimits
@@ -35,6 +37,7 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 LimitsForClass = Callable[[str], RateLimits]
 _CONNECTIONS_PER_LANE = 2
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +47,10 @@ class ClientStats:
     rate_limited: int = 0
     server_errors: int = 0
     connection_errors: int = 0
+    #: Cache pre-warm requests (max_tokens 0): not rows of the dataset, but paid for.
+    prewarm_requests: int = 0
+    prewarm_cost_usd: float = 0.0
+    prewarm_cache_creation_input_tokens: int = 0
 
 
 def rate_limit_class(model: str) -> str:
@@ -83,6 +90,7 @@ class AnthropicClient:
         include_request: bool = False,
         input_estimator: InputTokenEstimator | None = None,
         output_estimator: OutputTokenEstimator | None = None,
+        warm_cache: bool = False,
         seed: int | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -98,6 +106,7 @@ class AnthropicClient:
         self.output_estimator = output_estimator or OutputTokenEstimator()
         self.stats = ClientStats()
         self.fatal_error: FatalAPIError | None = None
+        self.warmer = PrefixWarmer() if warm_cache else None
         self._limiters: dict[str, RateLimiter] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
         self._rng = random.Random(seed)
@@ -163,6 +172,7 @@ class AnthropicClient:
             line=item.line,
             custom_id=item.custom_id,
             status="errored",
+            request_digest=item.digest,
             model=item.model or None,
             error_type=error_type,
             error_message=message,
@@ -171,15 +181,46 @@ class AnthropicClient:
             **fields,
         )
 
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.warmer.warnings) if self.warmer is not None else []
+
     async def send(self, item: RequestItem) -> ResultRecord:
         """Send one request, with retries; raise FatalAPIError when the run must stop."""
         if item.invalid is not None:
             return self._error_record(item, "invalid_request", item.invalid, errors=[item.invalid])
         self._raise_if_stopped()
+        prefix = cached_prefix(item.body) if self.warmer is not None else None
+        if prefix is None:
+            return await self._send(item)
+        info = lookup_model(item.model)
+        ratio = self.input_estimator.ratio(item.model)
+        prefix_tokens = int(self.input_estimator.count_blocks_cl100k(prefix.blocks) * ratio)
+        await self.warmer.before_send(
+            prefix, lambda: self._prewarm(item), prefix_tokens, info.min_cacheable_tokens if info else 0
+        )
+        cacheable = info is None or prefix_tokens >= info.min_cacheable_tokens
+        record = await self._send(item, cached_tokens_expected=prefix_tokens if cacheable else 0)
+        if record.succeeded:
+            self.warmer.observe(prefix, record.cache_read_input_tokens)
+        return record
+
+    async def _prewarm(self, item: RequestItem) -> None:
+        warm = RequestItem(line=0, custom_id=f"prewarm-{item.custom_id}", body={**item.body, "max_tokens": 0})
+        record = await self._send(warm)
+        self.stats.prewarm_requests += 1
+        self.stats.prewarm_cost_usd += record.cost_usd
+        self.stats.prewarm_cache_creation_input_tokens += record.cache_creation_input_tokens
+        if not record.succeeded:
+            logger.warning("Cache pre-warm for %s failed: %s", item.custom_id, record.error_message)
+
+    async def _send(self, item: RequestItem, cached_tokens_expected: int = 0) -> ResultRecord:
         body = item.body
         model = item.model
         cl100k = self.input_estimator.count_cl100k(body)
         estimated_input = self.input_estimator.estimate(body, cl100k)
+        # Cache reads do not count toward input tokens/min: a warm prefix is not charged up front.
+        charged_input = max(1, estimated_input - cached_tokens_expected)
         max_tokens = body.get("max_tokens")
         max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 4096
         payload = orjson.dumps(body)
@@ -192,7 +233,7 @@ class AnthropicClient:
             async with self._slots:
                 self._raise_if_stopped()
                 reservation = await limiter.acquire(
-                    estimated_input, lambda: self.output_estimator.reserve(model, max_tokens)
+                    charged_input, lambda: self.output_estimator.reserve(model, max_tokens)
                 )
                 self._raise_if_stopped()
                 started = time.monotonic()
@@ -303,6 +344,7 @@ class AnthropicClient:
             line=item.line,
             custom_id=item.custom_id,
             status="succeeded",
+            request_digest=item.digest,
             model=model,
             text=_text_of(message),
             stop_reason=message.get("stop_reason"),

@@ -21,6 +21,8 @@ class RequestItem:
     body: dict[str, Any]
     metadata: Any = None
     invalid: str | None = None
+    #: Digest of the input line: a restarted run skips a line only if it is the same request.
+    digest: str = ""
 
     @property
     def model(self) -> str:
@@ -48,6 +50,7 @@ class ResultRecord:
     http_status: int | None = None
     request_id: str | None = None
     estimated_input_tokens: int | None = None
+    request_digest: str = ""
     metadata: Any = None
     response: dict[str, Any] | None = None
     request: dict[str, Any] | None = None

@@ -17,7 +17,7 @@ import orjson
 
 from .records import ResultRecord
 
-__all__ = ["LineSet", "ResultsWriter", "read_records", "succeeded_lines"]
+__all__ = ["LineSet", "ResultsWriter", "read_records", "succeeded_lines", "succeeded_requests"]
 
 
 class LineSet:
@@ -83,10 +83,20 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 
 
 def succeeded_lines(path: str | os.PathLike[str]) -> LineSet:
+    """Lines that succeeded (compact, for huge runs over an input that does not change)."""
     done = LineSet()
     for record in read_records(path):
         if record.get("status") == "succeeded":
             done.add(int(record["line"]))
+    return done
+
+
+def succeeded_requests(path: str | os.PathLike[str]) -> dict[int, str]:
+    """Line -> digest of the request that succeeded there: an edited line is not mistaken for done."""
+    done: dict[int, str] = {}
+    for record in read_records(path):
+        if record.get("status") == "succeeded":
+            done[int(record["line"])] = record.get("request_digest") or ""
     return done
 
 

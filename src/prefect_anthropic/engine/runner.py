@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .client import AnthropicClient
@@ -80,13 +80,20 @@ async def _aiter(items: Iterable[RequestItem] | AsyncIterable[RequestItem]):
             yield item
 
 
+def _done_before(done: LineSet | Mapping[int, str], item: RequestItem) -> bool:
+    if isinstance(done, Mapping):
+        digest = done.get(item.line)
+        return digest is not None and (digest == item.digest or not digest or not item.digest)
+    return item.line in done
+
+
 async def run_requests(
     client: AnthropicClient,
     items: Iterable[RequestItem] | AsyncIterable[RequestItem],
     *,
     writer: ResultsWriter | None = None,
     on_record: Callable[[ResultRecord], None] | None = None,
-    already_succeeded: LineSet | None = None,
+    already_succeeded: LineSet | Mapping[int, str] | None = None,
     on_progress: ProgressCallback | None = None,
     progress_interval_s: float = 1.0,
     stop: asyncio.Event | None = None,
@@ -133,7 +140,7 @@ async def run_requests(
     stopped = False
     try:
         async for item in _aiter(items):
-            if already_succeeded is not None and item.line in already_succeeded:
+            if already_succeeded is not None and _done_before(already_succeeded, item):
                 progress.skipped += 1
                 continue
             await window.acquire()

@@ -1,0 +1,239 @@
+"""The flow: a request file in, a dataset out (results.parquet, results.jsonl, summary.json).
+
+input -> shards (byte ranges, planned in one pass) -> one task per shard, all awaited on the flow's event
+loop so they share one rate-limited client -> shard results files -> merge -> Parquet + JSONL. Progress
+and summary artifacts show in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from .blocks import AnthropicClientConfig, resolve_api_key
+from .engine import AnthropicClient, FatalAPIError
+from .outputs import DatasetTotals
+from .progress import RunProgress
+from .settings import ClientSettings, close_shared_clients, shared_client
+from .tasks import RUNS, merge_shards, plan_request_shards, run_shard
+
+__all__ = ["generate_dataset"]
+
+SUMMARY_FILE = "summary.json"
+
+
+def _check_paths(requests_path: str, output_dir: str) -> None:
+    source = Path(requests_path)
+    if not source.is_file():
+        raise FileNotFoundError(f"requests file not found: {source}")
+    target = Path(output_dir)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"output directory is not writable: {target} ({exc.strerror or exc})") from exc
+
+
+def _summary(
+    totals: DatasetTotals,
+    settings: ClientSettings,
+    client: AnthropicClient,
+    wall_time_s: float,
+    sent: int,
+) -> dict[str, Any]:
+    input_total = totals.input_tokens + totals.cache_creation_input_tokens + totals.cache_read_input_tokens
+    stats = client.stats
+    cost = totals.cost_usd + stats.prewarm_cost_usd
+    return {
+        "requests": totals.rows,
+        "succeeded": totals.succeeded,
+        "failed": totals.failed,
+        "failed_by_error_type": dict(totals.errors_by_type),
+        "input_tokens": totals.input_tokens,
+        "output_tokens": totals.output_tokens,
+        "cache_creation_input_tokens": totals.cache_creation_input_tokens,
+        "cache_read_input_tokens": totals.cache_read_input_tokens,
+        "cache_hit_rate": round(totals.cache_read_input_tokens / input_total, 4) if input_total else 0.0,
+        "estimated_input_tokens": totals.estimated_input_tokens,
+        "real_input_tokens": totals.real_input_tokens_of_estimated,
+        "cost_usd": round(cost, 6),
+        "cost_usd_of_rows": round(totals.cost_usd, 6),
+        "cost_usd_without_caching": round(totals.cost_usd_without_cache, 6),
+        "saved_by_caching_usd": round(totals.cost_usd_without_cache - cost, 6),
+        "cache_prewarm_requests": stats.prewarm_requests,
+        "cache_prewarm_cost_usd": round(stats.prewarm_cost_usd, 6),
+        "warnings": client.warnings,
+        "wall_time_s": round(wall_time_s, 3),
+        "requests_sent_this_run": sent,
+        "http_requests_this_run": stats.http_requests,
+        "retries": stats.retries,
+        "rate_limited_responses": stats.rate_limited,
+        "achieved_requests_per_minute": round(60.0 * sent / wall_time_s, 1) if wall_time_s > 0 else 0.0,
+        "limits": {cls: limits.as_dict() for cls, limits in client.limits_in_force().items()},
+        "settings": settings.model_dump(),
+    }
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "# Anthropic dataset run",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| requests | {summary['requests']:,} |",
+        f"| succeeded | {summary['succeeded']:,} |",
+        f"| failed | {summary['failed']:,} |",
+        f"| input tokens | {summary['input_tokens']:,} |",
+        f"| output tokens | {summary['output_tokens']:,} |",
+        f"| cache reads | {summary['cache_read_input_tokens']:,} (hit rate {summary['cache_hit_rate']:.1%}) |",
+        f"| estimated input tokens | {summary['estimated_input_tokens']:,} (real {summary['real_input_tokens']:,}) |",
+        f"| cost | ${summary['cost_usd']:,.4f} (without caching ${summary['cost_usd_without_caching']:,.4f}) |",
+        f"| wall time | {summary['wall_time_s']:,.1f} s |",
+        f"| achieved rate | {summary['achieved_requests_per_minute']:,.0f} requests/min |",
+    ]
+    for cls, limits in summary["limits"].items():
+        lines.append(
+            f"| limits ({cls}) | {limits['requests_per_minute']} req/min, {limits['input_tokens_per_minute']} "
+            f"input tok/min, {limits['output_tokens_per_minute']} output tok/min |"
+        )
+    if summary["warnings"]:
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {warning}" for warning in summary["warnings"]]
+    if summary["failed_by_error_type"]:
+        lines += ["", "## Failures by error type", ""]
+        lines += [f"- `{kind}`: {count:,}" for kind, count in sorted(summary["failed_by_error_type"].items())]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="anthropic-requests-to-dataset", log_prints=True)
+async def generate_dataset(
+    requests_path: str,
+    output_dir: str,
+    settings: ClientSettings | None = None,
+    client_block: str | None = None,
+    credentials_block: str | None = None,
+    shard_size: int = 5_000,
+    max_parallel_shards: int = 4,
+    original_layout_path: str | None = None,
+    parquet_beside_original: bool = False,
+    shard_retries: int = 3,
+    shard_retry_delay_s: float = 10.0,
+) -> dict[str, Any]:
+    """Send every request of a JSONL file to the Anthropic Messages API and write the dataset.
+
+    Args:
+        requests_path: JSONL file, one Messages API body (or Batches-style custom_id/params) per line.
+        output_dir: Where results.parquet, results.jsonl and summary.json go; a re-run resumes from here.
+        settings: Base URL, tier or explicit limits, concurrency, attempts (no secrets).
+        client_block: Name of a saved AnthropicClientConfig block (its settings and key win).
+        credentials_block: Name of a saved AnthropicCredentials block; else ANTHROPIC_API_KEY is used.
+        shard_size: Lines per shard task.
+        max_parallel_shards: Shards running at once (they share one client and its limits).
+        original_layout_path: Also write the original script's JSONL layout here.
+        parquet_beside_original: Write the Parquet file beside `original_layout_path` (the drop-in script).
+        shard_retries: Retries of a shard task that ended with retryable failures (each resumes).
+        shard_retry_delay_s: Base of the exponential backoff between shard retries, in seconds.
+    """
+    logger = get_run_logger()
+    started = time.monotonic()
+    if client_block:
+        settings = (await AnthropicClientConfig.aload(client_block)).settings()
+    settings = settings or ClientSettings()
+    _check_paths(requests_path, output_dir)
+    # Fail before planning anything when there is no key (the key itself stays out of every parameter).
+    client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
+
+    plan = plan_request_shards(requests_path, shard_size)
+    work_dir = Path(output_dir) / f".shards-{shard_size}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "%s: %d lines in %d shards of up to %d; results in %s",
+        requests_path,
+        plan.lines,
+        len(plan.shards),
+        shard_size,
+        output_dir,
+    )
+
+    progress_key = uuid.uuid4().hex
+    tracker = RUNS[progress_key] = RunProgress(total_requests=plan.lines)
+    artifact_id = await acreate_progress_artifact(0.0, key="anthropic-dataset-progress", description="Requests done")
+
+    async def publish_progress() -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            await aupdate_progress_artifact(artifact_id, tracker.percent, description=tracker.describe())
+
+    publisher = asyncio.create_task(publish_progress())
+    gate = asyncio.Semaphore(max_parallel_shards)
+    shard_task = run_shard.with_options(
+        retries=shard_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=shard_retry_delay_s) if shard_retry_delay_s else 0,
+    )
+
+    async def one_shard(shard):
+        async with gate:
+            return await shard_task(
+                requests_path,
+                shard,
+                str(work_dir),
+                settings,
+                client_block,
+                credentials_block,
+                progress_key,
+                return_state=True,
+            )
+
+    try:
+        states = await asyncio.gather(*(one_shard(shard) for shard in plan.shards))
+    finally:
+        publisher.cancel()
+        RUNS.pop(progress_key, None)
+    await close_shared_clients()
+    for state in states:
+        if state.is_failed():
+            error = await state.aresult(raise_on_failure=False)
+            if isinstance(error, FatalAPIError):
+                raise error
+            logger.warning("A shard ended with failures after its retries: %s", error)
+
+    totals = merge_shards(requests_path, plan, str(work_dir), output_dir, original_layout_path, parquet_beside_original)
+    sent = sum(p.done for p in tracker.shards.values())
+    summary = _summary(totals, settings, client, time.monotonic() - started, sent)
+    summary_path = Path(output_dir) / SUMMARY_FILE
+    partial = summary_path.with_suffix(".partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    os.replace(partial, summary_path)
+    await aupdate_progress_artifact(artifact_id, 100.0, description=tracker.describe())
+    await acreate_markdown_artifact(_summary_markdown(summary), key="anthropic-dataset-summary")
+    await acreate_table_artifact(
+        [{"error_type": kind, "requests": count} for kind, count in sorted(totals.errors_by_type.items())]
+        or [{"error_type": "none", "requests": 0}],
+        key="anthropic-dataset-failures",
+    )
+    logger.info(
+        "Done: %d requests, %d succeeded, %d failed, $%.4f, %.1f s",
+        summary["requests"],
+        summary["succeeded"],
+        summary["failed"],
+        summary["cost_usd"],
+        summary["wall_time_s"],
+    )
+    return summary

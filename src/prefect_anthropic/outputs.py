@@ -1,0 +1,195 @@
+"""Merging shard results into the dataset: results.parquet and results.jsonl, one row per request, in
+input order, errors included; optionally the original script's JSONL layout.
+
+The merge walks the input again, shard by shard, so every request gets exactly one row (its last success,
+else its last error) even where a shard file holds retried attempts. Files are streamed (a shard's
+records at a time) and written under temporary names, then renamed: a crash never leaves a half-written
+final file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .engine.results_file import read_records
+from .inputs import Shard, iter_requests
+from .models import Usage, cost_usd
+
+__all__ = ["PARQUET_SCHEMA", "DatasetTotals", "merge_results"]
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        pa.field("line", pa.int64(), nullable=False),
+        pa.field("custom_id", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("stop_reason", pa.string()),
+        pa.field("input_tokens", pa.int64()),
+        pa.field("output_tokens", pa.int64()),
+        pa.field("cache_creation_input_tokens", pa.int64()),
+        pa.field("cache_read_input_tokens", pa.int64()),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("attempts", pa.int32()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("http_status", pa.int32()),
+        pa.field("request_id", pa.string()),
+        pa.field("estimated_input_tokens", pa.int64()),
+        pa.field("metadata", pa.string()),  # JSON text: any shape, readable by every engine
+    ]
+)
+_COLUMNS = PARQUET_SCHEMA.names
+
+
+@dataclass
+class DatasetTotals:
+    rows: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    errors_by_type: Counter[str] = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    estimated_input_tokens: int = 0
+    real_input_tokens_of_estimated: int = 0
+    cost_usd: float = 0.0
+    #: What the same responses would have cost with every input token at the base input price.
+    cost_usd_without_cache: float = 0.0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        if row["status"] == "succeeded":
+            self.succeeded += 1
+            self.input_tokens += row["input_tokens"] or 0
+            self.output_tokens += row["output_tokens"] or 0
+            self.cache_creation_input_tokens += row["cache_creation_input_tokens"] or 0
+            self.cache_read_input_tokens += row["cache_read_input_tokens"] or 0
+            self.cost_usd += row["cost_usd"] or 0.0
+            uncached = Usage(
+                input_tokens=(row["input_tokens"] or 0)
+                + (row["cache_creation_input_tokens"] or 0)
+                + (row["cache_read_input_tokens"] or 0),
+                output_tokens=row["output_tokens"] or 0,
+            )
+            self.cost_usd_without_cache += cost_usd(row["model"], uncached)
+            if row["estimated_input_tokens"]:
+                self.estimated_input_tokens += row["estimated_input_tokens"]
+                self.real_input_tokens_of_estimated += (
+                    (row["input_tokens"] or 0)
+                    + (row["cache_creation_input_tokens"] or 0)
+                    + (row["cache_read_input_tokens"] or 0)
+                )
+        else:
+            self.failed += 1
+            self.errors_by_type[row["error_type"] or "unknown"] += 1
+
+
+def _final_records(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """Each request's record that counts, by (line, request digest): its last success, else its last error."""
+    final: dict[tuple[int, str], dict[str, Any]] = {}
+    for record in read_records(path):
+        key = (int(record["line"]), record.get("request_digest") or "")
+        previous = final.get(key)
+        if previous is None or record.get("status") == "succeeded" or previous.get("status") != "succeeded":
+            final[key] = record
+    return final
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    row = {name: record.get(name) for name in _COLUMNS}
+    metadata = record.get("metadata")
+    row["metadata"] = None if metadata is None else orjson.dumps(metadata).decode()
+    return row
+
+
+def _missing(line: int, custom_id: str, metadata: Any) -> dict[str, Any]:
+    return {
+        "line": line,
+        "custom_id": custom_id,
+        "status": "errored",
+        "error_type": "not_processed",
+        "error_message": f"line {line}: no result was recorded for this request",
+        "metadata": metadata,
+        "attempts": 0,
+    }
+
+
+def _original_layout_row(body: dict[str, Any], record: dict[str, Any], metadata: Any) -> bytes:
+    """The original script's line: [request, response(, metadata)]; a failure lists its errors instead."""
+    if record.get("status") == "succeeded" and record.get("response") is not None:
+        answer: Any = record["response"]
+    else:
+        answer = record.get("errors") or [record.get("error_message")]
+    row = [body, answer] if metadata is None else [body, answer, metadata]
+    return orjson.dumps(row) + b"\n"
+
+
+def merge_results(
+    requests_path: str | os.PathLike[str],
+    shards: Iterable[Shard],
+    shard_results: Iterable[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    original_layout_path: str | os.PathLike[str] | None = None,
+    parquet_beside_original: bool = False,
+) -> DatasetTotals:
+    """Write results.jsonl and results.parquet into `output_dir` (or, for the drop-in script, the
+    original layout at `original_layout_path` with the Parquet file beside it)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if original_layout_path is not None and parquet_beside_original:
+        original = Path(original_layout_path)
+        targets = {"parquet": original.with_suffix(".parquet"), "original": original}
+    else:
+        targets = {"parquet": output_dir / "results.parquet", "jsonl": output_dir / "results.jsonl"}
+        if original_layout_path is not None:
+            targets["original"] = Path(original_layout_path)
+    temporary = {kind: path.with_name(f".{path.name}.partial") for kind, path in targets.items()}
+    totals = DatasetTotals()
+    writer = pq.ParquetWriter(temporary["parquet"], PARQUET_SCHEMA, compression="zstd")
+    jsonl = open(temporary["jsonl"], "wb") if "jsonl" in temporary else None  # noqa: SIM115
+    original_file = open(temporary["original"], "wb") if "original" in temporary else None  # noqa: SIM115
+    try:
+        for shard, results_path in zip(shards, shard_results, strict=True):
+            records = _final_records(Path(results_path))
+            rows = []
+            for item in iter_requests(requests_path, shard.start, shard.end, shard.first_line):
+                record = records.get((item.line, item.digest)) or _missing(item.line, item.custom_id, item.metadata)
+                row = _row(record)
+                rows.append(row)
+                totals.add(row)
+                if jsonl is not None:
+                    jsonl.write(orjson.dumps({**row, "metadata": record.get("metadata")}) + b"\n")
+                if original_file is not None:
+                    original_file.write(_original_layout_row(item.body, record, item.metadata))
+            if rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA))
+    except BaseException:
+        writer.close()
+        for handle in (jsonl, original_file):
+            if handle is not None:
+                handle.close()
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+        raise
+    writer.close()
+    for handle in (jsonl, original_file):
+        if handle is not None:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+    for kind, path in temporary.items():
+        os.replace(path, targets[kind])
+    return totals

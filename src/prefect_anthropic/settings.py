@@ -1,0 +1,103 @@
+"""Client settings without secrets: what a flow run may carry as a parameter and show in the UI.
+
+The API key is never part of them. It comes from the credentials block (by name) or from the
+ANTHROPIC_API_KEY environment variable, and is resolved where the client is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+from pydantic import BaseModel, Field, field_validator
+
+from .engine import AnthropicClient, RetryPolicy
+from .engine.client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL
+from .tiers import limits_for_tier
+
+__all__ = ["ClientSettings", "MissingAPIKeyError", "api_key_from_env", "shared_client"]
+
+API_KEY_ENV = "ANTHROPIC_API_KEY"
+BASE_URL_ENV = "ANTHROPIC_BASE_URL"
+
+
+class MissingAPIKeyError(RuntimeError):
+    pass
+
+
+class ClientSettings(BaseModel):
+    """How to reach the API and how fast to go. Every field has a safe default."""
+
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="API base URL (the emulator's, or a gateway's).")
+    anthropic_version: str = Field(default=DEFAULT_ANTHROPIC_VERSION, description="anthropic-version header.")
+    tier: str | None = Field(default=None, description="Usage tier preset: 1-4, start, build, scale or auto.")
+    requests_per_minute: float | None = Field(default=None, gt=0, description="Requests per minute.")
+    input_tokens_per_minute: float | None = Field(default=None, gt=0, description="Input tokens per minute.")
+    output_tokens_per_minute: float | None = Field(default=None, gt=0, description="Output tokens per minute.")
+    max_concurrency: int = Field(default=50, ge=1, description="Most requests in flight at once.")
+    max_attempts: int = Field(default=5, ge=1, description="Attempts per request, the first included.")
+    timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one HTTP request, in seconds.")
+    include_request: bool = Field(default=False, description="Keep each request body in the results.")
+    use_caching: bool = Field(
+        default=False, description="Warm each shared cached prefix once before sending the requests that share it."
+    )
+
+    @field_validator("tier")
+    @classmethod
+    def _known_tier(cls, tier: str | None) -> str | None:
+        if tier is not None:
+            limits_for_tier(tier)  # raises on an unknown name
+        return tier
+
+    def build_client(self, api_key: str) -> AnthropicClient:
+        if not api_key:
+            raise MissingAPIKeyError(
+                f"No Anthropic API key: set {API_KEY_ENV}, pass --api-key, or name an AnthropicCredentials block."
+            )
+        return AnthropicClient(
+            api_key,
+            base_url=self.base_url,
+            anthropic_version=self.anthropic_version,
+            limits=limits_for_tier(
+                self.tier,
+                requests_per_minute=self.requests_per_minute,
+                input_tokens_per_minute=self.input_tokens_per_minute,
+                output_tokens_per_minute=self.output_tokens_per_minute,
+            ),
+            adopt_server_limits=(self.tier or "").lower() == "auto",
+            max_concurrency=self.max_concurrency,
+            retry=RetryPolicy(max_attempts=self.max_attempts),
+            timeout=self.timeout_s,
+            include_request=self.include_request,
+            warm_cache=self.use_caching,
+        )
+
+
+def api_key_from_env() -> str:
+    return os.environ.get(API_KEY_ENV, "")
+
+
+_CLIENTS: dict[tuple[str, str, int], AnthropicClient] = {}
+
+
+def shared_client(settings: ClientSettings, api_key: str) -> AnthropicClient:
+    """One client per settings, key and event loop in this process.
+
+    Every shard task of a flow run awaits on the flow's loop, so they all get the same client: one set of
+    limiters and one concurrency cap hold for all of them together, as the account's limits do.
+    """
+    loop_id = id(asyncio.get_running_loop())
+    key_digest = hashlib.sha256(api_key.encode()).hexdigest()
+    cache_key = (settings.model_dump_json(), key_digest, loop_id)
+    client = _CLIENTS.get(cache_key)
+    if client is None:
+        client = _CLIENTS[cache_key] = settings.build_client(api_key)
+    return client
+
+
+async def close_shared_clients() -> None:
+    """Close the clients of the running loop (at the end of a flow run)."""
+    loop_id = id(asyncio.get_running_loop())
+    for cache_key in [k for k in _CLIENTS if k[2] == loop_id]:
+        await _CLIENTS.pop(cache_key).aclose()
