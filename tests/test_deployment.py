@@ -1,0 +1,92 @@
+"""The shipped deployment: deployed to a real local Prefect server, run by a process worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from conftest import write_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect(*args: str, env: dict, timeout: float = 120, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_deployment_runs_on_a_process_worker(emulator, tmp_path):
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_ANTHROPIC_WORKDIR": str(tmp_path),
+        "ANTHROPIC_API_KEY": "",
+    }
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "the Prefect server did not start"
+            time.sleep(0.5)
+
+        prefect("work-pool", "create", "anthropic-pool", "--type", "process", env=env)
+        prefect("block", "register", "-m", "prefect_anthropic", env=env)
+        save_blocks = (
+            "from prefect_anthropic import AnthropicClientConfig, AnthropicCredentials\n"
+            f"c = AnthropicCredentials(api_key='sk-ant-deploy-secret', base_url='{emulator.base_url}')\n"
+            "AnthropicClientConfig(credentials=c, requests_per_minute=6000).save('anthropic-production')\n"
+        )
+        subprocess.run([sys.executable, "-c", save_blocks], env=env, check=True, timeout=60)
+        prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "nightly-dataset",
+                env=env)  # fmt: skip
+
+        (tmp_path / "data").mkdir()
+        write_requests(tmp_path / "data" / "requests.jsonl", 15)
+        prefect("deployment", "run", "anthropic-requests-to-dataset/nightly-dataset", env=env)
+        prefect("worker", "start", "--pool", "anthropic-pool", "--run-once", env=env, timeout=240)
+
+        frame = pd.read_parquet(tmp_path / "data" / "dataset" / "results.parquet")
+        assert len(frame) == 15 and (frame["status"] == "succeeded").all()
+        summary = json.loads((tmp_path / "data" / "dataset" / "summary.json").read_text())
+        assert summary["limits"]["sonnet"]["requests_per_minute"] == 6000
+        runs = httpx.post(f"http://127.0.0.1:{port}/api/flow_runs/filter", json={}, timeout=10).json()
+        assert runs and all("sk-ant-deploy-secret" not in json.dumps(run["parameters"]) for run in runs)
+        deployment = httpx.get(
+            f"http://127.0.0.1:{port}/api/deployments/name/anthropic-requests-to-dataset/nightly-dataset", timeout=10
+        ).json()
+        assert [s["schedule"]["cron"] for s in deployment["schedules"] if s["active"]] == ["0 2 * * *"]
+        assert deployment["work_pool_name"] == "anthropic-pool"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
