@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from .settings import API_KEY_ENV, BASE_URL_ENV
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_STOPPED = 2
+EXIT_INTERRUPTED = 130
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -53,6 +55,8 @@ def _settings(args: argparse.Namespace):
         values["base_url"] = args.base_url
     if getattr(args, "include_request", False):
         values["include_request"] = True
+    if getattr(args, "use_caching", False):
+        values["use_caching"] = True
     return ClientSettings(**values)
 
 
@@ -97,13 +101,24 @@ def run_flow(
     max_parallel_shards: int = 4,
     original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
+    shard_retries: int = 3,
+    shard_retry_delay_s: float = 10.0,
     show_progress: bool = True,
 ) -> int:
     """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
-    from .engine import FatalAPIError
+    from .engine import FatalAPIError, RunStopped
     from .flows import generate_dataset
     from .settings import MissingAPIKeyError
+    from .tasks import SHUTDOWN
 
+    def on_interrupt(signum, frame) -> None:
+        if SHUTDOWN.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        SHUTDOWN.set()
+        print("\nstopping: no new requests; saving those in flight (Ctrl-C again to quit now)", file=sys.stderr)
+
+    SHUTDOWN.clear()
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
         with _progress_bar(show_progress):
             summary = asyncio.run(
@@ -117,17 +132,21 @@ def run_flow(
                     max_parallel_shards=max_parallel_shards,
                     original_layout_path=original_layout_path,
                     parquet_beside_original=parquet_beside_original,
+                    shard_retries=shard_retries,
+                    shard_retry_delay_s=shard_retry_delay_s,
                 )
             )
     except FatalAPIError as error:
         print(f"error: the run stopped: {error}", file=sys.stderr)
         return EXIT_STOPPED
-    except (MissingAPIKeyError, FileNotFoundError, PermissionError) as error:
+    except (MissingAPIKeyError, FileNotFoundError, PermissionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    except (RunStopped, KeyboardInterrupt):
+        print("interrupted: finished requests are saved; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     print(
         f"{summary['succeeded']:,} of {summary['requests']:,} requests succeeded, {summary['failed']:,} failed; "
         f"cost ${summary['cost_usd']:.4f}; outputs in {output_dir}",
@@ -149,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         max_parallel_shards=args.max_parallel_shards,
         original_layout_path=args.original_layout,
+        shard_retries=args.shard_retries,
+        shard_retry_delay_s=args.shard_retry_delay,
         show_progress=not args.no_progress,
     )
 
@@ -227,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_arguments(run)
     run.add_argument("--shard-size", type=int, default=5000, help="Lines per shard task (default 5000).")
     run.add_argument("--max-parallel-shards", type=int, default=4, help="Shards running at once (default 4).")
+    run.add_argument("--shard-retries", type=int, default=3, help="Retries of a shard with retryable failures.")
+    run.add_argument(
+        "--shard-retry-delay", type=float, default=10.0, help="Backoff base between shard retries, seconds."
+    )
     run.add_argument("--use-caching", action="store_true", help="Warm shared cached prefixes before fanning out.")
     run.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block.")
     run.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")

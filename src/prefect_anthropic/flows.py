@@ -26,7 +26,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from .blocks import AnthropicClientConfig, resolve_api_key
-from .engine import AnthropicClient, FatalAPIError
+from .engine import AnthropicClient, FatalAPIError, RunStopped
 from .outputs import DatasetTotals
 from .progress import RunProgress
 from .settings import ClientSettings, close_shared_clients, shared_client
@@ -161,6 +161,8 @@ async def generate_dataset(
     client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
 
     plan = plan_request_shards(requests_path, shard_size)
+    if plan.lines == 0:
+        raise ValueError(f"requests file is empty: {requests_path}")
     work_dir = Path(output_dir) / f".shards-{shard_size}"
     work_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
@@ -210,7 +212,7 @@ async def generate_dataset(
     for state in states:
         if state.is_failed():
             error = await state.aresult(raise_on_failure=False)
-            if isinstance(error, FatalAPIError):
+            if isinstance(error, (FatalAPIError, RunStopped)):
                 raise error
             logger.warning("A shard ended with failures after its retries: %s", error)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from .blocks import resolve_api_key
-from .engine import FatalAPIError, ResultsWriter, run_requests, succeeded_requests
+from .engine import FatalAPIError, ResultsWriter, RunStopped, run_requests, succeeded_requests
 from .inputs import Shard, ShardPlan, iter_requests, plan_shards
 from .outputs import DatasetTotals, merge_results
 from .progress import RunProgress
@@ -32,6 +33,8 @@ PERMANENT_ERRORS = frozenset({"invalid_request", "invalid_request_error", "not_f
 
 #: RunProgress of the flow runs of this process, by key (tasks on another machine simply skip progress).
 RUNS: dict[str, RunProgress] = {}
+#: Set by the CLI on Ctrl-C: shards stop admitting requests, save what finishes, and end resumable.
+SHUTDOWN = threading.Event()
 
 
 class ShardIncomplete(RuntimeError):
@@ -56,8 +59,8 @@ def plan_request_shards(requests_path: str, lines_per_shard: int) -> ShardPlan:
 async def _retry_unless_fatal(task: Any, task_run: Any, state: Any) -> bool:
     try:
         await state.aresult(raise_on_failure=True)
-    except FatalAPIError:
-        return False  # a bad key or no credit: retrying cannot help
+    except (FatalAPIError, RunStopped):
+        return False  # a bad key or no credit: retrying cannot help; or the user asked to stop
     except Exception:
         return True
     return True
@@ -108,6 +111,7 @@ async def run_shard(
             writer=writer,
             already_succeeded=done,
             on_progress=on_progress,
+            stop=SHUTDOWN,
         )
     retryable = {kind: n for kind, n in progress.errors_by_type.items() if kind not in PERMANENT_ERRORS}
     if retryable:

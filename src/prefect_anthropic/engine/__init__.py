@@ -7,6 +7,7 @@ from .errors import (
     BillingError,
     FatalAPIError,
     PermissionDeniedError,
+    RunStopped,
     SpendLimitReachedError,
 )
 from .estimator import InputTokenEstimator, OutputTokenEstimator
@@ -14,7 +15,7 @@ from .limiter import RateLimiter, RateLimits, TokenBucket
 from .records import RequestItem, ResultRecord
 from .results_file import LineSet, ResultsWriter, read_records, succeeded_lines, succeeded_requests
 from .retry import RetryPolicy
-from .runner import Progress, RunStopped, run_requests
+from .runner import Progress, run_requests
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -24,7 +24,7 @@ import orjson
 
 from ..models import Usage, cost_usd, lookup_model
 from .caching import PrefixWarmer, cached_prefix
-from .errors import APIStatusError, FatalAPIError
+from .errors import APIStatusError, FatalAPIError, RunStopped
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import RateLimiter, RateLimits
 from .records import RequestItem, ResultRecord
@@ -107,6 +107,7 @@ class AnthropicClient:
         self.stats = ClientStats()
         self.fatal_error: FatalAPIError | None = None
         self.warmer = PrefixWarmer() if warm_cache else None
+        self.stopping = False
         self._limiters: dict[str, RateLimiter] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
         self._rng = random.Random(seed)
@@ -163,9 +164,15 @@ class AnthropicClient:
     def in_flight(self) -> int:
         return self.max_concurrency - self._slots._value
 
+    def stop_admitting(self) -> None:
+        """Send nothing new: requests waiting for a slot or the limiter raise RunStopped instead."""
+        self.stopping = True
+
     def _raise_if_stopped(self) -> None:
         if self.fatal_error is not None:
             raise self.fatal_error
+        if self.stopping:
+            raise RunStopped("the run is stopping; nothing new is sent")
 
     def _error_record(self, item: RequestItem, error_type: str, message: str, **fields: Any) -> ResultRecord:
         return ResultRecord(
@@ -235,7 +242,9 @@ class AnthropicClient:
                 reservation = await limiter.acquire(
                     charged_input, lambda: self.output_estimator.reserve(model, max_tokens)
                 )
-                self._raise_if_stopped()
+                if self.fatal_error is not None or self.stopping:
+                    limiter.refund(reservation)
+                    self._raise_if_stopped()
                 started = time.monotonic()
                 self.stats.http_requests += 1
                 try:

@@ -10,8 +10,14 @@ __all__ = [
     "BillingError",
     "FatalAPIError",
     "PermissionDeniedError",
+    "RunStopped",
     "SpendLimitReachedError",
 ]
+
+
+class RunStopped(Exception):
+    """The run was asked to stop (Ctrl-C): nothing new is sent, finished requests are saved, and running
+    the same command again resumes."""
 
 
 class APIStatusError(Exception):

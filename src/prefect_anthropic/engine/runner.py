@@ -5,23 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .client import AnthropicClient
-from .errors import FatalAPIError
+from .errors import FatalAPIError, RunStopped
 from .records import RequestItem, ResultRecord
 from .results_file import LineSet, ResultsWriter
 
 __all__ = ["Progress", "RunStopped", "run_requests"]
 
 logger = logging.getLogger(__name__)
-
-
-class RunStopped(Exception):
-    """The run was asked to stop (Ctrl-C): in-flight requests were saved, the rest can be resumed."""
 
 
 @dataclass
@@ -96,7 +93,7 @@ async def run_requests(
     already_succeeded: LineSet | Mapping[int, str] | None = None,
     on_progress: ProgressCallback | None = None,
     progress_interval_s: float = 1.0,
-    stop: asyncio.Event | None = None,
+    stop: asyncio.Event | threading.Event | None = None,
     drain_timeout_s: float = 60.0,
 ) -> Progress:
     """Send every item not in `already_succeeded`; write each record as it completes.
@@ -119,8 +116,8 @@ async def run_requests(
     async def one(item: RequestItem) -> None:
         try:
             record = await client.send(item)
-        except FatalAPIError:
-            return  # the client holds the error; the dispatcher stops and raises it
+        except (FatalAPIError, RunStopped):
+            return  # not sent, or the run stops: the dispatcher sees it and ends the run
         finally:
             window.release()
         progress.add(record)
@@ -131,7 +128,9 @@ async def run_requests(
 
     async def ticker() -> None:
         while True:
-            await asyncio.sleep(progress_interval_s)
+            await asyncio.sleep(min(progress_interval_s, 0.25) if stop is not None else progress_interval_s)
+            if stop is not None and stop.is_set():
+                client.stop_admitting()  # requests still waiting for the limiter are not sent
             if writer is not None:
                 writer.flush()
             report()
@@ -144,7 +143,7 @@ async def run_requests(
                 progress.skipped += 1
                 continue
             await window.acquire()
-            if client.fatal_error is not None or (stop is not None and stop.is_set()):
+            if client.fatal_error is not None or client.stopping or (stop is not None and stop.is_set()):
                 window.release()
                 stopped = True
                 break
@@ -152,7 +151,10 @@ async def run_requests(
             pending.add(task)
             task.add_done_callback(pending.discard)
         if pending:
-            if stopped and stop is not None and stop.is_set():
+            if stopped and client.fatal_error is None:
+                client.stop_admitting()
+                # Give in-flight requests a bounded time to finish and be saved; the rest is abandoned
+                # (and sent again by the next run).
                 _done, not_done = await asyncio.wait(pending, timeout=drain_timeout_s)
                 for task in not_done:
                     task.cancel()
