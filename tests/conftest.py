@@ -2,14 +2,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import httpx
 import pytest
 
 from prefect_anthropic.emulator import EmulatorConfig, RunningEmulator, emulator_in_thread
 
-# Keep Prefect quiet and local for every test that touches it.
+# Keep Prefect quiet and local for every test that touches it, and learned corrections out of ~/.cache.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["PREFECT_ANTHROPIC_STATE_DIR"] = tempfile.mkdtemp(prefix="prefect-anthropic-state-")
 
 HEADERS = {"x-api-key": "test-key", "anthropic-version": "2023-06-01"}
 MODEL = "claude-sonnet-4-6"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
 from typing import Any
 
+from .corrections import load_token_corrections
+from .engine.caching import cached_prefix
 from .engine.client import rate_limit_class
 from .engine.estimator import InputTokenEstimator
 from .inputs import iter_requests
@@ -18,9 +21,11 @@ __all__ = ["estimate_file", "format_estimate"]
 
 def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None = None) -> dict[str, Any]:
     settings = settings or ClientSettings()
-    estimator = InputTokenEstimator()
+    corrections = load_token_corrections()
+    estimator = InputTokenEstimator(initial_ratios=corrections)
     per_model: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     invalid: list[dict[str, Any]] = []
+    prefixes_seen: set[str] = set()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"requests file not found: {path}")
     for item in iter_requests(path):
@@ -34,8 +39,19 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
             continue
         stats = per_model[info.id]
         stats["requests"] += 1
-        stats["input_tokens"] += estimator.estimate(item.body)
+        total = estimator.estimate(item.body)
+        stats["input_tokens"] += total
         stats["max_output_tokens"] += item.body["max_tokens"]
+        prefix = cached_prefix(item.body)
+        if prefix is not None:
+            cached = min(total, int(estimator.count_blocks_cl100k(prefix.blocks) * estimator.ratio(model)))
+            if cached >= info.min_cacheable_tokens:
+                # One write per distinct prefix (with warm-up), reads for every other request sharing it.
+                kind = "cache_read_tokens" if prefix.key in prefixes_seen else "cache_write_tokens"
+                prefixes_seen.add(prefix.key)
+                stats[kind] += cached
+                stats["uncached_input_tokens"] -= cached
+        stats["uncached_input_tokens"] += total
     limits_for = limits_for_tier(
         settings.tier,
         requests_per_minute=settings.requests_per_minute,
@@ -45,19 +61,28 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
     models = {}
     by_class: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for model, stats in sorted(per_model.items()):
-        input_only = Usage(input_tokens=int(stats["input_tokens"]))
-        worst = Usage(input_tokens=int(stats["input_tokens"]), output_tokens=int(stats["max_output_tokens"]))
+        input_only = Usage(
+            input_tokens=int(stats["uncached_input_tokens"]),
+            cache_creation_input_tokens=int(stats["cache_write_tokens"]),
+            cache_read_input_tokens=int(stats["cache_read_tokens"]),
+        )
+        worst = dataclasses.replace(input_only, output_tokens=int(stats["max_output_tokens"]))
         models[model] = {
             "requests": int(stats["requests"]),
             "estimated_input_tokens": int(stats["input_tokens"]),
             "worst_case_output_tokens": int(stats["max_output_tokens"]),
+            "estimated_cache_write_tokens": int(stats["cache_write_tokens"]),
+            "estimated_cache_read_tokens": int(stats["cache_read_tokens"]),
             "cost_usd_min": round(cost_usd(model, input_only), 6),
             "cost_usd_max": round(cost_usd(model, worst), 6),
             "batch_cost_usd_min": round(cost_usd(model, input_only, batch=True), 6),
             "batch_cost_usd_max": round(cost_usd(model, worst, batch=True), 6),
         }
-        for key in ("requests", "input_tokens", "max_output_tokens"):
-            by_class[rate_limit_class(model)][key] += stats[key]
+        totals = by_class[rate_limit_class(model)]
+        totals["requests"] += stats["requests"]
+        # Cache reads do not count toward input tokens/min.
+        totals["input_tokens"] += stats["uncached_input_tokens"] + stats["cache_write_tokens"]
+        totals["max_output_tokens"] += stats["max_output_tokens"]
     shortest = worst_case = 0.0
     for cls, totals in by_class.items():
         limits = limits_for(cls)
@@ -80,6 +105,7 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
         "cost_usd_max": round(sum(m["cost_usd_max"] for m in models.values()), 6),
         "models": models,
         "limits": {cls: limits_for(cls).as_dict() for cls in by_class},
+        "token_corrections_used": {model: corrections[model] for model in models if model in corrections},
         "shortest_duration_s": round(shortest, 1),
         "duration_if_every_reply_hits_max_tokens_s": round(worst_case, 1),
     }

@@ -26,6 +26,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from .blocks import AnthropicClientConfig, resolve_api_key
+from .corrections import save_token_corrections
 from .engine import AnthropicClient, FatalAPIError, RunStopped
 from .outputs import DatasetTotals
 from .progress import RunProgress
@@ -208,6 +209,7 @@ async def generate_dataset(
     finally:
         publisher.cancel()
         RUNS.pop(progress_key, None)
+    save_token_corrections(client.input_estimator.learned_ratios())
     await close_shared_clients()
     for state in states:
         if state.is_failed():

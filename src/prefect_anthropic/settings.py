@@ -12,7 +12,8 @@ import os
 
 from pydantic import BaseModel, Field, field_validator
 
-from .engine import AnthropicClient, RetryPolicy
+from .corrections import load_token_corrections
+from .engine import AnthropicClient, InputTokenEstimator, RetryPolicy
 from .engine.client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL
 from .tiers import limits_for_tier
 
@@ -41,6 +42,9 @@ class ClientSettings(BaseModel):
     include_request: bool = Field(default=False, description="Keep each request body in the results.")
     use_caching: bool = Field(
         default=False, description="Warm each shared cached prefix once before sending the requests that share it."
+    )
+    auto_cache: bool = Field(
+        default=False, description="Add a cache breakpoint to a long system prompt that several requests share."
     )
 
     @field_validator("tier")
@@ -71,6 +75,8 @@ class ClientSettings(BaseModel):
             timeout=self.timeout_s,
             include_request=self.include_request,
             warm_cache=self.use_caching,
+            auto_cache=self.auto_cache,
+            input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
         )
 
 

@@ -14,12 +14,13 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-__all__ = ["CachedPrefix", "PrefixWarmer", "cached_prefix"]
+__all__ = ["AutoCache", "CachedPrefix", "PrefixWarmer", "cached_prefix"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,3 +151,29 @@ class PrefixWarmer:
                 "Caching is on but cache reads stay at zero after warm-up: the cached prefix probably differs "
                 "between requests (a timestamp or id before the breakpoint?) or is below the minimum length."
             )
+
+
+class AutoCache:
+    """Adds a cache breakpoint to a system prompt that several requests share, when it is long enough to
+    be cached (`--auto-cache`). Requests that already carry a breakpoint are left as they are."""
+
+    def __init__(self, max_tracked: int = 100_000) -> None:
+        self._seen: dict[str, int] = {}
+        self._max_tracked = max_tracked
+
+    def apply(self, body: dict[str, Any], system_tokens: Callable[[list[Any]], int], min_tokens: int) -> dict[str, Any]:
+        system = body.get("system")
+        if not system or cached_prefix(body) is not None:
+            return body
+        blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
+        if not all(isinstance(b, dict) for b in blocks):
+            return body
+        key = hashlib.blake2b(orjson.dumps([body.get("model"), blocks]), digest_size=16).hexdigest()
+        count = self._seen.get(key, 0) + 1
+        if len(self._seen) < self._max_tracked or key in self._seen:
+            self._seen[key] = count
+        # Shared means seen before; a prompt below the model's minimum would silently not be cached anyway.
+        if count < 2 or system_tokens(blocks) < min_tokens:
+            return body
+        blocks[-1] = {**blocks[-1], "cache_control": {"type": "ephemeral"}}
+        return {**body, "system": blocks}

@@ -9,6 +9,7 @@ key, no credit, no permission, the spend cap) stop the client for good: nothing 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -23,7 +24,7 @@ import httpx
 import orjson
 
 from ..models import Usage, cost_usd, lookup_model
-from .caching import PrefixWarmer, cached_prefix
+from .caching import AutoCache, PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError, RunStopped
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import RateLimiter, RateLimits
@@ -91,6 +92,7 @@ class AnthropicClient:
         input_estimator: InputTokenEstimator | None = None,
         output_estimator: OutputTokenEstimator | None = None,
         warm_cache: bool = False,
+        auto_cache: bool = False,
         seed: int | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -106,7 +108,8 @@ class AnthropicClient:
         self.output_estimator = output_estimator or OutputTokenEstimator()
         self.stats = ClientStats()
         self.fatal_error: FatalAPIError | None = None
-        self.warmer = PrefixWarmer() if warm_cache else None
+        self.warmer = PrefixWarmer() if warm_cache or auto_cache else None
+        self.auto_cache = AutoCache() if auto_cache else None
         self.stopping = False
         self._limiters: dict[str, RateLimiter] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -197,11 +200,19 @@ class AnthropicClient:
         if item.invalid is not None:
             return self._error_record(item, "invalid_request", item.invalid, errors=[item.invalid])
         self._raise_if_stopped()
+        info = lookup_model(item.model)
+        ratio = self.input_estimator.ratio(item.model)
+        if self.auto_cache is not None and info is not None:
+            body = self.auto_cache.apply(
+                item.body,
+                lambda blocks: int(self.input_estimator.count_blocks_cl100k(blocks) * ratio),
+                info.min_cacheable_tokens,
+            )
+            if body is not item.body:
+                item = dataclasses.replace(item, body=body)
         prefix = cached_prefix(item.body) if self.warmer is not None else None
         if prefix is None:
             return await self._send(item)
-        info = lookup_model(item.model)
-        ratio = self.input_estimator.ratio(item.model)
         prefix_tokens = int(self.input_estimator.count_blocks_cl100k(prefix.blocks) * ratio)
         await self.warmer.before_send(
             prefix, lambda: self._prewarm(item), prefix_tokens, info.min_cacheable_tokens if info else 0
