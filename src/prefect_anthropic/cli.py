@@ -57,6 +57,8 @@ def _settings(args: argparse.Namespace):
         values["include_request"] = True
     if getattr(args, "use_caching", False):
         values["use_caching"] = True
+    if getattr(args, "auto_cache", False):
+        values["auto_cache"] = True
     return ClientSettings(**values)
 
 
@@ -103,6 +105,9 @@ def run_flow(
     parquet_beside_original: bool = False,
     shard_retries: int = 3,
     shard_retry_delay_s: float = 10.0,
+    mode: str = "realtime",
+    batch_retry: str = "none",
+    batch_poll_interval_s: float = 30.0,
     show_progress: bool = True,
 ) -> int:
     """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
@@ -134,6 +139,9 @@ def run_flow(
                     parquet_beside_original=parquet_beside_original,
                     shard_retries=shard_retries,
                     shard_retry_delay_s=shard_retry_delay_s,
+                    mode=mode,
+                    batch_retry=batch_retry,
+                    batch_poll_interval_s=batch_poll_interval_s,
                 )
             )
     except FatalAPIError as error:
@@ -170,8 +178,22 @@ def _run(args: argparse.Namespace) -> int:
         original_layout_path=args.original_layout,
         shard_retries=args.shard_retries,
         shard_retry_delay_s=args.shard_retry_delay,
+        mode=args.mode,
+        batch_retry=args.batch_retry,
+        batch_poll_interval_s=args.batch_poll_interval,
         show_progress=not args.no_progress,
     )
+
+
+def _cancel_batches(args: argparse.Namespace) -> int:
+    from .batch_mode import cancel_batches
+
+    if args.api_key:
+        os.environ[API_KEY_ENV] = args.api_key
+    canceled = asyncio.run(cancel_batches(args.output_dir, _settings(args), args.client_block, args.credentials_block))
+    print(f"canceled {len(canceled)} batches: {' '.join(canceled) or '-'}", file=sys.stderr)
+    print("run the same `run --mode batch` command again to collect what finished", file=sys.stderr)
+    return EXIT_OK
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -253,12 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-retry-delay", type=float, default=10.0, help="Backoff base between shard retries, seconds."
     )
     run.add_argument("--use-caching", action="store_true", help="Warm shared cached prefixes before fanning out.")
+    run.add_argument(
+        "--auto-cache", action="store_true", help="Add a cache breakpoint to a long system prompt requests share."
+    )
+    run.add_argument(
+        "--mode", choices=("realtime", "batch"), default="realtime",
+        help="realtime: the Messages API at the rate limits; batch: the Message Batches API at half the price.",
+    )  # fmt: skip
+    run.add_argument(
+        "--batch-retry", choices=("none", "batch", "realtime"), default="none",
+        help="Batch mode: send expired or server-failed requests again in a follow-up batch or in real time.",
+    )  # fmt: skip
+    run.add_argument("--batch-poll-interval", type=float, default=30.0, help="Batch mode: longest poll interval, s.")
     run.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block.")
     run.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
     run.add_argument("--original-layout", metavar="PATH", help="Also write the original script's JSONL layout.")
     run.add_argument("--include-request", action="store_true", help="Keep each request body in the results.")
     run.add_argument("--no-progress", action="store_true", help="No progress bar.")
     run.set_defaults(handler=_run)
+
+    cancel = commands.add_parser("cancel-batches", help="Cancel the unfinished batches of a batch-mode run.")
+    cancel.add_argument("--output-dir", required=True, help="The run's output directory.")
+    _add_client_arguments(cancel)
+    cancel.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block.")
+    cancel.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
+    cancel.set_defaults(handler=_cancel_batches)
 
     estimate = commands.add_parser("estimate", help="Count, price and time a request file without any API call.")
     estimate.add_argument("requests", help="JSONL file of Messages API requests.")

@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import (
@@ -25,13 +25,14 @@ from prefect.artifacts import (
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
+from .batch_mode import run_shard_in_batches
 from .blocks import AnthropicClientConfig, resolve_api_key
 from .corrections import save_token_corrections
 from .engine import AnthropicClient, FatalAPIError, RunStopped
 from .outputs import DatasetTotals
 from .progress import RunProgress
 from .settings import ClientSettings, close_shared_clients, shared_client
-from .tasks import RUNS, merge_shards, plan_request_shards, run_shard
+from .tasks import RUNS, mark_shard_done, merge_shards, plan_request_shards, run_shard, shard_marker_path
 
 __all__ = ["generate_dataset"]
 
@@ -136,6 +137,9 @@ async def generate_dataset(
     parquet_beside_original: bool = False,
     shard_retries: int = 3,
     shard_retry_delay_s: float = 10.0,
+    mode: Literal["realtime", "batch"] = "realtime",
+    batch_retry: Literal["none", "batch", "realtime"] = "none",
+    batch_poll_interval_s: float = 30.0,
 ) -> dict[str, Any]:
     """Send every request of a JSONL file to the Anthropic Messages API and write the dataset.
 
@@ -151,6 +155,10 @@ async def generate_dataset(
         parquet_beside_original: Write the Parquet file beside `original_layout_path` (the drop-in script).
         shard_retries: Retries of a shard task that ended with retryable failures (each resumes).
         shard_retry_delay_s: Base of the exponential backoff between shard retries, in seconds.
+        mode: "realtime" (Messages API, at the rate limits) or "batch" (Message Batches API, half price).
+        batch_retry: In batch mode, what to do with requests that expired or failed on the server's side:
+            nothing, a follow-up batch, or the real-time API.
+        batch_poll_interval_s: In batch mode, the longest wait between two polls of a batch.
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -193,6 +201,14 @@ async def generate_dataset(
 
     async def one_shard(shard):
         async with gate:
+            if mode == "batch" and not shard_marker_path(work_dir, shard).exists():
+                left = await run_shard_in_batches(
+                    requests_path, shard, str(work_dir), settings, client_block, credentials_block,
+                    batch_retry=batch_retry, poll_interval_s=batch_poll_interval_s, progress_key=progress_key,
+                )  # fmt: skip
+                if not left:
+                    mark_shard_done(work_dir, shard, {"shard": shard.index, "requests": shard.line_count})
+            # Real-time mode, or what batch mode left for it: sends only the lines not yet succeeded.
             return await shard_task(
                 requests_path,
                 shard,

@@ -45,10 +45,17 @@ def shard_results_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
     return Path(work_dir) / f"shard-{shard.index:05d}.jsonl"
 
 
-def _marker_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
+def shard_marker_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
     """Named by the shard's content digest: an edited or extended shard runs again, resuming line by line
     (each record carries its request's digest), so only new or changed requests are sent."""
     return Path(work_dir) / f"shard-{shard.index:05d}-{shard.digest}.done.json"
+
+
+def mark_shard_done(work_dir: str | os.PathLike[str], shard: Shard, summary: dict[str, Any]) -> None:
+    marker = shard_marker_path(work_dir, shard)
+    partial = marker.with_suffix(".partial")
+    partial.write_text(json.dumps(summary))
+    os.replace(partial, marker)
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -86,7 +93,7 @@ async def run_shard(
 ) -> dict[str, Any]:
     """Send the shard's requests not yet succeeded; return a small summary of the shard."""
     logger = get_run_logger()
-    marker = _marker_path(work_dir, shard)
+    marker = shard_marker_path(work_dir, shard)
     tracker = RUNS.get(progress_key or "")
     if marker.exists():
         summary = json.loads(marker.read_text())
@@ -125,9 +132,7 @@ async def run_shard(
         "sent": progress.done,
         "failed_permanently": progress.failed,
     }
-    partial = marker.with_suffix(".partial")
-    partial.write_text(json.dumps(summary))
-    os.replace(partial, marker)
+    mark_shard_done(work_dir, shard, summary)
     logger.info(
         "Shard %d done: %d sent, %d skipped, %d failed permanently.",
         shard.index,
