@@ -131,6 +131,7 @@ def test_tier_presets_and_overrides():
     assert limits_for_tier("2", requests_per_minute=10)("sonnet") == RateLimits(10, 450_000, 90_000)
     assert limits_for_tier(None)("sonnet") == RateLimits()
     assert limits_for_tier(None, output_tokens_per_minute=5)("sonnet") == RateLimits(None, None, 5)
+    assert limits_for_tier("3", share=0.25)("sonnet") == RateLimits(500, 200_000, 40_000)
     with pytest.raises(ValueError, match="unknown tier"):
         limits_for_tier("platinum")
 
@@ -143,6 +144,12 @@ async def test_tier_auto_adopts_the_servers_limits(start_emulator):
         limits = client.limits_in_force()["sonnet"]
     assert limits.requests_per_minute == 3000 and limits.input_tokens_per_minute == 900_000
     assert limits.output_tokens_per_minute == 8_000  # not reported by this server: Tier 1's stays
+
+    # One of two machines on the same account takes half of what the server reports.
+    half = ClientSettings(base_url=emu.base_url, tier="auto", limit_share=0.5).build_client("k")
+    async with half:
+        await run_requests(half, items_for(4, 2, words=30))
+    assert half.limits_in_force()["sonnet"].requests_per_minute == 1500
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -20,11 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from .blocks import resolve_api_key
-from .engine import ResultsWriter, RetryPolicy, succeeded_requests
+from .engine import ResultsWriter, RetryPolicy, RunStopped, succeeded_requests
 from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, plan_batches
 from .inputs import Shard, iter_requests
 from .settings import ClientSettings
-from .tasks import RUNS, shard_results_path
+from .tasks import RUNS, SHUTDOWN, shard_results_path
 
 __all__ = ["BATCH_RETRY_CHOICES", "batch_state_path", "cancel_batches", "run_shard_in_batches"]
 
@@ -147,6 +147,8 @@ async def wait_for_batches(
                 tracker.update(shard.index, progress)
             if all(b["processing_status"] == "ended" for b in batches):
                 return batches
+            if SHUTDOWN.is_set():
+                raise RunStopped("stopped while batches run; they go on at Anthropic: run again to collect them")
             await asyncio.sleep(delay)
             delay = min(delay * 2, poll_interval_s)
 

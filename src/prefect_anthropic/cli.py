@@ -34,6 +34,10 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--requests-per-minute", type=float, help="Requests per minute (overrides the tier).")
     group.add_argument("--input-tokens-per-minute", type=float, help="Input tokens per minute.")
     group.add_argument("--output-tokens-per-minute", type=float, help="Output tokens per minute.")
+    group.add_argument(
+        "--limit-share", type=float, default=1.0,
+        help="Share of the account's limits for this run (e.g. 0.25 on each of four machines; default 1).",
+    )  # fmt: skip
     group.add_argument("--max-concurrency", type=int, default=50, help="Most requests in flight (default 50).")
     group.add_argument("--max-attempts", type=int, default=5, help="Attempts per request (default 5).")
     group.add_argument("--timeout", type=float, default=600.0, help="Seconds per HTTP request (default 600).")
@@ -48,6 +52,7 @@ def _settings(args: argparse.Namespace):
         "input_tokens_per_minute": args.input_tokens_per_minute,
         "output_tokens_per_minute": args.output_tokens_per_minute,
         "max_concurrency": args.max_concurrency,
+        "limit_share": args.limit_share,
         "max_attempts": args.max_attempts,
         "timeout_s": args.timeout,
     }

@@ -36,6 +36,12 @@ class ClientSettings(BaseModel):
     requests_per_minute: float | None = Field(default=None, gt=0, description="Requests per minute.")
     input_tokens_per_minute: float | None = Field(default=None, gt=0, description="Input tokens per minute.")
     output_tokens_per_minute: float | None = Field(default=None, gt=0, description="Output tokens per minute.")
+    limit_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Share of the account's limits this run may use (e.g. 0.25 for one of four machines).",
+    )
     max_concurrency: int = Field(default=50, ge=1, description="Most requests in flight at once.")
     max_attempts: int = Field(default=5, ge=1, description="Attempts per request, the first included.")
     timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one HTTP request, in seconds.")
@@ -68,8 +74,10 @@ class ClientSettings(BaseModel):
                 requests_per_minute=self.requests_per_minute,
                 input_tokens_per_minute=self.input_tokens_per_minute,
                 output_tokens_per_minute=self.output_tokens_per_minute,
+                share=self.limit_share,
             ),
             adopt_server_limits=(self.tier or "").lower() == "auto",
+            server_limit_share=self.limit_share,
             max_concurrency=self.max_concurrency,
             retry=RetryPolicy(max_attempts=self.max_attempts),
             timeout=self.timeout_s,

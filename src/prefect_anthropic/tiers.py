@@ -57,9 +57,11 @@ def limits_for_tier(
     requests_per_minute: float | None = None,
     input_tokens_per_minute: float | None = None,
     output_tokens_per_minute: float | None = None,
+    share: float = 1.0,
 ) -> Callable[[str], RateLimits]:
     """Limits for each model class: the tier's preset (Tier 1 for `auto` and for a class the tier does
-    not list), with each explicit limit overriding the preset's."""
+    not list), with each explicit limit overriding the preset's, times `share` (this process's part of an
+    account that several machines use at once)."""
     key = (tier or "").lower().removeprefix("tier").strip(" -_") or None
     if key is not None and key not in TIERS and key != "auto":
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIER_NAMES)}")
@@ -67,10 +69,11 @@ def limits_for_tier(
 
     def for_class(model_class: str) -> RateLimits:
         preset = preset_table.get(model_class) or (TIERS["1"]["sonnet"] if key else RateLimits())
-        return RateLimits(
+        chosen = (
             requests_per_minute or preset.requests_per_minute,
             input_tokens_per_minute or preset.input_tokens_per_minute,
             output_tokens_per_minute or preset.output_tokens_per_minute,
         )
+        return RateLimits(*(None if limit is None else limit * share for limit in chosen))
 
     return for_class

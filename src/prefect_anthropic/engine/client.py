@@ -84,6 +84,7 @@ class AnthropicClient:
         anthropic_version: str = DEFAULT_ANTHROPIC_VERSION,
         limits: RateLimits | LimitsForClass = RateLimits(),
         adopt_server_limits: bool = False,
+        server_limit_share: float = 1.0,
         max_concurrency: int = 50,
         retry: RetryPolicy = RetryPolicy(),
         timeout: float | httpx.Timeout = 600.0,
@@ -100,6 +101,7 @@ class AnthropicClient:
         self.base_url = base_url.rstrip("/")
         self._limits = limits if callable(limits) else (lambda _cls, _l=limits: _l)
         self.adopt_server_limits = adopt_server_limits
+        self.server_limit_share = server_limit_share
         self.burst_seconds = burst_seconds
         self.max_concurrency = max_concurrency
         self.retry = retry
@@ -157,6 +159,7 @@ class AnthropicClient:
                 self._limits(cls),
                 burst_seconds=self.burst_seconds,
                 adopt_server_limits=self.adopt_server_limits,
+                server_limit_share=self.server_limit_share,
             )
         return limiter
 

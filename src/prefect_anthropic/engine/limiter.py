@@ -126,12 +126,15 @@ class RateLimiter:
         *,
         burst_seconds: float = 0.5,
         adopt_server_limits: bool = False,
+        server_limit_share: float = 1.0,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.configured = limits
         self.burst_seconds = burst_seconds
         self.adopt_server_limits = adopt_server_limits
+        #: This process's part of the server's limits (several machines on one account).
+        self.server_limit_share = server_limit_share
         self._clock = clock
         self._sleep = sleep
         now = clock()
@@ -221,7 +224,7 @@ class RateLimiter:
             if limit_text is None:
                 continue
             try:
-                server_limit = float(limit_text)
+                server_limit = float(limit_text) * self.server_limit_share
                 remaining = float(headers.get(f"anthropic-ratelimit-{stem}-remaining", "nan"))
             except ValueError:
                 continue
