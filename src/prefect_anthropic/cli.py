@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The ephemeral server's telemetry cannot reach the internet from most batch machines; unless the user
+    # says otherwise, do not let it log an error at every run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     return args.handler(args)
 
