@@ -22,6 +22,7 @@ from prefect.logging import get_run_logger
 from .blocks import resolve_api_key
 from .engine import ResultsWriter, RetryPolicy, RunStopped, succeeded_requests
 from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, plan_batches
+from .engine.records import ResultRecord
 from .inputs import Shard, iter_requests
 from .settings import ClientSettings
 from .tasks import RUNS, SHUTDOWN, shard_results_path
@@ -94,7 +95,7 @@ async def submit_batches(
             valid = []
             for item in _pending_items(requests_path, shard, results_path, set(retry_lines) if retry_lines else None):
                 if item.invalid is not None:
-                    writer.write(_invalid_record(item))
+                    writer.write(ResultRecord.for_invalid_line(item))
                 else:
                     valid.append(item)
         for requests in plan_batches(valid):
@@ -106,16 +107,6 @@ async def submit_batches(
         round_["complete"] = True
     _write_state(state_path, state)
     return [b["id"] for b in round_["batches"]]
-
-
-def _invalid_record(item):
-    from .engine.records import ResultRecord
-
-    return ResultRecord(
-        line=item.line, custom_id=item.custom_id, status="errored", error_type="invalid_request",
-        error_message=item.invalid, errors=[item.invalid or ""], metadata=item.metadata,
-        request_digest=item.digest,
-    )  # fmt: skip
 
 
 @task(name="wait-for-batches", task_run_name="wait-shard-{shard.index}", cache_policy=NO_CACHE, retries=2)

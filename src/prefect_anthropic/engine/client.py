@@ -201,7 +201,7 @@ class AnthropicClient:
     async def send(self, item: RequestItem) -> ResultRecord:
         """Send one request, with retries; raise FatalAPIError when the run must stop."""
         if item.invalid is not None:
-            return self._error_record(item, "invalid_request", item.invalid, errors=[item.invalid])
+            return ResultRecord.for_invalid_line(item)
         self._raise_if_stopped()
         info = lookup_model(item.model)
         ratio = self.input_estimator.ratio(item.model)

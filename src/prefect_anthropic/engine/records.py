@@ -57,6 +57,21 @@ class ResultRecord:
     #: Every error met on the way, successful or not (the original script's output lists them).
     errors: list[str] = field(default_factory=list)
 
+    @classmethod
+    def for_invalid_line(cls, item: RequestItem) -> ResultRecord:
+        """The error row of an input line that cannot be sent (never sent, so no attempt)."""
+        return cls(
+            line=item.line,
+            custom_id=item.custom_id,
+            status="errored",
+            request_digest=item.digest,
+            model=item.model or None,
+            error_type="invalid_request",
+            error_message=item.invalid,
+            errors=[item.invalid or ""],
+            metadata=item.metadata,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
