@@ -23,7 +23,9 @@ from .blocks import resolve_api_key
 from .engine import ResultsWriter, RetryPolicy, RunStopped, succeeded_requests
 from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, plan_batches
 from .engine.records import ResultRecord
+from .engine.runner import done_before
 from .inputs import Shard, iter_requests
+from .outputs import final_records
 from .settings import ClientSettings
 from .tasks import RUNS, SHUTDOWN, shard_results_path
 
@@ -62,7 +64,7 @@ async def _batch_api(settings: ClientSettings, client_block: str | None, credent
 def _pending_items(requests_path: str, shard: Shard, results_path: Path, retry_lines: set[int] | None):
     done = succeeded_requests(results_path)
     for item in iter_requests(requests_path, shard.start, shard.end, shard.first_line):
-        if done.get(item.line) == item.digest:
+        if done_before(done, item):
             continue
         if retry_lines is not None and item.line not in retry_lines:
             continue
@@ -203,7 +205,7 @@ async def run_shard_in_batches(
         if ids:
             await wait_for_batches(shard, ids, settings, client_block, credentials_block, poll_interval_s, progress_key)
         await download_batch_results(requests_path, shard, work_dir, settings, client_block, credentials_block)
-        retryable = _retryable_failures(requests_path, shard, work_dir)
+        retryable = _retryable_failures(shard, work_dir)
         if not retryable or batch_retry == "none":
             return []
         if batch_retry == "realtime":
@@ -212,16 +214,12 @@ async def run_shard_in_batches(
     return []
 
 
-def _retryable_failures(requests_path: str, shard: Shard, work_dir: str) -> list[int]:
-    from .engine.results_file import read_records
-
-    last: dict[int, dict[str, Any]] = {}
-    for record in read_records(shard_results_path(work_dir, shard)):
-        line = int(record["line"])
-        if last.get(line, {}).get("status") != "succeeded":
-            last[line] = record
+def _retryable_failures(shard: Shard, work_dir: str) -> list[int]:
+    records = final_records(shard_results_path(work_dir, shard))
     return sorted(
-        line for line, r in last.items() if r["status"] != "succeeded" and r.get("error_type") in RETRYABLE_BATCH_ERRORS
+        line
+        for (line, _digest), record in records.items()
+        if record["status"] != "succeeded" and record.get("error_type") in RETRYABLE_BATCH_ERRORS
     )
 
 

@@ -24,7 +24,7 @@ from .engine.results_file import read_records
 from .inputs import Shard, iter_requests
 from .models import Usage, cost_usd
 
-__all__ = ["PARQUET_SCHEMA", "DatasetTotals", "merge_results"]
+__all__ = ["PARQUET_SCHEMA", "DatasetTotals", "final_records", "merge_results"]
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -96,7 +96,7 @@ class DatasetTotals:
             self.errors_by_type[row["error_type"] or "unknown"] += 1
 
 
-def _final_records(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
+def final_records(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
     """Each request's record that counts, by (line, request digest): its last success, else its last error."""
     final: dict[tuple[int, str], dict[str, Any]] = {}
     for record in read_records(path):
@@ -163,7 +163,7 @@ def merge_results(
     original_file = open(temporary["original"], "wb") if "original" in temporary else None  # noqa: SIM115
     try:
         for shard, results_path in zip(shards, shard_results, strict=True):
-            records = _final_records(Path(results_path))
+            records = final_records(Path(results_path))
             rows = []
             for item in iter_requests(requests_path, shard.start, shard.end, shard.first_line):
                 record = records.get((item.line, item.digest)) or _missing(item.line, item.custom_id, item.metadata)

@@ -8,7 +8,6 @@ are billed, at half price.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,17 +16,12 @@ import orjson
 
 from .errors import APIError, invalid
 from .prompt import parse_request
+from .ratelimit import rfc3339
 from .service import EmulatedAnthropic, body_digest, new_id
 
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-
-
-def _rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -63,10 +57,12 @@ class Batch:
             "type": "message_batch",
             "processing_status": self.status,
             "request_counts": {"processing": len(self.items) - sum(self.counts.values()), **self.counts},
-            "created_at": _rfc3339(self.created_at),
-            "expires_at": _rfc3339(self.created_at + 24 * 3600),
-            "ended_at": _rfc3339(self.ended_at),
-            "cancel_initiated_at": _rfc3339(self.cancel_initiated_at),
+            "created_at": rfc3339(self.created_at),
+            "expires_at": rfc3339(self.created_at + 24 * 3600),
+            "ended_at": rfc3339(self.ended_at) if self.ended_at is not None else None,
+            "cancel_initiated_at": (
+                rfc3339(self.cancel_initiated_at) if self.cancel_initiated_at is not None else None
+            ),
             "archived_at": None,
             "results_url": f"{self.base_url}/v1/messages/batches/{self.id}/results" if ended else None,
         }

@@ -52,7 +52,7 @@ class ClassBuckets:
             remaining = max(0, math.floor(bucket.level))
             if rounding > 1:
                 remaining -= remaining % rounding
-            reset = _rfc3339(wall + bucket.seconds_to_full(now))
+            reset = rfc3339(wall + bucket.seconds_to_full(now))
             out[f"anthropic-ratelimit-{stem}-limit"] = str(int(bucket.per_minute))
             out[f"anthropic-ratelimit-{stem}-remaining"] = str(remaining)
             out[f"anthropic-ratelimit-{stem}-reset"] = reset
@@ -65,5 +65,5 @@ class ClassBuckets:
         return out
 
 
-def _rfc3339(timestamp: float) -> str:
+def rfc3339(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -108,9 +108,7 @@ class InputTokenEstimator:
         """cl100k tokens of a run of content blocks (a cached prefix)."""
         total = 0
         for block in blocks:
-            if isinstance(block, dict) and block.get("type") == "text":
-                total += self._count_text(str(block.get("text", "")))
-            elif isinstance(block, dict) and "name" in block and "type" not in block:  # a tool definition
+            if isinstance(block, dict) and "name" in block and "type" not in block:  # a tool definition
                 total += self._count_text(orjson.dumps(block).decode())
             else:
                 total += sum(self._count_text(t) for t in _content_texts([block]))

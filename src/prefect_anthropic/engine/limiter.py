@@ -138,19 +138,19 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         now = clock()
-        self.requests = self._bucket(limits.requests_per_minute, now, unit=1.0)
+        self.requests = self._bucket(limits.requests_per_minute, now)
         self.input = self._bucket(limits.input_tokens_per_minute, now)
         self.output = self._bucket(limits.output_tokens_per_minute, now)
         self.paused_until = 0.0
         self._lock = asyncio.Lock()
 
-    def _capacity(self, per_minute: float, unit: float) -> float:
-        return max(unit, per_minute * self.burst_seconds / 60.0)
+    def _capacity(self, per_minute: float) -> float:
+        return max(1.0, per_minute * self.burst_seconds / 60.0)
 
-    def _bucket(self, per_minute: float | None, now: float, unit: float = 1.0) -> TokenBucket | None:
+    def _bucket(self, per_minute: float | None, now: float) -> TokenBucket | None:
         if per_minute is None:
             return None
-        return TokenBucket(per_minute, self._capacity(per_minute, unit), now)
+        return TokenBucket(per_minute, self._capacity(per_minute), now)
 
     @property
     def limits(self) -> RateLimits:
@@ -231,14 +231,13 @@ class RateLimiter:
             if server_limit <= 0:
                 continue
             bucket: TokenBucket | None = getattr(self, attr)
-            unit = 1.0 if stem == "requests" else 0.0
             if bucket is None:
                 if not self.adopt_server_limits:
                     continue
-                bucket = TokenBucket(server_limit, self._capacity(server_limit, max(unit, 1.0)), now, level=0.0)
+                bucket = TokenBucket(server_limit, self._capacity(server_limit), now, level=0.0)
                 setattr(self, attr, bucket)
             elif server_limit < bucket.per_minute or (self.adopt_server_limits and server_limit != bucket.per_minute):
-                bucket.set_rate(server_limit, self._capacity(server_limit, max(unit, 1.0)), now)
+                bucket.set_rate(server_limit, self._capacity(server_limit), now)
             if math.isnan(remaining):
                 continue
             # The server's remaining count is the truth, but token counts come rounded down to the

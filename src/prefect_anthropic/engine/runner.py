@@ -16,7 +16,7 @@ from .errors import FatalAPIError, RunStopped
 from .records import RequestItem, ResultRecord
 from .results_file import LineSet, ResultsWriter
 
-__all__ = ["Progress", "RunStopped", "run_requests"]
+__all__ = ["Progress", "RunStopped", "done_before", "run_requests"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ async def _aiter(items: Iterable[RequestItem] | AsyncIterable[RequestItem]):
             yield item
 
 
-def _done_before(done: LineSet | Mapping[int, str], item: RequestItem) -> bool:
+def done_before(done: LineSet | Mapping[int, str], item: RequestItem) -> bool:
+    """Whether `item` already succeeded: same line and, where both are known, the same request digest."""
     if isinstance(done, Mapping):
         digest = done.get(item.line)
         return digest is not None and (digest == item.digest or not digest or not item.digest)
@@ -139,7 +140,7 @@ async def run_requests(
     stopped = False
     try:
         async for item in _aiter(items):
-            if already_succeeded is not None and _done_before(already_succeeded, item):
+            if already_succeeded is not None and done_before(already_succeeded, item):
                 progress.skipped += 1
                 continue
             await window.acquire()
