@@ -244,7 +244,7 @@ def _demo(args: argparse.Namespace) -> int:
         seed=7,
     ) as emulator:
         print(f"Emulator on {emulator.base_url}: 1,200 requests/min, 2% overloaded errors.", file=sys.stderr)
-        os.environ.setdefault(API_KEY_ENV, "sk-ant-demo-key-for-the-emulator")
+        os.environ.setdefault(API_KEY_ENV, "sk-ant-fake-demo-key-for-the-emulator")
         settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200, max_concurrency=20)
         code = run_flow(str(requests), str(output_dir), settings, shard_size=50)
         stats = emulator.stats()
