@@ -1,14 +1,18 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+ with pip):
 #   make demo   - install into .venv, start the built-in emulator, run the main job on the example file
-#   make test   - install into .venv (with test extras) and run the test suite
+#   make test   - install into .venv (with test extras; the newest Prefect 3 the registry serves), run ruff,
+#                 mypy and the whole test suite
+# `make test-prefect-floor` runs the fast tests again on the oldest Prefect we support (3.8.8).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
+FLOOR_VENV ?= .venv-prefect-floor
+FLOOR_BIN = $(FLOOR_VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -18,6 +22,17 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-.PHONY: install demo test
+# Prefect 3.8.8's local server breaks with fastapi>=0.151: a pin only this old line needs.
+$(FLOOR_BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_BIN)/python -m pip install --quiet --upgrade pip
+	$(FLOOR_BIN)/python -m pip install --quiet -e ".[test]" "prefect==3.8.8" "fastapi<0.151"
+	touch $@
+
+test-prefect-floor: $(FLOOR_BIN)/.installed
+	$(FLOOR_BIN)/python -m pytest -m "not slow"
+
+.PHONY: install demo test test-prefect-floor

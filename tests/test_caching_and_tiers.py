@@ -89,7 +89,7 @@ async def test_an_expired_prefix_is_warmed_again(emulator):
 
 async def test_warnings_short_prefix_too_many_breakpoints_and_no_reads(emulator):
     async with AnthropicClient("k", base_url=emulator.base_url, warm_cache=True) as client:
-        await run_requests(client, items_for(2, 3, words=60))  # ~100 tokens: far below 2,048
+        await run_requests(client, items_for(2, 3, words=60))  # ~100 tokens: far below 1,024
         assert client.stats.prewarm_requests == 0
         assert any("shorter than the model's minimum cacheable length" in w for w in client.warnings)
 
@@ -99,7 +99,7 @@ async def test_warnings_short_prefix_too_many_breakpoints_and_no_reads(emulator)
         assert all(r.error_type == "invalid_request_error" for r in records)
 
         # Long in cl100k tokens (so it is warmed) but short in the server's count: it never caches.
-        odd = " ".join(["aaaaaa"] * 1500)
+        odd = " ".join(["aaaaaa"] * 900)
         body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "q"}],
                 "system": [{"type": "text", "text": odd, "cache_control": {"type": "ephemeral"}}]}  # fmt: skip
         await run_requests(client, [RequestItem(line=20 + i, custom_id=str(i), body=body) for i in range(4)])
@@ -125,13 +125,13 @@ async def test_auto_cache_marks_a_shared_long_system_prompt(emulator):
 
 
 def test_tier_presets_and_overrides():
-    assert limits_for_tier("1")("sonnet") == RateLimits(50, 30_000, 8_000)
-    assert limits_for_tier("tier 4")("haiku") == RateLimits(4_000, 4_000_000, 800_000)
-    assert limits_for_tier("build")("opus") == RateLimits(5_000, 5_000_000, 1_000_000)
-    assert limits_for_tier("2", requests_per_minute=10)("sonnet") == RateLimits(10, 450_000, 90_000)
-    assert limits_for_tier(None)("sonnet") == RateLimits()
-    assert limits_for_tier(None, output_tokens_per_minute=5)("sonnet") == RateLimits(None, None, 5)
-    assert limits_for_tier("3", share=0.25)("sonnet") == RateLimits(500, 200_000, 40_000)
+    assert limits_for_tier("1")("sonnet-4") == RateLimits(50, 30_000, 8_000)
+    assert limits_for_tier("tier 4")("haiku-4-5") == RateLimits(4_000, 4_000_000, 800_000)
+    assert limits_for_tier("build")("opus-4") == RateLimits(5_000, 5_000_000, 1_000_000)
+    assert limits_for_tier("2", requests_per_minute=10)("sonnet-4") == RateLimits(10, 450_000, 90_000)
+    assert limits_for_tier(None)("sonnet-4") == RateLimits()
+    assert limits_for_tier(None, output_tokens_per_minute=5)("sonnet-4") == RateLimits(None, None, 5)
+    assert limits_for_tier("3", share=0.25)("sonnet-4") == RateLimits(500, 200_000, 40_000)
     with pytest.raises(ValueError, match="unknown tier"):
         limits_for_tier("platinum")
 
@@ -141,7 +141,7 @@ async def test_tier_auto_adopts_the_servers_limits(start_emulator):
     client = ClientSettings(base_url=emu.base_url, tier="auto").build_client("k")
     async with client:
         await run_requests(client, items_for(4, 3, words=30))
-        limits = client.limits_in_force()["sonnet"]
+        limits = client.limits_in_force()["sonnet-4"]
     assert limits.requests_per_minute == 3000 and limits.input_tokens_per_minute == 900_000
     assert limits.output_tokens_per_minute == 8_000  # not reported by this server: Tier 1's stays
 
@@ -149,7 +149,7 @@ async def test_tier_auto_adopts_the_servers_limits(start_emulator):
     half = ClientSettings(base_url=emu.base_url, tier="auto", limit_share=0.5).build_client("k")
     async with half:
         await run_requests(half, items_for(4, 2, words=30))
-    assert half.limits_in_force()["sonnet"].requests_per_minute == 1500
+    assert half.limits_in_force()["sonnet-4"].requests_per_minute == 1500
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -79,7 +79,7 @@ def test_deployment_runs_on_a_process_worker(emulator, tmp_path):
         frame = pd.read_parquet(tmp_path / "data" / "dataset" / "results.parquet")
         assert len(frame) == 15 and (frame["status"] == "succeeded").all()
         summary = json.loads((tmp_path / "data" / "dataset" / "summary.json").read_text())
-        assert summary["limits"]["sonnet"]["requests_per_minute"] == 6000
+        assert summary["limits"]["sonnet-4"]["requests_per_minute"] == 6000
         runs = httpx.post(f"http://127.0.0.1:{port}/api/flow_runs/filter", json={}, timeout=10).json()
         assert runs and all("sk-ant-deploy-secret" not in json.dumps(run["parameters"]) for run in runs)
         deployment = httpx.get(

@@ -163,7 +163,7 @@ async def test_configured_limits_above_the_servers_are_lowered_by_its_headers(st
     progress, _, client = await run(emu, items(40), limits=RateLimits(requests_per_minute=1200), max_concurrency=20)
     elapsed = time.monotonic() - started
     assert progress.succeeded == 40
-    assert client.limits_in_force()["sonnet"].requests_per_minute == 600
+    assert client.limits_in_force()["sonnet-4"].requests_per_minute == 600
     assert client.stats.rate_limited <= 2  # no storm
     assert elapsed >= 3.0
 

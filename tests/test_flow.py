@@ -118,7 +118,7 @@ async def test_saved_blocks_drive_the_run_and_the_key_is_no_parameter(emulator, 
     )
     requests = write_requests(tmp_path / "requests.jsonl", 10)
     summary = await generate_dataset(str(requests), str(tmp_path / "out"), client_block="flow-test-client")
-    assert summary["succeeded"] == 10 and summary["limits"]["sonnet"]["requests_per_minute"] == 4000
+    assert summary["succeeded"] == 10 and summary["limits"]["sonnet-4"]["requests_per_minute"] == 4000
 
     from prefect.client.orchestration import get_client
 

@@ -22,6 +22,7 @@ from prefect.logging import get_run_logger
 from .blocks import resolve_api_key
 from .engine import ResultsWriter, RetryPolicy, RunStopped, succeeded_requests
 from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, plan_batches
+from .engine.preflight import Preflight
 from .engine.records import ResultRecord
 from .engine.runner import done_before
 from .inputs import Shard, iter_requests
@@ -90,16 +91,18 @@ async def submit_batches(
         logger.info("Shard %d: batches %s were submitted before; polling them, not submitting again.", shard.index, ids)
         return ids
     results_path = shard_results_path(work_dir, shard)
-    round_ = {"complete": False, "batches": []}
+    round_: dict[str, Any] = {"complete": False, "batches": []}
     state["rounds"].append(round_)
     async with await _batch_api(settings, client_block, credentials_block) as api:
         with ResultsWriter(results_path) as writer:
             valid = []
+            preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
             for item in _pending_items(requests_path, shard, results_path, set(retry_lines) if retry_lines else None):
-                if item.invalid is not None:
-                    writer.write(ResultRecord.for_invalid_line(item))
+                checked = ResultRecord.for_invalid_line(item) if item.invalid is not None else preflight(item)
+                if isinstance(checked, ResultRecord):
+                    writer.write(checked)
                 else:
-                    valid.append(item)
+                    valid.append(checked)
         for requests in plan_batches(valid):
             batch = await api.create(requests)
             round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
@@ -167,7 +170,7 @@ async def download_batch_results(
                 if batch["downloaded"]:
                     continue
                 async for line in api.results(batch["id"]):
-                    item = items.get(line.get("custom_id"))
+                    item = items.get(str(line.get("custom_id")))
                     if item is None:
                         continue
                     record = batch_result_record(item, line.get("result") or {})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr
 
 from .engine import AnthropicClient
 from .engine.client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL
@@ -11,8 +11,8 @@ from .settings import ClientSettings, api_key_from_env, shared_client
 
 __all__ = ["AnthropicClientConfig", "AnthropicCredentials"]
 
-_LOGO = "https://upload.wikimedia.org/wikipedia/commons/7/78/Anthropic_logo.svg"
-_DOCS = "https://github.com/prefect-anthropic/prefect-anthropic#configuration"
+_LOGO = HttpUrl("https://upload.wikimedia.org/wikipedia/commons/7/78/Anthropic_logo.svg")
+_DOCS = HttpUrl("https://github.com/prefect-anthropic/prefect-anthropic#configuration")
 
 
 class AnthropicCredentials(Block):
@@ -72,12 +72,23 @@ class AnthropicClientConfig(Block):
     max_concurrency: int = Field(default=50, description="Most requests in flight at once.")
     max_attempts: int = Field(default=5, description="Attempts per request, the first included.")
     timeout_s: float = Field(default=600.0, description="Timeout of one HTTP request, in seconds.")
+    anthropic_version: str | None = Field(
+        default=None, description="API version, overriding the credentials' (2023-06-01 or 2026-10-21)."
+    )
+    drop_unsupported_params: bool = Field(
+        default=False, description="Send lines without the sampling parameters their model or API version rejects."
+    )
+    models_file: str | None = Field(
+        default=None, description="A TOML file adding or overriding model table entries, readable by the workers."
+    )
 
     def settings(self) -> ClientSettings:
         """The configuration without the key: safe to pass as a parameter or log."""
         return ClientSettings(
             base_url=self.credentials.base_url,
-            anthropic_version=self.credentials.anthropic_version,
+            anthropic_version=self.anthropic_version or self.credentials.anthropic_version,
+            drop_unsupported_params=self.drop_unsupported_params,
+            models_file=self.models_file,
             tier=self.tier,
             requests_per_minute=self.requests_per_minute,
             input_tokens_per_minute=self.input_tokens_per_minute,
@@ -98,9 +109,9 @@ async def resolve_api_key(client_block: str | None = None, credentials_block: st
     Only names travel as parameters; the key itself is read here, where the client is built.
     """
     if client_block:
-        config = await AnthropicClientConfig.aload(client_block)
+        config: AnthropicClientConfig = await AnthropicClientConfig.aload(client_block)
         return config.credentials.api_key.get_secret_value()
     if credentials_block:
-        credentials = await AnthropicCredentials.aload(credentials_block)
+        credentials: AnthropicCredentials = await AnthropicCredentials.aload(credentials_block)
         return credentials.api_key.get_secret_value()
     return api_key_from_env()

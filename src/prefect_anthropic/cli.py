@@ -11,9 +11,11 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .emulator.config import EmulatorConfig
+from .models import MODELS_FILE_ENV
+from .request_rules import API_VERSION_2023, API_VERSION_2026, API_VERSIONS
 from .settings import API_KEY_ENV, BASE_URL_ENV
 
 EXIT_OK = 0
@@ -38,6 +40,18 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit-share", type=float, default=1.0,
         help="Share of the account's limits for this run (e.g. 0.25 on each of four machines; default 1).",
     )  # fmt: skip
+    group.add_argument(
+        "--anthropic-version", choices=API_VERSIONS, default=API_VERSION_2023,
+        help=f"API version (default {API_VERSION_2023}; {API_VERSION_2026} rejects sampling parameters).",
+    )  # fmt: skip
+    group.add_argument(
+        "--models-file", default=os.environ.get(MODELS_FILE_ENV),
+        help=f"TOML file adding or overriding model table entries (env {MODELS_FILE_ENV}).",
+    )  # fmt: skip
+    group.add_argument(
+        "--drop-unsupported-params", action="store_true",
+        help="Send lines without the sampling parameters their model or API version rejects (default: error rows).",
+    )  # fmt: skip
     group.add_argument("--max-concurrency", type=int, default=50, help="Most requests in flight (default 50).")
     group.add_argument("--max-attempts", type=int, default=5, help="Attempts per request (default 5).")
     group.add_argument("--timeout", type=float, default=600.0, help="Seconds per HTTP request (default 600).")
@@ -55,6 +69,9 @@ def _settings(args: argparse.Namespace):
         "limit_share": args.limit_share,
         "max_attempts": args.max_attempts,
         "timeout_s": args.timeout,
+        "anthropic_version": args.anthropic_version,
+        "drop_unsupported_params": args.drop_unsupported_params,
+        "models_file": args.models_file,
     }
     if args.base_url:
         values["base_url"] = args.base_url
@@ -110,8 +127,8 @@ def run_flow(
     parquet_beside_original: bool = False,
     shard_retries: int = 3,
     shard_retry_delay_s: float = 10.0,
-    mode: str = "realtime",
-    batch_retry: str = "none",
+    mode: Literal["realtime", "batch"] = "realtime",
+    batch_retry: Literal["none", "batch", "realtime"] = "none",
     batch_poll_interval_s: float = 30.0,
     show_progress: bool = True,
 ) -> int:
@@ -204,7 +221,11 @@ def _cancel_batches(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     from .estimate import estimate_file, format_estimate
 
-    result = estimate_file(args.requests, _settings(args))
+    try:
+        result = estimate_file(args.requests, _settings(args))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_STOPPED
     if args.json:
         print(json.dumps(result, indent=2))
     else:

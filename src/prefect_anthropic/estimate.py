@@ -9,21 +9,24 @@ from typing import Any
 
 from .corrections import load_token_corrections
 from .engine.caching import cached_prefix
-from .engine.client import rate_limit_class
 from .engine.estimator import InputTokenEstimator
+from .engine.preflight import Preflight
 from .inputs import iter_requests
-from .models import Usage, cost_usd, lookup_model
+from .models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
 from .settings import ClientSettings
-from .tiers import limits_for_tier
 
 __all__ = ["estimate_file", "format_estimate"]
 
 
 def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None = None) -> dict[str, Any]:
     settings = settings or ClientSettings()
+    if settings.models_file:
+        use_models_file(settings.models_file)
+    preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
     corrections = load_token_corrections()
     estimator = InputTokenEstimator(initial_ratios=corrections)
     per_model: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    limit_classes: dict[str, str] = {}
     invalid: list[dict[str, Any]] = []
     prefixes_seen: set[str] = set()
     if not os.path.isfile(path):
@@ -32,12 +35,15 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
         if item.invalid is not None:
             invalid.append({"line": item.line, "error": item.invalid})
             continue
+        problem = preflight.problem(item)
+        if problem is not None:
+            invalid.append({"line": item.line, "error": f"line {item.line}: {problem}"})
+            continue
         model = item.model
         info = lookup_model(model)
-        if info is None or info.is_retired():
-            invalid.append({"line": item.line, "error": f"line {item.line}: unknown or retired model {model!r}"})
-            continue
-        stats = per_model[info.id]
+        name = info.id if info is not None else model
+        limit_classes[name] = request_limit_class(model, item.body.get("speed"))
+        stats = per_model[name]
         stats["requests"] += 1
         total = estimator.estimate(item.body)
         stats["input_tokens"] += total
@@ -45,20 +51,16 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
         prefix = cached_prefix(item.body)
         if prefix is not None:
             cached = min(total, int(estimator.count_blocks_cl100k(prefix.blocks) * estimator.ratio(model)))
-            if cached >= info.min_cacheable_tokens:
+            if info is not None and cached >= (info.min_cacheable_tokens or 0):
                 # One write per distinct prefix (with warm-up), reads for every other request sharing it.
                 kind = "cache_read_tokens" if prefix.key in prefixes_seen else "cache_write_tokens"
                 prefixes_seen.add(prefix.key)
                 stats[kind] += cached
                 stats["uncached_input_tokens"] -= cached
         stats["uncached_input_tokens"] += total
-    limits_for = limits_for_tier(
-        settings.tier,
-        requests_per_minute=settings.requests_per_minute,
-        input_tokens_per_minute=settings.input_tokens_per_minute,
-        output_tokens_per_minute=settings.output_tokens_per_minute,
-    )
+    limits_for = settings.limits()
     models = {}
+    warnings: list[str] = []
     by_class: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for model, stats in sorted(per_model.items()):
         input_only = Usage(
@@ -67,18 +69,24 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
             cache_read_input_tokens=int(stats["cache_read_tokens"]),
         )
         worst = dataclasses.replace(input_only, output_tokens=int(stats["max_output_tokens"]))
+        why = unpriced_reason(model, input_only)
+        if why is not None:
+            warnings.append(
+                f"No price for {model}: {why}. Its {int(stats['requests']):,} requests are left out of the cost; "
+                "add its prices with --models-file."
+            )
         models[model] = {
             "requests": int(stats["requests"]),
             "estimated_input_tokens": int(stats["input_tokens"]),
             "worst_case_output_tokens": int(stats["max_output_tokens"]),
             "estimated_cache_write_tokens": int(stats["cache_write_tokens"]),
             "estimated_cache_read_tokens": int(stats["cache_read_tokens"]),
-            "cost_usd_min": round(cost_usd(model, input_only), 6),
-            "cost_usd_max": round(cost_usd(model, worst), 6),
-            "batch_cost_usd_min": round(cost_usd(model, input_only, batch=True), 6),
-            "batch_cost_usd_max": round(cost_usd(model, worst, batch=True), 6),
+            "cost_usd_min": _rounded(cost_usd(model, input_only)),
+            "cost_usd_max": _rounded(cost_usd(model, worst)),
+            "batch_cost_usd_min": _rounded(cost_usd(model, input_only, batch=True)),
+            "batch_cost_usd_max": _rounded(cost_usd(model, worst, batch=True)),
         }
-        totals = by_class[rate_limit_class(model)]
+        totals = by_class[limit_classes[model]]
         totals["requests"] += stats["requests"]
         # Cache reads do not count toward input tokens/min.
         totals["input_tokens"] += stats["uncached_input_tokens"] + stats["cache_write_tokens"]
@@ -101,14 +109,31 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
         "invalid_lines": invalid,
         "estimated_input_tokens": sum(m["estimated_input_tokens"] for m in models.values()),
         "worst_case_output_tokens": sum(m["worst_case_output_tokens"] for m in models.values()),
-        "cost_usd_min": round(sum(m["cost_usd_min"] for m in models.values()), 6),
-        "cost_usd_max": round(sum(m["cost_usd_max"] for m in models.values()), 6),
+        **{key: _total(models, key) for key in _COST_KEYS},
+        "unpriced_models": [model for model, m in models.items() if m["cost_usd_min"] is None],
+        "warnings": warnings,
         "models": models,
         "limits": {cls: limits_for(cls).as_dict() for cls in by_class},
         "token_corrections_used": {model: corrections[model] for model in models if model in corrections},
         "shortest_duration_s": round(shortest, 1),
         "duration_if_every_reply_hits_max_tokens_s": round(worst_case, 1),
     }
+
+
+_COST_KEYS = ("cost_usd_min", "cost_usd_max", "batch_cost_usd_min", "batch_cost_usd_max")
+
+
+def _rounded(cost: float | None) -> float | None:
+    return None if cost is None else round(cost, 6)
+
+
+def _total(models: dict[str, dict[str, Any]], key: str) -> float:
+    """The sum over the models that have a price (unpriced ones are listed apart, never counted as $0)."""
+    return round(sum(m[key] for m in models.values() if m[key] is not None), 6)
+
+
+def _money(cost: float | None) -> str:
+    return "price unknown" if cost is None else f"${cost:,.4f}"
 
 
 def format_estimate(result: dict[str, Any]) -> str:
@@ -118,14 +143,20 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"worst-case output tokens: {result['worst_case_output_tokens']:,} (every reply at max_tokens)",
         f"cost:                     ${result['cost_usd_min']:,.4f} - ${result['cost_usd_max']:,.4f}",
     ]
+    if result["unpriced_models"]:
+        lines[-1] += f" (without {', '.join(result['unpriced_models'])}: price unknown)"
     for model, m in result["models"].items():
+        if m["cost_usd_min"] is None:
+            lines.append(f"  {model}: {m['requests']:,} requests, price unknown (add it with --models-file)")
+            continue
         lines.append(
-            f"  {model}: {m['requests']:,} requests, ${m['cost_usd_min']:,.4f} - ${m['cost_usd_max']:,.4f} "
-            f"(batch mode ${m['batch_cost_usd_min']:,.4f} - ${m['batch_cost_usd_max']:,.4f})"
+            f"  {model}: {m['requests']:,} requests, {_money(m['cost_usd_min'])} - {_money(m['cost_usd_max'])} "
+            f"(batch mode {_money(m['batch_cost_usd_min'])} - {_money(m['batch_cost_usd_max'])})"
         )
     lines.append(f"shortest duration:        {result['shortest_duration_s']:,.1f} s at the chosen limits")
     lines.append(f"if replies hit max_tokens: {result['duration_if_every_reply_hits_max_tokens_s']:,.1f} s")
+    lines += [f"warning: {warning}" for warning in result["warnings"]]
     if result["invalid_lines"]:
-        lines.append(f"invalid lines ({len(result['invalid_lines'])}):")
+        lines.append(f"lines the API would reject, never sent ({len(result['invalid_lines'])}):")
         lines += [f"  {entry['error']}" for entry in result["invalid_lines"]]
     return "\n".join(lines)

@@ -81,7 +81,11 @@ def _summary(
         "saved_by_caching_usd": round(totals.cost_usd_without_cache - cost, 6),
         "cache_prewarm_requests": stats.prewarm_requests,
         "cache_prewarm_cost_usd": round(stats.prewarm_cost_usd, 6),
-        "warnings": client.warnings,
+        "warnings": client.warnings + totals.warnings(),
+        "unpriced_models": dict(totals.unpriced_rows),
+        "lines_rejected_before_sending": client.preflight.lines_rejected,
+        "lines_with_dropped_params": client.preflight.lines_with_dropped_params,
+        "ramp_limited_responses": stats.ramp_limited,
         "wall_time_s": round(wall_time_s, 3),
         "requests_sent_this_run": sent,
         "http_requests_this_run": stats.http_requests,
@@ -163,7 +167,8 @@ async def generate_dataset(
     logger = get_run_logger()
     started = time.monotonic()
     if client_block:
-        settings = (await AnthropicClientConfig.aload(client_block)).settings()
+        config: AnthropicClientConfig = await AnthropicClientConfig.aload(client_block)
+        settings = config.settings()
     settings = settings or ClientSettings()
     _check_paths(requests_path, output_dir)
     # Fail before planning anything when there is no key (the key itself stays out of every parameter).

@@ -1,144 +1,244 @@
-"""The model table: ids, aliases, retirement, minimum cacheable length, prices and rate-limit class.
+"""The model table: ids, aliases, retirement, limits of a request, prices and rate-limit class, as data.
 
-One table serves the client (cost, cache warnings, tier presets) and the emulator (404 for unknown or
-retired ids, caching rules, prices in its ledger), so the two can never disagree.
+The facts live in `models.toml` beside this file (one `[[model]]` entry per model, with its source and
+the date it was checked). A user adds or overrides entries with a file in the same format, named by
+`--models-file` or the environment variable PREFECT_ANTHROPIC_MODELS_FILE. The client, `estimate`, the
+tier presets and the emulator all read this one table, so they can never disagree.
 
-Sources: Anthropic's models overview, pricing and prompt-caching pages, and the rate-limits page (stored
-copies dated 2025 to Nov 2026, summarised in shared/ANTHROPIC_API_FACTS.md).
+A fact our sources do not give is left out of the table, never guessed: a model without prices is priced
+`None` (the rows say `cost_usd` null and the run warns), a model without a minimum cacheable length gets
+no "too short to cache" warning.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 __all__ = [
-    "MODELS",
+    "MODELS_FILE_ENV",
+    "REJECTABLE",
     "ModelInfo",
+    "ModelTable",
+    "ModelsFileError",
     "Prices",
     "UnknownModelError",
     "Usage",
     "cost_usd",
     "lookup_model",
+    "model_table",
+    "request_limit_class",
     "resolve_model",
+    "unpriced_reason",
+    "use_models_file",
 ]
+
+MODELS_FILE_ENV = "PREFECT_ANTHROPIC_MODELS_FILE"
+#: What a model may reject on any API version (the `rejects` field).
+REJECTABLE = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "prefill",
+        "manual_thinking",
+        "disabled_thinking",
+        "forced_tool_choice",
+        "inference_geo",
+    }
+)
+_PRICE_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+
+
+class ModelsFileError(ValueError):
+    """A models file that cannot be read or holds an entry the table cannot take."""
 
 
 @dataclass(frozen=True)
 class Prices:
-    """US dollars per million tokens."""
+    """US dollars per million tokens, with the modifiers that change them."""
 
     input: float
+    output: float
     cache_write_5m: float
     cache_write_1h: float
     cache_read: float
-    output: float
+    #: Above this many prompt tokens (input + cache writes + cache reads), `long_context` prices apply.
+    long_context_threshold: int | None = None
+    long_context: Prices | None = None
+    #: Multiplier of the whole request with `speed: "fast"`; None where it is not known.
+    fast: float | None = None
+    #: Multiplier with `inference_geo: "us"`; None where it is not known.
+    us_geo: float | None = None
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
-    aliases: tuple[str, ...]
-    #: Rate limits are shared per class: all Opus 4.x share one bucket, all Sonnet 4.x another.
-    rate_limit_class: str
-    min_cacheable_tokens: int
-    max_output_tokens: int
-    prices: Prices
+    aliases: tuple[str, ...] = ()
+    #: Models of one class share a rate-limit bucket (Opus 4.5-4.8 share one); None: a bucket of its own.
+    limit_class: str | None = None
+    max_output_tokens: int | None = None
+    min_cacheable_tokens: int | None = None
     retired_on: dt.date | None = None
+    rejects: frozenset[str] = frozenset()
+    #: "ga" or "preview" where `speed: "fast"` is accepted (preview needs a beta header); None: rejected.
+    fast_mode: str | None = None
     #: Older models count cache reads toward input tokens/min; current ones do not.
     cache_reads_count_toward_itpm: bool = False
+    prices: Prices | None = None
+    source: str = ""
+    checked: dt.date | None = None
+
+    @property
+    def rate_limit_class(self) -> str:
+        return self.limit_class or self.id
 
     def is_retired(self, today: dt.date | None = None) -> bool:
         return self.retired_on is not None and (today or dt.date.today()) >= self.retired_on
-
-
-_OPUS_4 = Prices(15.0, 18.75, 30.0, 1.50, 75.0)
-_OPUS_45 = Prices(5.0, 6.25, 10.0, 0.50, 25.0)
-_SONNET = Prices(3.0, 3.75, 6.0, 0.30, 15.0)
-_HAIKU_45 = Prices(1.0, 1.25, 2.0, 0.10, 5.0)
-_HAIKU_35 = Prices(0.80, 1.0, 1.60, 0.08, 4.0)
-_HAIKU_3 = Prices(0.25, 0.30, 0.50, 0.03, 1.25)
-
-# Retirement dates as the official SDK (anthropic 2.12, DEPRECATED_MODELS) and the deprecations page give them.
-MODELS: tuple[ModelInfo, ...] = (
-    ModelInfo("claude-opus-4-7", (), "opus", 4096, 128_000, _OPUS_45),
-    ModelInfo("claude-opus-4-6", (), "opus", 4096, 128_000, _OPUS_45),
-    ModelInfo("claude-opus-4-5-20251101", ("claude-opus-4-5",), "opus", 4096, 64_000, _OPUS_45),
-    ModelInfo("claude-opus-4-1-20250805", ("claude-opus-4-1",), "opus", 1024, 32_000, _OPUS_4),
-    ModelInfo(
-        "claude-opus-4-20250514", ("claude-opus-4-0",), "opus", 1024, 32_000, _OPUS_4, retired_on=dt.date(2026, 6, 15)
-    ),
-    ModelInfo("claude-sonnet-4-6", (), "sonnet", 2048, 64_000, _SONNET),
-    ModelInfo(
-        "claude-sonnet-4-5-20250929",
-        ("claude-sonnet-4-5",),
-        "sonnet",
-        1024,
-        64_000,
-        _SONNET,
-        retired_on=dt.date(2026, 11, 30),
-    ),
-    ModelInfo(
-        "claude-sonnet-4-20250514",
-        ("claude-sonnet-4-0",),
-        "sonnet",
-        1024,
-        64_000,
-        _SONNET,
-        retired_on=dt.date(2026, 6, 15),
-    ),
-    ModelInfo(
-        "claude-3-7-sonnet-20250219",
-        ("claude-3-7-sonnet-latest",),
-        "sonnet",
-        1024,
-        64_000,
-        _SONNET,
-        retired_on=dt.date(2026, 2, 19),
-    ),
-    ModelInfo("claude-haiku-4-5-20251001", ("claude-haiku-4-5",), "haiku", 4096, 64_000, _HAIKU_45),
-    ModelInfo(
-        "claude-3-5-haiku-20241022",
-        ("claude-3-5-haiku-latest",),
-        "haiku-3",
-        2048,
-        8_192,
-        _HAIKU_35,
-        retired_on=dt.date(2026, 2, 19),
-        cache_reads_count_toward_itpm=True,
-    ),
-    ModelInfo(
-        "claude-3-haiku-20240307",
-        (),
-        "haiku-3",
-        2048,
-        4_096,
-        _HAIKU_3,
-        cache_reads_count_toward_itpm=True,
-    ),
-    ModelInfo(
-        "claude-3-5-sonnet-20240620",
-        (),
-        "sonnet-3",
-        1024,
-        8_192,
-        _SONNET,
-        retired_on=dt.date(2025, 10, 22),
-        cache_reads_count_toward_itpm=True,
-    ),
-)
-
-_BY_NAME: Mapping[str, ModelInfo] = {name: model for model in MODELS for name in (model.id, *model.aliases)}
 
 
 class UnknownModelError(LookupError):
     pass
 
 
+def _prices(table: Mapping[str, Any], where: str) -> Prices:
+    missing = [kind for kind in _PRICE_KINDS if kind not in table]
+    if missing:
+        raise ModelsFileError(f"{where}: prices lack {', '.join(missing)} (leave the whole table out if unknown)")
+    long_context = None
+    threshold = table.get("long_context_threshold")
+    if threshold is not None:
+        long_kinds = {kind: table.get(f"long_context_{kind}") for kind in _PRICE_KINDS}
+        if any(value is None for value in long_kinds.values()):
+            raise ModelsFileError(f"{where}: long_context_threshold needs long_context_{{{','.join(_PRICE_KINDS)}}}")
+        long_context = Prices(**{k: float(v) for k, v in long_kinds.items()})  # type: ignore[arg-type]
+    return Prices(
+        **{kind: float(table[kind]) for kind in _PRICE_KINDS},
+        long_context_threshold=int(threshold) if threshold is not None else None,
+        long_context=long_context,
+        fast=float(table["fast"]) if "fast" in table else None,
+        us_geo=float(table["us_geo"]) if "us_geo" in table else None,
+    )
+
+
+def _model(entry: Mapping[str, Any], where: str, base: ModelInfo | None = None) -> ModelInfo:
+    """A table entry as a ModelInfo; with `base`, the entry overrides base's fields one by one."""
+    known = {f.name for f in fields(ModelInfo)}
+    unknown = set(entry) - known
+    if unknown:
+        raise ModelsFileError(f"{where}: unknown field {sorted(unknown)[0]!r}; fields are {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    for name, value in entry.items():
+        if name == "aliases":
+            value = tuple(str(alias) for alias in value)
+        elif name == "rejects":
+            bad = set(value) - REJECTABLE
+            if bad:
+                raise ModelsFileError(
+                    f"{where}: rejects {sorted(bad)[0]!r} is not one of {', '.join(sorted(REJECTABLE))}"
+                )
+            value = frozenset(value)
+        elif name == "prices":
+            value = _prices(value, where)
+        elif name in ("retired_on", "checked") and isinstance(value, str):
+            value = dt.date.fromisoformat(value)
+        elif name == "fast_mode" and value not in ("ga", "preview"):
+            raise ModelsFileError(f"{where}: fast_mode must be 'ga' or 'preview'")
+        values[name] = value
+    if base is not None:
+        return replace(base, **values)
+    if "id" not in values:
+        raise ModelsFileError(f"{where}: every [[model]] needs an id")
+    return ModelInfo(**values)
+
+
+@dataclass(frozen=True)
+class ModelTable:
+    models: tuple[ModelInfo, ...]
+    sources: tuple[str, ...] = ()
+    _by_name: dict[str, ModelInfo] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for model in self.models:
+            for name in (model.id, *model.aliases):
+                self._by_name[name] = model
+
+    def lookup(self, name: str) -> ModelInfo | None:
+        return self._by_name.get(name)
+
+    def extended(self, path: str | os.PathLike[str]) -> ModelTable:
+        """This table with the entries of the file at `path` added, or overriding those with the same id."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ModelsFileError(f"cannot read models file {path}: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ModelsFileError(f"models file {path} is not valid TOML: {exc}") from exc
+        by_id = {model.id: model for model in self.models}
+        for i, entry in enumerate(data.get("model", [])):
+            where = f"{path}: model #{i + 1} ({entry.get('id', '?')})"
+            base = by_id.get(entry.get("id", "")) or self.lookup(entry.get("id", ""))
+            model = _model(entry, where, base)
+            by_id.pop(base.id if base is not None else "", None)
+            by_id[model.id] = model
+        return ModelTable(tuple(by_id.values()), (*self.sources, str(path)))
+
+
+@lru_cache(maxsize=1)
+def _shipped_table() -> ModelTable:
+    text = resources.files(__package__).joinpath("models.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    models = tuple(_model(entry, f"models.toml: model #{i + 1}") for i, entry in enumerate(data["model"]))
+    return ModelTable(models, ("models.toml",))
+
+
+@lru_cache(maxsize=8)
+def _table_with(path: str, mtime: float) -> ModelTable:
+    return _shipped_table().extended(path)
+
+
+_override_path: str | None = None
+
+
+def use_models_file(path: str | os.PathLike[str] | None) -> None:
+    """Extend the table with a models file for this process (None: only the environment's, if any).
+    The environment variable is set too, so processes started from here (an emulator, a worker's flow
+    run) read the same table."""
+    global _override_path
+    _override_path = str(path) if path else None
+    if path:
+        os.environ[MODELS_FILE_ENV] = str(path)
+        model_table()  # fail now, naming the file, rather than at the first request
+
+
+def model_table() -> ModelTable:
+    """The shipped table, extended by the models file in use (re-read when that file changes)."""
+    path = _override_path or os.environ.get(MODELS_FILE_ENV)
+    if not path:
+        return _shipped_table()
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError as exc:
+        raise ModelsFileError(f"models file not found: {path} ({MODELS_FILE_ENV} or --models-file)") from exc
+    return _table_with(path, mtime)
+
+
 def lookup_model(name: str) -> ModelInfo | None:
     """The model an id or alias names, retired or not; None when the name is unknown."""
-    return _BY_NAME.get(name)
+    return model_table().lookup(name)
 
 
 def resolve_model(name: str) -> ModelInfo:
@@ -146,6 +246,13 @@ def resolve_model(name: str) -> ModelInfo:
     if model is None:
         raise UnknownModelError(f"unknown model {name!r}")
     return model
+
+
+def request_limit_class(model: str, speed: Any = None) -> str:
+    """The rate-limit bucket a request draws from: its model's class; fast mode has buckets of its own."""
+    info = lookup_model(model)
+    base = info.rate_limit_class if info is not None else model
+    return f"{base}:fast" if speed == "fast" else base
 
 
 @dataclass(frozen=True)
@@ -156,18 +263,27 @@ class Usage:
     cache_read_input_tokens: int = 0
     #: Part of cache_creation_input_tokens written with the 1 hour TTL (priced higher than 5 minute writes).
     cache_creation_1h_input_tokens: int = 0
+    #: Part of output_tokens spent thinking (already inside output_tokens, which is what is billed).
+    thinking_tokens: int = 0
+    service_tier: str | None = None
+    speed: str | None = None
+    inference_geo: str | None = None
 
     @classmethod
-    def from_api(cls, usage: Mapping[str, object] | None) -> Usage:
+    def from_api(cls, usage: Mapping[str, Any] | None) -> Usage:
         usage = usage or {}
         creation = usage.get("cache_creation") or {}
-        assert isinstance(creation, Mapping)
+        details = usage.get("output_tokens_details") or {}
         return cls(
-            input_tokens=int(usage.get("input_tokens") or 0),  # type: ignore[arg-type]
-            output_tokens=int(usage.get("output_tokens") or 0),  # type: ignore[arg-type]
-            cache_creation_input_tokens=int(usage.get("cache_creation_input_tokens") or 0),  # type: ignore[arg-type]
-            cache_read_input_tokens=int(usage.get("cache_read_input_tokens") or 0),  # type: ignore[arg-type]
-            cache_creation_1h_input_tokens=int(creation.get("ephemeral_1h_input_tokens") or 0),  # type: ignore[arg-type]
+            input_tokens=int(usage.get("input_tokens") or 0),
+            output_tokens=int(usage.get("output_tokens") or 0),
+            cache_creation_input_tokens=int(usage.get("cache_creation_input_tokens") or 0),
+            cache_read_input_tokens=int(usage.get("cache_read_input_tokens") or 0),
+            cache_creation_1h_input_tokens=int(creation.get("ephemeral_1h_input_tokens") or 0),
+            thinking_tokens=int(details.get("thinking_tokens") or 0),
+            service_tier=usage.get("service_tier"),
+            speed=usage.get("speed"),
+            inference_geo=usage.get("inference_geo"),
         )
 
     @property
@@ -175,16 +291,44 @@ class Usage:
         return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
 
-def cost_usd(model: str | ModelInfo | None, usage: Usage, *, batch: bool = False) -> float:
-    """What Anthropic charges for one response; 0.0 for a model missing from the table.
+def _info(model: str | ModelInfo | None) -> ModelInfo | None:
+    return model if isinstance(model, ModelInfo) else lookup_model(model or "")
 
-    Cache writes are priced by TTL (1.25x or 2x input), cache reads at 0.1x, and the batch discount of
-    50% stacks with both.
-    """
-    info = model if isinstance(model, ModelInfo) else lookup_model(model or "")
+
+def unpriced_reason(model: str | ModelInfo | None, usage: Usage) -> str | None:
+    """Why a response cannot be priced from the table (None when it can)."""
+    info = _info(model)
+    name = info.id if info is not None else (model if isinstance(model, str) else "") or "(no model)"
     if info is None:
+        return f"model {name!r} is not in the model table"
+    if info.prices is None:
+        return f"the model table has no prices for {name!r}"
+    if usage.speed == "fast" and info.prices.fast is None:
+        return f"the fast-mode price of {name!r} is not known"
+    if usage.inference_geo == "us" and info.prices.us_geo is None:
+        return f"the inference_geo 'us' price of {name!r} is not known"
+    return None
+
+
+def cost_usd(
+    model: str | ModelInfo | None, usage: Usage, *, batch: bool = False, refused_before_output: bool = False
+) -> float | None:
+    """What Anthropic charges for one response; None when the table cannot price it (see unpriced_reason).
+
+    Cache writes are priced by TTL, the long-context price applies over the model's threshold, fast mode
+    and US-only inference multiply the whole request, the batch discount of 50% stacks with all of them,
+    and a refusal before any output is free (from 2026-06-02).
+    """
+    if refused_before_output:
         return 0.0
+    info = _info(model)
+    if info is None or unpriced_reason(info, usage) is not None:
+        return None
+    assert info.prices is not None
     p = info.prices
+    threshold = p.long_context_threshold
+    if p.long_context is not None and threshold is not None and usage.total_input_tokens > threshold:
+        p = replace(p.long_context, fast=p.fast, us_geo=p.us_geo)
     write_1h = usage.cache_creation_1h_input_tokens
     write_5m = usage.cache_creation_input_tokens - write_1h
     dollars = (
@@ -194,4 +338,8 @@ def cost_usd(model: str | ModelInfo | None, usage: Usage, *, batch: bool = False
         + usage.cache_read_input_tokens * p.cache_read
         + usage.output_tokens * p.output
     ) / 1_000_000
+    if usage.speed == "fast" and p.fast is not None:
+        dollars *= p.fast
+    if usage.inference_geo == "us" and p.us_geo is not None:
+        dollars *= p.us_geo
     return dollars * 0.5 if batch else dollars

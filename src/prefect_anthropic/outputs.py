@@ -46,6 +46,11 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("http_status", pa.int32()),
         pa.field("request_id", pa.string()),
         pa.field("estimated_input_tokens", pa.int64()),
+        pa.field("thinking_tokens", pa.int64()),
+        pa.field("service_tier", pa.string()),
+        pa.field("speed", pa.string()),
+        pa.field("inference_geo", pa.string()),
+        pa.field("refusal_category", pa.string()),
         pa.field("metadata", pa.string()),  # JSON text: any shape, readable by every engine
     ]
 )
@@ -67,9 +72,15 @@ class DatasetTotals:
     cost_usd: float = 0.0
     #: What the same responses would have cost with every input token at the base input price.
     cost_usd_without_cache: float = 0.0
+    #: Answered rows the model table could not price (cost_usd null), by model: left out of the costs.
+    unpriced_rows: Counter[str] = field(default_factory=Counter)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows += 1
+        if row["status"] == "succeeded" and row["cost_usd"] is None:
+            self.unpriced_rows[row["model"] or "(no model)"] += 1
+        if row["status"] != "succeeded" and row["cost_usd"]:
+            self.cost_usd += row["cost_usd"]  # an errored answer that was paid for, such as a late refusal
         if row["status"] == "succeeded":
             self.succeeded += 1
             self.input_tokens += row["input_tokens"] or 0
@@ -83,7 +94,7 @@ class DatasetTotals:
                 + (row["cache_read_input_tokens"] or 0),
                 output_tokens=row["output_tokens"] or 0,
             )
-            self.cost_usd_without_cache += cost_usd(row["model"], uncached)
+            self.cost_usd_without_cache += cost_usd(row["model"], uncached) or 0.0
             if row["estimated_input_tokens"]:
                 self.estimated_input_tokens += row["estimated_input_tokens"]
                 self.real_input_tokens_of_estimated += (
@@ -94,6 +105,13 @@ class DatasetTotals:
         else:
             self.failed += 1
             self.errors_by_type[row["error_type"] or "unknown"] += 1
+
+    def warnings(self) -> list[str]:
+        return [
+            f"No price for {model}: its {rows:,} rows have cost_usd null and are left out of the cost. Add the "
+            "model's prices with --models-file (the format of prefect_anthropic/models.toml)."
+            for model, rows in sorted(self.unpriced_rows.items())
+        ]
 
 
 def final_records(path: Path) -> dict[tuple[int, str], dict[str, Any]]:

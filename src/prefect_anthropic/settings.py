@@ -15,7 +15,9 @@ from pydantic import BaseModel, Field, field_validator
 from .corrections import load_token_corrections
 from .engine import AnthropicClient, InputTokenEstimator, RetryPolicy
 from .engine.client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL
-from .tiers import limits_for_tier
+from .models import use_models_file
+from .request_rules import API_VERSIONS
+from .tiers import TierLimits, limits_for_tier
 
 __all__ = ["ClientSettings", "MissingAPIKeyError", "api_key_from_env", "shared_client"]
 
@@ -31,7 +33,10 @@ class ClientSettings(BaseModel):
     """How to reach the API and how fast to go. Every field has a safe default."""
 
     base_url: str = Field(default=DEFAULT_BASE_URL, description="API base URL (the emulator's, or a gateway's).")
-    anthropic_version: str = Field(default=DEFAULT_ANTHROPIC_VERSION, description="anthropic-version header.")
+    anthropic_version: str = Field(
+        default=DEFAULT_ANTHROPIC_VERSION,
+        description=f"API version (anthropic-version header): {' or '.join(API_VERSIONS)}.",
+    )
     tier: str | None = Field(default=None, description="Usage tier preset: 1-4, start, build, scale or auto.")
     requests_per_minute: float | None = Field(default=None, gt=0, description="Requests per minute.")
     input_tokens_per_minute: float | None = Field(default=None, gt=0, description="Input tokens per minute.")
@@ -52,6 +57,21 @@ class ClientSettings(BaseModel):
     auto_cache: bool = Field(
         default=False, description="Add a cache breakpoint to a long system prompt that several requests share."
     )
+    drop_unsupported_params: bool = Field(
+        default=False,
+        description="Send lines without the sampling parameters their model or the API version rejects "
+        "(otherwise such lines are error rows, never sent).",
+    )
+    models_file: str | None = Field(
+        default=None, description="A TOML file adding or overriding entries of the model table (prices, limits)."
+    )
+
+    @field_validator("anthropic_version")
+    @classmethod
+    def _known_version(cls, version: str) -> str:
+        if version not in API_VERSIONS:
+            raise ValueError(f"unknown API version {version!r}; choose one of {', '.join(API_VERSIONS)}")
+        return version
 
     @field_validator("tier")
     @classmethod
@@ -60,23 +80,30 @@ class ClientSettings(BaseModel):
             limits_for_tier(tier)  # raises on an unknown name
         return tier
 
+    def limits(self) -> TierLimits:
+        """The limits of each limit class under these settings."""
+        return limits_for_tier(
+            self.tier,
+            requests_per_minute=self.requests_per_minute,
+            input_tokens_per_minute=self.input_tokens_per_minute,
+            output_tokens_per_minute=self.output_tokens_per_minute,
+            share=self.limit_share,
+        )
+
     def build_client(self, api_key: str) -> AnthropicClient:
         if not api_key:
             raise MissingAPIKeyError(
                 f"No Anthropic API key: set {API_KEY_ENV}, pass --api-key, or name an AnthropicCredentials block."
             )
+        if self.models_file:
+            use_models_file(self.models_file)
+        limits = self.limits()
         return AnthropicClient(
             api_key,
             base_url=self.base_url,
             anthropic_version=self.anthropic_version,
-            limits=limits_for_tier(
-                self.tier,
-                requests_per_minute=self.requests_per_minute,
-                input_tokens_per_minute=self.input_tokens_per_minute,
-                output_tokens_per_minute=self.output_tokens_per_minute,
-                share=self.limit_share,
-            ),
-            adopt_server_limits=(self.tier or "").lower() == "auto",
+            limits=limits,
+            adopt_server_limits=limits.adopts_server_limits,
             server_limit_share=self.limit_share,
             max_concurrency=self.max_concurrency,
             retry=RetryPolicy(max_attempts=self.max_attempts),
@@ -84,6 +111,7 @@ class ClientSettings(BaseModel):
             include_request=self.include_request,
             warm_cache=self.use_caching,
             auto_cache=self.auto_cache,
+            drop_unsupported_params=self.drop_unsupported_params,
             input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
         )
 

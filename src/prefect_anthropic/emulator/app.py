@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from .batches import BatchStore
 from .config import EmulatorConfig
 from .errors import APIError
-from .service import EmulatedAnthropic, new_id
+from .service import Caller, EmulatedAnthropic, new_id
 
 
 class JSONResponse(Response):
@@ -60,10 +60,10 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         request_id = new_id("req")
         api.ledger.requests_total += 1
         try:
-            key = api.authenticate(request.headers)
+            caller = api.authenticate(request.headers)
             raw = await request.body()
             body = api.parse_json(raw)
-            completion = await api.create_message(key, raw, body)
+            completion = await api.create_message(caller, raw, body)
         except APIError as error:
             return error_response(error, request_id)
         headers = {"request-id": request_id, **completion.headers}
@@ -76,8 +76,8 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         request_id = new_id("req")
         api.ledger.requests_total += 1
         try:
-            api.authenticate(request.headers)
-            return ok(api.count_tokens(api.parse_json(await request.body())), request_id)
+            caller = api.authenticate(request.headers)
+            return ok(api.count_tokens(caller, api.parse_json(await request.body())), request_id)
         except APIError as error:
             return error_response(error, request_id)
 
@@ -85,18 +85,19 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         async def endpoint(request: Request) -> Response:
             request_id = new_id("req")
             try:
-                key = api.authenticate(request.headers)
-                return await handler(request, key, request_id)
+                caller = api.authenticate(request.headers)
+                return await handler(request, caller, request_id)
             except APIError as error:
                 return error_response(error, request_id)
 
         return endpoint
 
-    async def batch_collection(request: Request, key: str, request_id: str) -> Response:
+    async def batch_collection(request: Request, caller: Caller, request_id: str) -> Response:
+        key = caller.key
         if request.method == "POST":
             raw = await request.body()
             base_url = str(request.base_url).rstrip("/")
-            return ok(batches.create(key, api.parse_json(raw), len(raw), base_url), request_id)
+            return ok(batches.create(caller, api.parse_json(raw), len(raw), base_url), request_id)
         params = request.query_params
         try:
             limit = int(params.get("limit", "20"))
@@ -104,17 +105,18 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             raise APIError(400, "limit: Input should be a valid integer") from None
         return ok(batches.list(key, limit, params.get("after_id"), params.get("before_id")), request_id)
 
-    async def batch_item(request: Request, key: str, request_id: str) -> Response:
+    async def batch_item(request: Request, caller: Caller, request_id: str) -> Response:
+        key = caller.key
         batch_id = request.path_params["batch_id"]
         if request.method == "DELETE":
             return ok(batches.delete(key, batch_id), request_id)
         return ok(batches.retrieve(key, batch_id), request_id)
 
-    async def batch_cancel(request: Request, key: str, request_id: str) -> Response:
-        return ok(batches.cancel(key, request.path_params["batch_id"]), request_id)
+    async def batch_cancel(request: Request, caller: Caller, request_id: str) -> Response:
+        return ok(batches.cancel(caller.key, request.path_params["batch_id"]), request_id)
 
-    async def batch_results(request: Request, key: str, request_id: str) -> Response:
-        body = batches.results(key, request.path_params["batch_id"])
+    async def batch_results(request: Request, caller: Caller, request_id: str) -> Response:
+        body = batches.results(caller.key, request.path_params["batch_id"])
         api.ledger.responses_by_status[200] += 1
         return Response(body, media_type="application/binary", headers={"request-id": request_id})
 

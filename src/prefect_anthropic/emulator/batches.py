@@ -17,7 +17,7 @@ import orjson
 from .errors import APIError, invalid
 from .prompt import parse_request
 from .ratelimit import rfc3339
-from .service import EmulatedAnthropic, body_digest, new_id
+from .service import Caller, EmulatedAnthropic, body_digest, new_id
 
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1024 * 1024
@@ -39,6 +39,9 @@ class Batch:
     created_at: float
     items: list[_Item]
     base_url: str
+    #: Requests of a batch follow the rules of the API version it was created under.
+    api_version: str = "2023-06-01"
+    beta: str = ""
     cancel_initiated_at: float | None = None
     ended_at: float | None = None
     counts: dict[str, int] = field(default_factory=lambda: {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0})
@@ -76,7 +79,7 @@ class BatchStore:
     def reset(self) -> None:
         self._batches.clear()
 
-    def create(self, key: str, body: Any, raw_size: int, base_url: str) -> dict[str, Any]:
+    def create(self, caller: Caller, body: Any, raw_size: int, base_url: str) -> dict[str, Any]:
         if raw_size > MAX_BATCH_BYTES:
             raise APIError(413, f"Batch exceeds the maximum size of {MAX_BATCH_BYTES} bytes.")
         if not isinstance(body, dict) or "requests" not in body:
@@ -105,7 +108,7 @@ class BatchStore:
         delay = self.api.config.batch_delay_s
         n = len(requests)
         items = [_Item(r["custom_id"], r["params"], now + delay * (i + 1) / n) for i, r in enumerate(requests)]
-        batch = Batch(new_id("msgbatch"), key, now, items, base_url)
+        batch = Batch(new_id("msgbatch"), caller.key, now, items, base_url, caller.api_version, caller.beta)
         self._batches[batch.id] = batch
         return batch.as_dict()
 
@@ -144,14 +147,15 @@ class BatchStore:
                 raise invalid("stream: streaming is not supported in message batches")
             if params.get("max_tokens") == 0:
                 raise invalid("max_tokens: pre-warming with max_tokens=0 is not supported in message batches")
-            parsed = parse_request(params)
+            parsed = parse_request(params, api_version=batch.api_version, beta=batch.beta, models=api.models)
         except APIError as error:
             item.result = {"type": "errored", "error": error.envelope(new_id("req"))}
             batch.counts["errored"] += 1
             return
         now = api.now()
-        message, usage = api.generate(batch.key, parsed, now, ready_at=now)
-        api.ledger.bill(body_digest(orjson.dumps(params, option=orjson.OPT_SORT_KEYS)), parsed.model, usage, batch=True)
+        raw = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+        message, usage = api.generate(batch.key, parsed, now, ready_at=now, raw=raw, service_tier="batch")
+        api.ledger.bill(body_digest(raw), parsed.model, usage, batch=True)
         item.result = {"type": "succeeded", "message": message}
         batch.counts["succeeded"] += 1
 

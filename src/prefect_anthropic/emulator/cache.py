@@ -23,8 +23,9 @@ class CacheOutcome:
 
 
 class PromptCache:
-    def __init__(self) -> None:
+    def __init__(self, unknown_min_cacheable_tokens: int = 1024) -> None:
         self._entries: dict[tuple[str, bytes], CacheEntry] = {}
+        self.unknown_min_cacheable_tokens = unknown_min_cacheable_tokens
 
     def _live_hit(self, scope: str, request: ParsedRequest, now: float) -> int:
         """Index of the last breakpoint whose prefix is cached and readable now, or -1."""
@@ -45,6 +46,8 @@ class PromptCache:
         if not breakpoints:
             return CacheOutcome(0, 0, 0)
         minimum = request.model.min_cacheable_tokens
+        if minimum is None:
+            minimum = self.unknown_min_cacheable_tokens
         hit = self._live_hit(scope, request, now)
         if hit >= 0:
             entry = self._entries[(scope, breakpoints[hit].prefix_hash)]
@@ -61,11 +64,11 @@ class PromptCache:
                 written_1h += segment
             covered = bp.prefix_tokens
             key = (scope, bp.prefix_hash)
-            entry = self._entries.get(key)
-            if entry is None or entry.expires_at <= now:
+            existing = self._entries.get(key)
+            if existing is None or existing.expires_at <= now:
                 self._entries[key] = CacheEntry(ready_at, ready_at + TTL_SECONDS[bp.ttl], bp.ttl)
             else:
-                entry.ready_at = min(entry.ready_at, ready_at)
+                existing.ready_at = min(existing.ready_at, ready_at)
         if len(self._entries) > 200_000:
             self._entries = {k: e for k, e in self._entries.items() if e.expires_at > now}
         return CacheOutcome(read, written, written_1h)

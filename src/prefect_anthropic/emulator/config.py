@@ -43,6 +43,14 @@ class EmulatorConfig:
     stall_rate: float = _opt(0.0, "Fraction of responses that stall for --stall-s before answering.")
     stall_s: float = _opt(30.0, "How long a stalled response stalls, in seconds.")
     fault_retry_after_s: float = _opt(1.0, "retry-after (seconds) sent with an injected 429.")
+    ramp_limit_rate: float = _opt(
+        0.0,
+        "Fraction of requests answered 429 with details.error_code ramp_limit_exceeded (usage growing too fast), "
+        "with retry-after.",
+    )
+    refusal_rate: float = _opt(
+        0.0, "Fraction of requests answered stop_reason refusal with stop_details, before any output (not billed)."
+    )
     billing_error: bool = _opt(False, "Answer every message request 402 billing_error.")
     permission_error: bool = _opt(False, "Answer every message request 403 permission_error.")
     spend_limit_usd: float = _opt(
@@ -53,6 +61,12 @@ class EmulatorConfig:
     # Prompt caching and batches.
     batch_delay_s: float = _opt(2.0, "Time a message batch takes to process, in seconds.")
     batch_expire_rate: float = _opt(0.0, "Fraction of batch requests that end as expired.")
+    unknown_min_cacheable_tokens: int = _opt(
+        1024,
+        "Minimum cacheable length for models whose minimum the model table does not know (an assumption "
+        "of the emulator, not a fact about the API).",
+    )
+    models_file: str | None = _opt(None, "A models file adding or overriding model table entries (TOML).")
     seed: int | None = _opt(None, "Seed for the fault and latency generator (reproducible runs).")
     log_level: str = _opt("warning", "Server log level.")
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import orjson
 
-from ..models import ModelInfo, lookup_model
+from ..models import ModelInfo, ModelTable, model_table
+from ..request_rules import API_VERSION_2023, rejections
 from .errors import APIError, invalid
+from .structured import check_schema
 from .tokenizer import MESSAGE_OVERHEAD, REQUEST_OVERHEAD, count_tokens
 
 MESSAGE_FIELDS = frozenset(
@@ -35,9 +37,34 @@ MESSAGE_FIELDS = frozenset(
         "service_tier",
         "container",
         "mcp_servers",
+        "cache_control",
+        "output_config",
+        "output_format",
+        "speed",
+        "inference_geo",
+        "diagnostics",
+        "user_profile_id",
+        "workspace_id",
     }
 )
-COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers"})
+COUNT_TOKENS_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "mcp_servers",
+        "cache_control",
+        "output_config",
+        "output_format",
+        "speed",
+        "user_profile_id",
+        "workspace_id",
+    }
+)
+EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
 MAX_BREAKPOINTS = 4
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 _BLOCK_TYPES = frozenset(
@@ -61,6 +88,14 @@ class ParsedRequest:
     breakpoints: list[Breakpoint]
     last_user_text: str
     stop_sequences: list[str] = field(default_factory=list)
+    #: The JSON schema of `output_config.format`, when the reply must be JSON matching it.
+    output_schema: dict[str, Any] | None = None
+    speed: str = "standard"
+    inference_geo: str = "global"
+    #: `diagnostics.previous_message_id`: the reply explains why the cache missed against that request.
+    previous_message_id: str | None = None
+    #: Digests of the prompt's parts in prefix order, to tell which part changed between two requests.
+    part_digests: dict[str, bytes] = field(default_factory=dict)
 
 
 def _type_name(value: Any) -> str:
@@ -71,14 +106,15 @@ def _check_cache_control(block: Any, where: str) -> str | None:
     control = block.get("cache_control") if isinstance(block, dict) else None
     if control is None:
         return None
+    at = f"{where}.cache_control" if where else "cache_control"
     if not isinstance(control, dict) or control.get("type") != "ephemeral":
-        raise invalid(f"{where}.cache_control.type: Input should be 'ephemeral'")
+        raise invalid(f"{at}.type: Input should be 'ephemeral'")
     ttl = control.get("ttl", "5m")
     if ttl not in TTL_SECONDS:
-        raise invalid(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+        raise invalid(f"{at}.ttl: Input should be '5m' or '1h'")
     extra = set(control) - {"type", "ttl"}
     if extra:
-        raise invalid(f"{where}.cache_control.{sorted(extra)[0]}: Extra inputs are not permitted")
+        raise invalid(f"{at}.{sorted(extra)[0]}: Extra inputs are not permitted")
     return ttl
 
 
@@ -113,6 +149,10 @@ class _Prompt:
         self.tokens = REQUEST_OVERHEAD
         self.hash = hashlib.blake2b(model_id.encode(), digest_size=16)
         self.breakpoints: list[Breakpoint] = []
+        self.part_digests: dict[str, bytes] = {"model": self.hash.copy().digest()}
+
+    def end_part(self, name: str) -> None:
+        self.part_digests[name] = self.hash.copy().digest()
 
     def add(self, payload: Any, tokens: int, ttl: str | None) -> None:
         self.tokens += tokens
@@ -125,8 +165,48 @@ def _strip_cache_control(block: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in block.items() if k != "cache_control"} if "cache_control" in block else block
 
 
-def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedRequest:
-    """Validate a request body; raise APIError exactly where the API would."""
+def _output_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema of `output_config.format` (or the older beta `output_format`), checked as the API does."""
+    config = body.get("output_config")
+    fmt = None
+    if config is not None:
+        if not isinstance(config, dict):
+            raise invalid("output_config: Input should be a valid dictionary")
+        extra = set(config) - {"effort", "format"}
+        if extra:
+            raise invalid(f"output_config.{sorted(extra)[0]}: Extra inputs are not permitted")
+        effort = config.get("effort")
+        if effort is not None and effort not in EFFORTS:
+            raise invalid(f"output_config.effort: Input should be one of {', '.join(sorted(EFFORTS))}")
+        fmt = config.get("format")
+    if fmt is None:
+        fmt = body.get("output_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise invalid("output_config.format.type: Input should be 'json_schema'")
+    check_schema(fmt.get("schema"))
+    return fmt["schema"]
+
+
+def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise invalid(f"{name}: Input should be {' or '.join(repr(a) for a in allowed)}")
+    return value
+
+
+def parse_request(
+    body: Any,
+    *,
+    count_tokens_only: bool = False,
+    api_version: str = API_VERSION_2023,
+    beta: str = "",
+    models: ModelTable | None = None,
+) -> ParsedRequest:
+    """Validate a request body under an API version; raise APIError exactly where the API would."""
     if not isinstance(body, dict):
         raise invalid(f"Input should be a valid dictionary (got {_type_name(body)})")
     allowed = COUNT_TOKENS_FIELDS if count_tokens_only else MESSAGE_FIELDS
@@ -139,7 +219,7 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
         raise invalid("model: Field required")
     if not isinstance(model_name, str):
         raise invalid(f"model: Input should be a valid string (got {_type_name(model_name)})")
-    model = lookup_model(model_name)
+    model = (models or model_table()).lookup(model_name)
     if model is None or model.is_retired():
         raise APIError(404, f"model: {model_name}")
 
@@ -152,11 +232,6 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
             raise invalid("max_tokens: Input should be a valid integer")
         if max_tokens < 0:
             raise invalid("max_tokens: Input should be greater than or equal to 0")
-        if max_tokens > model.max_output_tokens:
-            raise invalid(
-                f"max_tokens: {max_tokens} > {model.max_output_tokens}, which is the maximum allowed "
-                f"number of output tokens for {model.id}"
-            )
         _check_sampling(body)
         if body.get("stream"):
             raise invalid("stream: streaming is not supported by the emulator; send stream=false")
@@ -167,12 +242,29 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
             for key in metadata:
                 if key != "user_id":
                     raise invalid(f"metadata.{key}: Extra inputs are not permitted")
+    found = rejections(body, model, api_version, beta=beta)
+    if found:
+        raise invalid(found[0].message)
+    speed = _choice(body, "speed", ("standard", "fast"), "standard")
+    inference_geo = _choice(body, "inference_geo", ("global", "us"), "global")
+    diagnostics = body.get("diagnostics")
+    previous_message_id = None
+    if diagnostics is not None:
+        if not isinstance(diagnostics, dict) or set(diagnostics) - {"previous_message_id"}:
+            raise invalid("diagnostics: only previous_message_id is accepted")
+        previous_message_id = diagnostics.get("previous_message_id")
+    output_schema = _output_schema(body)
+    automatic_ttl = _check_cache_control(body, "") if body.get("cache_control") is not None else None
 
     prompt = _Prompt(model.id)
+    if output_schema is not None:
+        # Structured outputs add a system prompt built from the schema: it is part of the cached prefix.
+        schema_text = orjson.dumps(output_schema, option=orjson.OPT_SORT_KEYS).decode()
+        prompt.add({"output_format": schema_text}, count_tokens(schema_text), None)
     breakpoint_ttls: list[str] = []
 
-    def add_block(payload: Any, tokens: int, block: Any, where: str) -> None:
-        ttl = _check_cache_control(block, where)
+    def add_block(payload: Any, tokens: int, block: Any, where: str, automatic: str | None = None) -> None:
+        ttl = _check_cache_control(block, where) or automatic
         if ttl is not None:
             breakpoint_ttls.append(ttl)
         prompt.add(payload, tokens, ttl)
@@ -186,6 +278,7 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
                 raise invalid(f"tools.{i}.name: Field required")
             clean = _strip_cache_control(tool)
             add_block(clean, count_tokens(orjson.dumps(clean).decode()), tool, f"tools.{i}")
+    prompt.end_part("tools")
 
     system = body.get("system")
     if system is not None:
@@ -200,6 +293,7 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
                 add_block(_strip_cache_control(block), count_tokens(text), block, f"system.{i}")
         else:
             raise invalid("system: Input should be a valid string or a list of text blocks")
+    prompt.end_part("system")
 
     messages = body.get("messages")
     if messages is None:
@@ -221,7 +315,10 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
         if "content" not in message:
             raise invalid(f"messages.{i}.content: Field required")
         content = message["content"]
-        is_final_assistant = role == "assistant" and i == len(messages) - 1
+        is_last = i == len(messages) - 1
+        # Automatic caching (a top-level cache_control) puts the breakpoint on the last cacheable block.
+        automatic = automatic_ttl if is_last else None
+        is_final_assistant = role == "assistant" and is_last
         prompt.tokens += MESSAGE_OVERHEAD
         if isinstance(content, str):
             if not content and not is_final_assistant:
@@ -229,7 +326,7 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
                     f"messages.{i}: all messages must have non-empty content except for the optional "
                     "final assistant message"
                 )
-            prompt.add({"role": role, "text": content}, count_tokens(content), None)
+            add_block({"role": role, "text": content}, count_tokens(content), None, f"messages.{i}", automatic)
             if role == "user":
                 last_user_text = content
         elif isinstance(content, list):
@@ -246,11 +343,13 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
                 text = _block_text(block, where)
                 if block.get("type") == "text":
                     texts.append(text)
-                add_block({"role": role, **_strip_cache_control(block)}, count_tokens(text), block, where)
+                last_block = automatic if j == len(content) - 1 and not block.get("cache_control") else None
+                add_block({"role": role, **_strip_cache_control(block)}, count_tokens(text), block, where, last_block)
             if role == "user" and texts:
                 last_user_text = "\n".join(texts)
         else:
             raise invalid(f"messages.{i}.content: Input should be a valid string or list of content blocks")
+        prompt.end_part(f"messages.{i}")
 
     if len(breakpoint_ttls) > MAX_BREAKPOINTS:
         raise invalid(
@@ -269,6 +368,11 @@ def parse_request(body: Any, *, count_tokens_only: bool = False) -> ParsedReques
         breakpoints=prompt.breakpoints,
         last_user_text=last_user_text,
         stop_sequences=stop_sequences,
+        output_schema=output_schema,
+        speed=speed,
+        inference_geo=inference_geo,
+        previous_message_id=previous_message_id,
+        part_digests=prompt.part_digests,
     )
 
 

@@ -15,12 +15,14 @@ from typing import Any
 
 import orjson
 
-from ..models import ModelInfo, Usage, cost_usd
-from .cache import PromptCache
+from ..models import ModelInfo, Usage, cost_usd, model_table
+from ..request_rules import API_VERSIONS
+from .cache import CacheOutcome, PromptCache
 from .config import EmulatorConfig
 from .errors import APIError
 from .prompt import ParsedRequest, parse_request
 from .ratelimit import ClassBuckets
+from .structured import generate_value
 from .tokenizer import truncate
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -39,6 +41,10 @@ _FAULT_MESSAGES = {
     400: "Invalid request",
     404: "Not found",
 }
+
+
+_REFUSAL_CATEGORIES = ("cyber", "bio", "frontier_llm", "reasoning_extraction", "general_harms")
+_DIAGNOSTICS_KEPT = 10_000
 
 
 def new_id(prefix: str) -> str:
@@ -61,6 +67,10 @@ class Ledger:
     first_request_at: float | None = None
     last_request_at: float | None = None
     duplicate_billed_requests: int = 0
+    #: Refusals before any output: answered, not billed.
+    refused_requests: int = 0
+    #: Billed requests of models the table has no prices for (not in cost_usd).
+    unpriced_requests: int = 0
     _billed_bodies: set[int] = field(default_factory=set)
 
     def bill(self, body_digest: int, model: ModelInfo, usage: Usage, *, batch: bool) -> None:
@@ -74,7 +84,11 @@ class Ledger:
         self.output_tokens += usage.output_tokens
         self.cache_creation_input_tokens += usage.cache_creation_input_tokens
         self.cache_read_input_tokens += usage.cache_read_input_tokens
-        self.cost_usd += cost_usd(model, usage, batch=batch)
+        cost = cost_usd(model, usage, batch=batch)
+        if cost is None:
+            self.unpriced_requests += 1
+        else:
+            self.cost_usd += cost
         if body_digest in self._billed_bodies:
             self.duplicate_billed_requests += 1
         else:
@@ -87,6 +101,8 @@ class Ledger:
             "billed_requests": self.billed_requests,
             "billed_batch_requests": self.billed_batch_requests,
             "duplicate_billed_requests": self.duplicate_billed_requests,
+            "refused_requests": self.refused_requests,
+            "unpriced_requests": self.unpriced_requests,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
@@ -99,6 +115,15 @@ class Ledger:
 
 def body_digest(raw: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request and under which API version and betas."""
+
+    key: str
+    api_version: str
+    beta: str = ""
 
 
 @dataclass
@@ -115,10 +140,15 @@ class Completion:
 class EmulatedAnthropic:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
+        #: The emulated API's own model table: ours (with the environment's models file), plus --models-file.
+        table = model_table()
+        self.models = table.extended(config.models_file) if config.models_file else table
         self.rng = random.Random(config.seed)
-        self.cache = PromptCache()
+        self.cache = PromptCache(config.unknown_min_cacheable_tokens)
         self.ledger = Ledger()
         self._buckets: dict[tuple[str, str], ClassBuckets] = {}
+        #: Prompt part digests of recent replies, by message id, for `diagnostics.previous_message_id`.
+        self._recent_prompts: dict[str, tuple[str, dict[str, bytes]]] = {}
         #: Seconds added to the clock: tests jump past a cache TTL or a minute of refill without waiting.
         self.clock_offset = 0.0
 
@@ -133,11 +163,13 @@ class EmulatedAnthropic:
         self.cache.clear()
         self.ledger = Ledger()
         self._buckets.clear()
+        self._recent_prompts.clear()
         self.clock_offset = 0.0
 
     # -- request checks shared by every endpoint -------------------------------------------------------
 
-    def authenticate(self, headers: Any) -> str:
+    def authenticate(self, headers: Any) -> Caller:
+        """The key (x-api-key, else `Authorization: Bearer`, as the 2.x SDKs send it) and API version."""
         key = headers.get("x-api-key")
         if key is None:
             auth = headers.get("authorization", "")
@@ -147,9 +179,12 @@ class EmulatedAnthropic:
             raise APIError(401, "x-api-key header is required")
         if self.config.api_key is not None and key != self.config.api_key:
             raise APIError(401, "invalid x-api-key")
-        if not headers.get("anthropic-version"):
+        version = headers.get("anthropic-version")
+        if not version:
             raise APIError(400, "anthropic-version: header is required")
-        return key
+        if version not in API_VERSIONS:
+            raise APIError(400, f"anthropic-version: {version!r} is not a valid version; use one of {API_VERSIONS}")
+        return Caller(key, version, headers.get("anthropic-beta", ""))
 
     @staticmethod
     def parse_json(raw: bytes) -> Any:
@@ -162,8 +197,9 @@ class EmulatedAnthropic:
 
     # -- messages -----------------------------------------------------------------------------------------
 
-    def _buckets_for(self, key: str, model: ModelInfo, now: float) -> ClassBuckets:
-        scope = (key, model.rate_limit_class)
+    def _buckets_for(self, key: str, parsed: ParsedRequest, now: float) -> ClassBuckets:
+        fast = ":fast" if parsed.speed == "fast" else ""
+        scope = (key, parsed.model.rate_limit_class + fast)
         buckets = self._buckets.get(scope)
         if buckets is None:
             buckets = self._buckets[scope] = ClassBuckets(self.config, now)
@@ -187,6 +223,13 @@ class EmulatedAnthropic:
             return APIError(402, _FAULT_MESSAGES[402])
         if config.permission_error:
             return APIError(403, _FAULT_MESSAGES[403])
+        if config.ramp_limit_rate and self.rng.random() < config.ramp_limit_rate:
+            return APIError(
+                429,
+                "Your organization's usage is increasing too quickly. Please slow down and try again shortly.",
+                details={"error_code": "ramp_limit_exceeded"},
+                headers={"retry-after": _retry_after_text(config.fault_retry_after_s)},
+            )
         if config.spend_limit_usd and self.ledger.cost_usd >= config.spend_limit_usd:
             return APIError(
                 429,
@@ -208,16 +251,17 @@ class EmulatedAnthropic:
             draw -= rate
         return None
 
-    async def create_message(self, key: str, raw: bytes, body: Any) -> Completion:
+    async def create_message(self, caller: Caller, raw: bytes, body: Any) -> Completion:
         """Validate, fault, rate-limit, cache, wait out the latency and produce a message; raise APIError
         where the API answers with an error."""
-        parsed = parse_request(body)
+        key = caller.key
+        parsed = parse_request(body, api_version=caller.api_version, beta=caller.beta, models=self.models)
         now = self.now()
         fault = self._injected_fault(parsed, key, now)
         if fault is not None:
             raise fault
         model = parsed.model
-        buckets = self._buckets_for(key, model, now)
+        buckets = self._buckets_for(key, parsed, now)
         read_if_admitted = self.cache.peek_read_tokens(key, parsed, now)
         charged_input = parsed.total_input_tokens - (0 if model.cache_reads_count_toward_itpm else read_if_admitted)
         output_admission = parsed.max_tokens if self.config.reserve_max_tokens else 1
@@ -240,7 +284,8 @@ class EmulatedAnthropic:
         if buckets.output is not None and self.config.reserve_max_tokens:
             buckets.output.take(parsed.max_tokens, now)
 
-        message, usage = self.generate(key, parsed, now, ready_at=now + latency)
+        refused = bool(self.config.refusal_rate) and self.rng.random() < self.config.refusal_rate
+        message, usage = self.generate(key, parsed, now, ready_at=now + latency, raw=raw, refused=refused)
         if latency > 0:
             await asyncio.sleep(latency)
         done = self.now()
@@ -249,37 +294,70 @@ class EmulatedAnthropic:
                 buckets.output.give_back(parsed.max_tokens - usage.output_tokens, done)
             else:
                 buckets.output.take(usage.output_tokens, done)
-        self.ledger.bill(body_digest(raw), model, usage, batch=False)
+        if refused:
+            self.ledger.refused_requests += 1  # a refusal before any output is not billed
+        else:
+            self.ledger.bill(body_digest(raw), model, usage, batch=False)
         return Completion(message, usage, latency, buckets.headers(done), drop_connection=drop)
 
-    def generate(self, scope: str, parsed: ParsedRequest, now: float, *, ready_at: float) -> tuple[dict, Usage]:
-        """The deterministic reply: `echo: ` and the last user message, cut by max_tokens and stop sequences."""
+    def _reply_text(self, parsed: ParsedRequest, raw: bytes) -> str:
+        """`echo: ` and the last user message; with a JSON schema, JSON matching it, drawn from a generator
+        seeded by --seed and the request, so a seed always gives the same reply to the same request."""
+        if parsed.output_schema is None:
+            return "echo: " + parsed.last_user_text
+        rng = random.Random(f"{self.config.seed}:{body_digest(raw)}")
+        return orjson.dumps(generate_value(parsed.output_schema, rng)).decode()
+
+    def generate(
+        self,
+        scope: str,
+        parsed: ParsedRequest,
+        now: float,
+        *,
+        ready_at: float,
+        raw: bytes = b"",
+        refused: bool = False,
+        service_tier: str = "standard",
+    ) -> tuple[dict, Usage]:
+        """The deterministic reply, cut by max_tokens and stop sequences, with its usage."""
         outcome = self.cache.lookup_and_write(scope, parsed, now, ready_at)
-        reply = "echo: " + parsed.last_user_text
         stop_reason, stop_sequence = "end_turn", None
-        for sequence in parsed.stop_sequences:
-            at = reply.find(sequence)
-            if sequence and at >= 0:
-                reply, stop_reason, stop_sequence = reply[:at], "stop_sequence", sequence
-                break
-        text, output_tokens, cut = truncate(reply, parsed.max_tokens)
-        if cut or parsed.max_tokens == 0:
-            stop_reason, stop_sequence = "max_tokens", None
+        stop_details = None
+        if refused:
+            text, output_tokens = "", 0
+            stop_reason = "refusal"
+            category = _REFUSAL_CATEGORIES[body_digest(raw) % len(_REFUSAL_CATEGORIES)]
+            stop_details = {"type": "refusal", "category": category, "explanation": "Emulated refusal."}
+        else:
+            reply = self._reply_text(parsed, raw)
+            for sequence in parsed.stop_sequences:
+                at = reply.find(sequence)
+                if sequence and at >= 0:
+                    reply, stop_reason, stop_sequence = reply[:at], "stop_sequence", sequence
+                    break
+            text, output_tokens, cut = truncate(reply, parsed.max_tokens)
+            if cut or parsed.max_tokens == 0:
+                stop_reason, stop_sequence = "max_tokens", None
         usage = Usage(
             input_tokens=parsed.total_input_tokens - outcome.read_tokens - outcome.creation_tokens,
             output_tokens=output_tokens,
             cache_creation_input_tokens=outcome.creation_tokens,
             cache_read_input_tokens=outcome.read_tokens,
             cache_creation_1h_input_tokens=outcome.creation_1h_tokens,
+            service_tier=service_tier,
+            speed=parsed.speed,
+            inference_geo=parsed.inference_geo,
         )
-        message = {
-            "id": new_id("msg"),
+        message_id = new_id("msg")
+        message: dict[str, Any] = {
+            "id": message_id,
             "type": "message",
             "role": "assistant",
             "model": parsed.model.id,
             "content": [{"type": "text", "text": text}] if text else [],
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
+            "stop_details": stop_details,
             "usage": {
                 "input_tokens": usage.input_tokens,
                 "cache_creation_input_tokens": usage.cache_creation_input_tokens,
@@ -290,13 +368,43 @@ class EmulatedAnthropic:
                     "ephemeral_1h_input_tokens": usage.cache_creation_1h_input_tokens,
                 },
                 "output_tokens": usage.output_tokens,
-                "service_tier": "standard",
+                "output_tokens_details": {"thinking_tokens": 0},
+                "service_tier": service_tier,
+                "speed": parsed.speed,
+                "inference_geo": parsed.inference_geo,
             },
         }
+        if parsed.previous_message_id is not None:
+            message["diagnostics"] = self._diagnostics(scope, parsed, outcome)
+        self._remember_prompt(message_id, scope, parsed)
         return message, usage
 
-    def count_tokens(self, body: Any) -> dict[str, int]:
-        parsed = parse_request(body, count_tokens_only=True)
+    def _remember_prompt(self, message_id: str, scope: str, parsed: ParsedRequest) -> None:
+        if len(self._recent_prompts) >= _DIAGNOSTICS_KEPT:
+            self._recent_prompts.pop(next(iter(self._recent_prompts)))
+        self._recent_prompts[message_id] = (scope, parsed.part_digests)
+
+    def _diagnostics(self, scope: str, parsed: ParsedRequest, outcome: CacheOutcome) -> dict[str, Any] | None:
+        """Why the cache could not reuse the prefix of the request named by `previous_message_id`."""
+        previous = self._recent_prompts.get(parsed.previous_message_id or "")
+        if previous is None or previous[0] != scope:
+            return {"cache_miss_reason": {"type": "previous_message_not_found"}}
+        before, now = previous[1], parsed.part_digests
+        missed = parsed.total_input_tokens - outcome.read_tokens
+        for part, kind in (("model", "model_changed"), ("tools", "tools_changed"), ("system", "system_changed")):
+            if before.get(part) != now.get(part):
+                return {"cache_miss_reason": {"type": kind, "cache_missed_input_tokens": missed}}
+        shared = [name for name in before if name.startswith("messages.") and name in now]
+        if any(before[name] != now[name] for name in shared) or len(shared) < sum(
+            name.startswith("messages.") for name in before
+        ):
+            return {"cache_miss_reason": {"type": "messages_changed", "cache_missed_input_tokens": missed}}
+        return None
+
+    def count_tokens(self, caller: Caller, body: Any) -> dict[str, int]:
+        parsed = parse_request(
+            body, count_tokens_only=True, api_version=caller.api_version, beta=caller.beta, models=self.models
+        )
         return {"input_tokens": parsed.total_input_tokens}
 
 

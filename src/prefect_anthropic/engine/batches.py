@@ -17,10 +17,9 @@ from typing import Any
 import httpx
 import orjson
 
-from ..models import Usage, cost_usd, lookup_model
-from .client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL
+from .client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL, auth_headers
 from .errors import APIStatusError, FatalAPIError
-from .records import RequestItem, ResultRecord
+from .records import RequestItem, ResultRecord, record_from_message
 from .retry import RetryPolicy
 
 __all__ = [
@@ -66,20 +65,11 @@ def batch_result_record(item: RequestItem, result: dict[str, Any]) -> ResultReco
     common = {"line": item.line, "custom_id": item.custom_id, "metadata": item.metadata,
               "request_digest": item.digest, "attempts": 1}  # fmt: skip
     if kind == "succeeded":
-        message = result.get("message") or {}
-        usage = Usage.from_api(message.get("usage"))
-        model = str(message.get("model") or item.model)
-        text = "".join(b.get("text", "") for b in message.get("content") or () if b.get("type") == "text")
-        return ResultRecord(
-            status="succeeded", model=model, text=text, stop_reason=message.get("stop_reason"),
-            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            cache_creation_input_tokens=usage.cache_creation_input_tokens,
-            cache_read_input_tokens=usage.cache_read_input_tokens,
-            cost_usd=cost_usd(lookup_model(model) or model, usage, batch=True), response=message, **common,
-        )  # fmt: skip
+        return record_from_message(item, result.get("message") or {}, batch=True, attempts=1)
     if kind == "errored":
-        envelope = result.get("error") or {}
-        error = envelope.get("error") if isinstance(envelope.get("error"), dict) else envelope
+        envelope: dict[str, Any] = result.get("error") or {}
+        inner = envelope.get("error")
+        error: dict[str, Any] = inner if isinstance(inner, dict) else envelope
         error_type = str(error.get("type") or "api_error")
         message = str(error.get("message") or "")
         return ResultRecord(status="errored", model=item.model or None, error_type=error_type,
@@ -109,7 +99,11 @@ class BatchAPI:
         self._rng = random.Random()
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
-            headers={"x-api-key": api_key, "anthropic-version": anthropic_version, "content-type": "application/json"},
+            headers={
+                **auth_headers(api_key, anthropic_version),
+                "anthropic-version": anthropic_version,
+                "content-type": "application/json",
+            },
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
 

@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,16 +57,35 @@ def _blocks_in_prefix_order(body: dict[str, Any]) -> list[Any]:
     return blocks
 
 
+def _output_format(body: dict[str, Any]) -> Any:
+    config = body.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    return fmt if fmt is not None else body.get("output_format")
+
+
 def cached_prefix(body: dict[str, Any]) -> CachedPrefix | None:
-    """The prefix a request would cache, or None when it has no cache_control breakpoint."""
+    """The prefix a request would cache, or None when it has no cache_control breakpoint.
+
+    A top-level `cache_control` (automatic caching) is the breakpoint the API places on the last cacheable
+    block; it counts among the 4. The output format is part of the prefix: changing it invalidates the cache.
+    """
     blocks = _blocks_in_prefix_order(body)
     marked = [i for i, b in enumerate(blocks) if isinstance(b, dict) and b.get("cache_control")]
+    automatic = body.get("cache_control")
+    if automatic and blocks:
+        if not marked or marked[-1] != len(blocks) - 1:
+            marked.append(len(blocks) - 1)
+        if not (isinstance(blocks[-1], dict) and blocks[-1].get("cache_control")):
+            blocks[-1] = {**blocks[-1], "cache_control": automatic} if isinstance(blocks[-1], dict) else blocks[-1]
     if not marked:
         return None
     last = marked[-1]
-    control = blocks[last]["cache_control"]
+    control = blocks[last].get("cache_control") if isinstance(blocks[last], dict) else None
     ttl = _TTL_S.get(control.get("ttl", "5m") if isinstance(control, dict) else "5m", 300.0)
     digest = hashlib.blake2b(str(body.get("model")).encode(), digest_size=16)
+    fmt = _output_format(body)
+    if fmt is not None:
+        digest.update(orjson.dumps(fmt, option=orjson.OPT_SORT_KEYS))
     digest.update(orjson.dumps(blocks[: last + 1], option=orjson.OPT_SORT_KEYS))
     return CachedPrefix(digest.hexdigest(), ttl, len(marked), tuple(blocks[: last + 1]))
 
@@ -99,7 +118,14 @@ class PrefixWarmer:
             self.warnings.append(message)
             logger.warning(message)
 
-    async def before_send(self, prefix: CachedPrefix, prewarm, estimated_prefix_tokens: int, min_tokens: int) -> None:
+    async def before_send(
+        self,
+        prefix: CachedPrefix,
+        prewarm: Callable[[], Awaitable[None]],
+        estimated_prefix_tokens: int,
+        min_tokens: int | None,
+        model: str = "",
+    ) -> None:
         """Wait until `prefix` is warm; the first caller warms it with `prewarm()` (an awaitable factory)."""
         if prefix.breakpoints > MAX_BREAKPOINTS:
             self.warn(
@@ -111,7 +137,13 @@ class PrefixWarmer:
         now = time.monotonic()
         if entry is None:
             entry = self._entries[prefix.key] = _Entry(ttl_s=prefix.ttl_s)
-            if min_tokens and estimated_prefix_tokens < min_tokens:
+            if min_tokens is None:
+                self.warn(
+                    f"The minimum cacheable length of {model or 'this model'} is not known (not published): a "
+                    "prefix shorter than it is silently not cached, and this run cannot warn about it. Add "
+                    "min_cacheable_tokens with --models-file once known."
+                )
+            elif estimated_prefix_tokens < min_tokens:
                 entry.cacheable = False
                 entry.ready.set()
                 self.warn(
@@ -161,7 +193,9 @@ class AutoCache:
         self._seen: dict[str, int] = {}
         self._max_tracked = max_tracked
 
-    def apply(self, body: dict[str, Any], system_tokens: Callable[[list[Any]], int], min_tokens: int) -> dict[str, Any]:
+    def apply(
+        self, body: dict[str, Any], system_tokens: Callable[[list[Any]], int], min_tokens: int | None
+    ) -> dict[str, Any]:
         system = body.get("system")
         if not system or cached_prefix(body) is not None:
             return body
@@ -173,7 +207,7 @@ class AutoCache:
         if len(self._seen) < self._max_tracked or key in self._seen:
             self._seen[key] = count
         # Shared means seen before; a prompt below the model's minimum would silently not be cached anyway.
-        if count < 2 or system_tokens(blocks) < min_tokens:
+        if count < 2 or system_tokens(blocks) < (min_tokens or 0):
             return body
         blocks[-1] = {**blocks[-1], "cache_control": {"type": "ephemeral"}}
         return {**body, "system": blocks}

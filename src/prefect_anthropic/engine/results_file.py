@@ -82,20 +82,31 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+#: Errored answers that are final: the request was answered (and paid for, if at all), and sending it again
+#: would not change the answer. A refusal is never retried.
+FINAL_ERROR_TYPES = frozenset({"refusal"})
+
+
+def is_final(record: dict[str, Any]) -> bool:
+    """Whether a record settles its request for good: a success or a final answer such as a refusal."""
+    return record.get("status") == "succeeded" or record.get("error_type") in FINAL_ERROR_TYPES
+
+
 def succeeded_lines(path: str | os.PathLike[str]) -> LineSet:
     """Lines that succeeded (compact, for huge runs over an input that does not change)."""
     done = LineSet()
     for record in read_records(path):
-        if record.get("status") == "succeeded":
+        if is_final(record):
             done.add(int(record["line"]))
     return done
 
 
 def succeeded_requests(path: str | os.PathLike[str]) -> dict[int, str]:
-    """Line -> digest of the request that succeeded there: an edited line is not mistaken for done."""
+    """Line -> digest of the request that succeeded there (or got another final answer, see is_final): an
+    edited line is not mistaken for done."""
     done: dict[int, str] = {}
     for record in read_records(path):
-        if record.get("status") == "succeeded":
+        if is_final(record):
             done[int(record["line"])] = record.get("request_digest") or ""
     return done
 

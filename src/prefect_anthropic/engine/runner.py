@@ -50,7 +50,7 @@ class Progress:
             self.output_tokens += record.output_tokens
             self.cache_creation_input_tokens += record.cache_creation_input_tokens
             self.cache_read_input_tokens += record.cache_read_input_tokens
-            self.cost_usd += record.cost_usd
+            self.cost_usd += record.cost_usd or 0.0
             if record.estimated_input_tokens:
                 self.estimated_input_tokens += record.estimated_input_tokens
                 self.real_input_tokens_of_estimated += (
