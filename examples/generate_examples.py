@@ -4,14 +4,14 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-MODEL = "claude-sonnet-4-6"
+MODEL = "claude-sonnet-5-5"
+FAST_MODEL = "claude-haiku-5-5"
 
 with open(HERE / "requests.jsonl", "w") as f:
     for x in range(200):
         job = {
             "model": MODEL,
             "max_tokens": 1024,
-            "temperature": 0,
             "messages": [{"role": "user", "content": f"How much is 8 * {x}? Return only the result.\n Result:"}],
             "metadata": {"row_id": x},
         }
@@ -27,7 +27,6 @@ with open(HERE / "caching_requests.jsonl", "w") as f:
         job = {
             "model": MODEL,
             "max_tokens": 1024,
-            "temperature": 0,
             "system": [
                 {"type": "text", "text": "You are an AI assistant tasked with analyzing blogs.\n"},
                 {"type": "text", "text": blog, "cache_control": {"type": "ephemeral"}},
@@ -38,5 +37,6 @@ with open(HERE / "caching_requests.jsonl", "w") as f:
 
 with open(HERE / "batch_format_requests.jsonl", "w") as f:
     for i in range(20):
-        params = {"model": MODEL, "max_tokens": 256, "messages": [{"role": "user", "content": f"Name a color, #{i}"}]}
+        question = [{"role": "user", "content": f"Name a color, #{i}"}]
+        params = {"model": FAST_MODEL, "max_tokens": 256, "messages": question}
         f.write(json.dumps({"custom_id": f"color-{i}", "params": params}) + "\n")

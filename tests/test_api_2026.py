@@ -353,6 +353,8 @@ def test_the_preflight_check_sends_nothing_the_api_would_reject(flow_env, emulat
     assert main(["run", str(requests), "--output-dir", str(tmp_path / "out"), *base]) == 1
     rows = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("line")
     assert list(rows["status"]) == ["succeeded", "errored", "errored", "succeeded"]
+    assert rows.loc[1, "model"] == "claude-sonnet-5-5" and rows.loc[1, "cost_usd"] > 0  # answered and priced
+    assert rows.loc[1, "speed"] == "standard" and rows.loc[1, "service_tier"] == "standard"
     assert "'temperature'" in rows.loc[2, "error_message"] and "claude-sonnet-5-5" in rows.loc[2, "error_message"]
     assert "prefill" in rows.loc[3, "error_message"] and rows.loc[3, "error_type"] == "invalid_request"
     assert emulator.stats()["requests_total"] == 2  # the two rejected lines were never sent

@@ -245,7 +245,7 @@ def _demo(args: argparse.Namespace) -> int:
         lines = (
             json.dumps(
                 {
-                    "model": "claude-sonnet-4-6",
+                    "model": "claude-sonnet-5-5",
                     "max_tokens": 1024,
                     "messages": [{"role": "user", "content": f"How much is 8 * {x}? Return only the result."}],
                     "metadata": {"row_id": x},

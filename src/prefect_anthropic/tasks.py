@@ -29,7 +29,9 @@ from .settings import ClientSettings, shared_client
 __all__ = ["ShardIncomplete", "merge_shards", "plan_request_shards", "run_shard"]
 
 #: Error types that another attempt cannot fix: a shard holding only these counts as finished.
-PERMANENT_ERRORS = frozenset({"invalid_request", "invalid_request_error", "not_found_error", "request_too_large"})
+PERMANENT_ERRORS = frozenset(
+    {"invalid_request", "invalid_request_error", "not_found_error", "request_too_large", "refusal"}
+)
 
 #: RunProgress of the flow runs of this process, by key (tasks on another machine simply skip progress).
 RUNS: dict[str, RunProgress] = {}
