@@ -10,6 +10,7 @@ real-time engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,10 +24,11 @@ from .blocks import resolve_api_key
 from .engine import ResultsWriter, RetryPolicy, RunStopped, succeeded_requests
 from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, plan_batches
 from .engine.preflight import Preflight
-from .engine.records import ResultRecord
+from .engine.records import ResultRecord, validate_record
 from .engine.runner import done_before
 from .inputs import Shard, iter_requests
 from .outputs import final_records
+from .schema import OutputSchema, with_output_format
 from .settings import ClientSettings
 from .tasks import RUNS, SHUTDOWN, shard_results_path
 
@@ -34,7 +36,9 @@ __all__ = ["BATCH_RETRY_CHOICES", "batch_state_path", "cancel_batches", "run_sha
 
 BATCH_RETRY_CHOICES = ("none", "batch", "realtime")
 #: Batch results worth another try: the request never ran, or failed on the server's side.
-RETRYABLE_BATCH_ERRORS = frozenset({"batch_expired", "api_error", "overloaded_error", "timeout_error"})
+RETRYABLE_BATCH_ERRORS = frozenset(
+    {"batch_expired", "api_error", "overloaded_error", "timeout_error", "validation_error"}
+)
 
 
 def batch_state_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
@@ -60,6 +64,10 @@ async def _batch_api(settings: ClientSettings, client_block: str | None, credent
         retry=RetryPolicy(max_attempts=max(settings.max_attempts, 5)),
         timeout=settings.timeout_s,
     )
+
+
+def _output_schema(settings: ClientSettings) -> OutputSchema | None:
+    return OutputSchema(settings.output_schema) if settings.output_schema is not None else None
 
 
 def _pending_items(requests_path: str, shard: Shard, results_path: Path, retry_lines: set[int] | None):
@@ -97,7 +105,10 @@ async def submit_batches(
         with ResultsWriter(results_path) as writer:
             valid = []
             preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
+            schema = _output_schema(settings)
             for item in _pending_items(requests_path, shard, results_path, set(retry_lines) if retry_lines else None):
+                if item.invalid is None and schema is not None:
+                    item = dataclasses.replace(item, body=with_output_format(item.body, schema))
                 checked = ResultRecord.for_invalid_line(item) if item.invalid is not None else preflight(item)
                 if isinstance(checked, ResultRecord):
                     writer.write(checked)
@@ -164,6 +175,7 @@ async def download_batch_results(
     round_ = state["rounds"][-1]
     items = {batch_custom_id(i): i for i in iter_requests(requests_path, shard.start, shard.end, shard.first_line)}
     counts: dict[str, int] = {}
+    schema = _output_schema(settings)
     async with await _batch_api(settings, client_block, credentials_block) as api:
         with ResultsWriter(shard_results_path(work_dir, shard)) as writer:
             for batch in round_["batches"]:
@@ -174,6 +186,10 @@ async def download_batch_results(
                     if item is None:
                         continue
                     record = batch_result_record(item, line.get("result") or {})
+                    if schema is not None:
+                        # No repair in a batch: an invalid reply is a validation_error row (--batch-retry
+                        # realtime sends it again through the engine, which repairs).
+                        validate_record(record, schema)
                     writer.write(record)
                     kind = "succeeded" if record.succeeded else str(record.error_type)
                     counts[kind] = counts.get(kind, 0) + 1

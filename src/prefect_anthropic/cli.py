@@ -58,6 +58,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
+    from .schema import load_schema
     from .settings import ClientSettings
 
     values: dict[str, Any] = {
@@ -81,6 +82,10 @@ def _settings(args: argparse.Namespace):
         values["use_caching"] = True
     if getattr(args, "auto_cache", False):
         values["auto_cache"] = True
+    if getattr(args, "schema", None):
+        values["output_schema"] = load_schema(args.schema).full
+    if getattr(args, "validation_retries", None) is not None:
+        values["validation_retries"] = args.validation_retries
     return ClientSettings(**values)
 
 
@@ -189,10 +194,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.api_key:
         # The key goes into this process's environment, never into a flow parameter.
         os.environ[API_KEY_ENV] = args.api_key
+    try:
+        settings = _settings(args)  # a schema the API cannot take stops here: nothing is sent
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_STOPPED
     return run_flow(
         args.requests,
         args.output_dir,
-        _settings(args),
+        settings,
         client_block=args.client_block,
         credentials_block=args.credentials_block,
         shard_size=args.shard_size,
@@ -222,7 +232,7 @@ def _estimate(args: argparse.Namespace) -> int:
     from .estimate import estimate_file, format_estimate
 
     try:
-        result = estimate_file(args.requests, _settings(args))
+        result = estimate_file(args.requests, _settings(args))  # a bad schema or models file: exit 2
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
@@ -313,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Batch mode: send expired or server-failed requests again in a follow-up batch or in real time.",
     )  # fmt: skip
     run.add_argument("--batch-poll-interval", type=float, default=30.0, help="Batch mode: longest poll interval, s.")
+    run.add_argument(
+        "--schema", metavar="FILE",
+        help="JSON Schema every reply must match (structured outputs); its fields become the typed `parsed` column.",
+    )  # fmt: skip
+    run.add_argument(
+        "--validation-retries", type=int, default=2,
+        help="Times a reply that does not match --schema is asked for again, the error fed back (default 2).",
+    )  # fmt: skip
     run.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block.")
     run.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
     run.add_argument("--original-layout", metavar="PATH", help="Also write the original script's JSONL layout.")
@@ -330,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate = commands.add_parser("estimate", help="Count, price and time a request file without any API call.")
     estimate.add_argument("requests", help="JSONL file of Messages API requests.")
     _add_client_arguments(estimate)
+    estimate.add_argument("--schema", metavar="FILE", help="JSON Schema sent with every request (counted as input).")
     estimate.add_argument("--json", action="store_true", help="Print JSON.")
     estimate.set_defaults(handler=_estimate)
 

@@ -13,6 +13,7 @@ from .engine.estimator import InputTokenEstimator
 from .engine.preflight import Preflight
 from .inputs import iter_requests
 from .models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
+from .schema import OutputSchema, with_output_format
 from .settings import ClientSettings
 
 __all__ = ["estimate_file", "format_estimate"]
@@ -23,6 +24,7 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
     if settings.models_file:
         use_models_file(settings.models_file)
     preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
+    schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
     corrections = load_token_corrections()
     estimator = InputTokenEstimator(initial_ratios=corrections)
     per_model: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -35,6 +37,8 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
         if item.invalid is not None:
             invalid.append({"line": item.line, "error": item.invalid})
             continue
+        if schema is not None:  # the schema is sent with every request: its tokens are input tokens
+            item = dataclasses.replace(item, body=with_output_format(item.body, schema))
         problem = preflight.problem(item)
         if problem is not None:
             invalid.append({"line": item.line, "error": f"line {item.line}: {problem}"})

@@ -86,6 +86,8 @@ def _summary(
         "lines_rejected_before_sending": client.preflight.lines_rejected,
         "lines_with_dropped_params": client.preflight.lines_with_dropped_params,
         "ramp_limited_responses": stats.ramp_limited,
+        "streamed_requests": stats.streamed_requests,
+        "validation_repairs": stats.validation_repairs,
         "wall_time_s": round(wall_time_s, 3),
         "requests_sent_this_run": sent,
         "http_requests_this_run": stats.http_requests,
@@ -239,7 +241,15 @@ async def generate_dataset(
                 raise error
             logger.warning("A shard ended with failures after its retries: %s", error)
 
-    totals = merge_shards(requests_path, plan, str(work_dir), output_dir, original_layout_path, parquet_beside_original)
+    totals = merge_shards(
+        requests_path,
+        plan,
+        str(work_dir),
+        output_dir,
+        original_layout_path,
+        parquet_beside_original,
+        settings.output_schema,
+    )
     sent = sum(p.done for p in tracker.shards.values())
     summary = _summary(totals, settings, client, time.monotonic() - started, sent)
     summary_path = Path(output_dir) / SUMMARY_FILE

@@ -205,12 +205,9 @@ def _shipped_table() -> ModelTable:
     return ModelTable(models, ("models.toml",))
 
 
-@lru_cache(maxsize=8)
-def _table_with(path: str, mtime: float) -> ModelTable:
-    return _shipped_table().extended(path)
-
-
 _override_path: str | None = None
+#: Tables by models file (None: the shipped one); looked up for every request, so kept at hand.
+_tables: dict[str | None, ModelTable] = {}
 
 
 def use_models_file(path: str | os.PathLike[str] | None) -> None:
@@ -219,21 +216,21 @@ def use_models_file(path: str | os.PathLike[str] | None) -> None:
     run) read the same table."""
     global _override_path
     _override_path = str(path) if path else None
+    _tables.clear()  # the file may have changed since it was read
     if path:
         os.environ[MODELS_FILE_ENV] = str(path)
         model_table()  # fail now, naming the file, rather than at the first request
 
 
 def model_table() -> ModelTable:
-    """The shipped table, extended by the models file in use (re-read when that file changes)."""
-    path = _override_path or os.environ.get(MODELS_FILE_ENV)
-    if not path:
-        return _shipped_table()
-    try:
-        mtime = os.stat(path).st_mtime
-    except OSError as exc:
-        raise ModelsFileError(f"models file not found: {path} ({MODELS_FILE_ENV} or --models-file)") from exc
-    return _table_with(path, mtime)
+    """The shipped table, extended by the models file in use (read once per process and file)."""
+    path = _override_path or os.environ.get(MODELS_FILE_ENV) or None
+    table = _tables.get(path)
+    if table is None:
+        if path is not None and not os.path.exists(path):
+            raise ModelsFileError(f"models file not found: {path} ({MODELS_FILE_ENV} or --models-file)")
+        table = _tables[path] = _shipped_table().extended(path) if path else _shipped_table()
+    return table
 
 
 def lookup_model(name: str) -> ModelInfo | None:

@@ -20,11 +20,13 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .engine.records import message_columns
 from .engine.results_file import read_records
 from .inputs import Shard, iter_requests
 from .models import Usage, cost_usd
+from .schema import OutputSchema
 
-__all__ = ["PARQUET_SCHEMA", "DatasetTotals", "final_records", "merge_results"]
+__all__ = ["PARQUET_SCHEMA", "DatasetTotals", "final_records", "merge_results", "parquet_schema"]
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -51,10 +53,21 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("speed", pa.string()),
         pa.field("inference_geo", pa.string()),
         pa.field("refusal_category", pa.string()),
+        pa.field("thinking", pa.string()),
+        pa.field("tool_calls", pa.string()),  # JSON text: [{"name": ..., "input": {...}}, ...]
+        pa.field("content", pa.string()),  # JSON text: the reply's content blocks
+        pa.field("validation_error", pa.string()),
         pa.field("metadata", pa.string()),  # JSON text: any shape, readable by every engine
     ]
 )
 _COLUMNS = PARQUET_SCHEMA.names
+
+
+def parquet_schema(output_schema: OutputSchema | None = None) -> pa.Schema:
+    """The dataset's columns; with a structured-output schema, `parsed` too, typed by that schema."""
+    if output_schema is None:
+        return PARQUET_SCHEMA
+    return PARQUET_SCHEMA.append(pa.field("parsed", output_schema.arrow_type))
 
 
 @dataclass
@@ -125,10 +138,13 @@ def final_records(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
     return final
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
+def _row(record: dict[str, Any], output_schema: OutputSchema | None) -> dict[str, Any]:
     row = {name: record.get(name) for name in _COLUMNS}
+    row.update(message_columns(record.get("response")))
     metadata = record.get("metadata")
     row["metadata"] = None if metadata is None else orjson.dumps(metadata).decode()
+    if output_schema is not None:
+        row["parsed"] = record.get("parsed") if record.get("status") == "succeeded" else None
     return row
 
 
@@ -162,6 +178,7 @@ def merge_results(
     *,
     original_layout_path: str | os.PathLike[str] | None = None,
     parquet_beside_original: bool = False,
+    output_schema: OutputSchema | None = None,
 ) -> DatasetTotals:
     """Write results.jsonl and results.parquet into `output_dir` (or, for the drop-in script, the
     original layout at `original_layout_path` with the Parquet file beside it)."""
@@ -176,7 +193,8 @@ def merge_results(
             targets["original"] = Path(original_layout_path)
     temporary = {kind: path.with_name(f".{path.name}.partial") for kind, path in targets.items()}
     totals = DatasetTotals()
-    writer = pq.ParquetWriter(temporary["parquet"], PARQUET_SCHEMA, compression="zstd")
+    schema = parquet_schema(output_schema)
+    writer = pq.ParquetWriter(temporary["parquet"], schema, compression="zstd")
     jsonl = open(temporary["jsonl"], "wb") if "jsonl" in temporary else None  # noqa: SIM115
     original_file = open(temporary["original"], "wb") if "original" in temporary else None  # noqa: SIM115
     try:
@@ -185,15 +203,17 @@ def merge_results(
             rows = []
             for item in iter_requests(requests_path, shard.start, shard.end, shard.first_line):
                 record = records.get((item.line, item.digest)) or _missing(item.line, item.custom_id, item.metadata)
-                row = _row(record)
-                rows.append(row)
+                row = _row(record, output_schema)
                 totals.add(row)
                 if jsonl is not None:
                     jsonl.write(orjson.dumps({**row, "metadata": record.get("metadata")}) + b"\n")
+                if output_schema is not None:
+                    row["parsed"] = output_schema.column_value(row["parsed"])
+                rows.append(row)
                 if original_file is not None:
                     original_file.write(_original_layout_row(item.body, record, item.metadata))
             if rows:
-                writer.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA))
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     except BaseException:
         writer.close()
         for handle in (jsonl, original_file):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -17,6 +18,7 @@ from .engine import AnthropicClient, InputTokenEstimator, RetryPolicy
 from .engine.client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL
 from .models import use_models_file
 from .request_rules import API_VERSIONS
+from .schema import OutputSchema
 from .tiers import TierLimits, limits_for_tier
 
 __all__ = ["ClientSettings", "MissingAPIKeyError", "api_key_from_env", "shared_client"]
@@ -65,6 +67,28 @@ class ClientSettings(BaseModel):
     models_file: str | None = Field(
         default=None, description="A TOML file adding or overriding entries of the model table (prices, limits)."
     )
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON schema every reply must match (structured outputs; a Pydantic model class is "
+        "accepted and converted). Its fields become the typed `parsed` column.",
+    )
+    validation_retries: int = Field(
+        default=2, ge=0, description="Times a reply that does not match the schema is asked for again."
+    )
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _schema_from_model(cls, schema: Any) -> Any:
+        if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+            return schema.model_json_schema()
+        return schema
+
+    @field_validator("output_schema")
+    @classmethod
+    def _schema_the_api_takes(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            OutputSchema(schema)  # raises SchemaError naming the keyword the API cannot take
+        return schema
 
     @field_validator("anthropic_version")
     @classmethod
@@ -112,6 +136,8 @@ class ClientSettings(BaseModel):
             warm_cache=self.use_caching,
             auto_cache=self.auto_cache,
             drop_unsupported_params=self.drop_unsupported_params,
+            output_schema=OutputSchema(self.output_schema) if self.output_schema is not None else None,
+            validation_retries=self.validation_retries,
             input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
         )
 

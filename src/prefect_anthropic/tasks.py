@@ -24,13 +24,14 @@ from .engine import FatalAPIError, ResultsWriter, RunStopped, run_requests, succ
 from .inputs import Shard, ShardPlan, iter_requests, plan_shards
 from .outputs import DatasetTotals, merge_results
 from .progress import RunProgress
+from .schema import OutputSchema
 from .settings import ClientSettings, shared_client
 
 __all__ = ["ShardIncomplete", "merge_shards", "plan_request_shards", "run_shard"]
 
 #: Error types that another attempt cannot fix: a shard holding only these counts as finished.
 PERMANENT_ERRORS = frozenset(
-    {"invalid_request", "invalid_request_error", "not_found_error", "request_too_large", "refusal"}
+    {"invalid_request", "invalid_request_error", "not_found_error", "request_too_large", "refusal", "validation_error"}
 )
 
 #: RunProgress of the flow runs of this process, by key (tasks on another machine simply skip progress).
@@ -153,6 +154,7 @@ def merge_shards(
     output_dir: str,
     original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
+    output_schema: dict[str, Any] | None = None,
 ) -> DatasetTotals:
     return merge_results(
         requests_path,
@@ -161,4 +163,5 @@ def merge_shards(
         output_dir,
         original_layout_path=original_layout_path,
         parquet_beside_original=parquet_beside_original,
+        output_schema=OutputSchema(output_schema) if output_schema is not None else None,
     )

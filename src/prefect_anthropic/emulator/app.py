@@ -16,6 +16,7 @@ from .batches import BatchStore
 from .config import EmulatorConfig
 from .errors import APIError
 from .service import Caller, EmulatedAnthropic, new_id
+from .sse import error_event, stream_events
 
 
 class JSONResponse(Response):
@@ -32,6 +33,32 @@ class DroppedResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
         raise ConnectionAbortedError("emulator: connection dropped mid-response (injected fault)")
+
+
+class EventStreamResponse(Response):
+    """A streamed reply: its events one by one; a dropped connection stops half-way, an injected error
+    replaces the second half with an `error` event."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: list[bytes], headers: dict[str, str], *, drop: bool, error: bytes | None) -> None:
+        super().__init__(headers=headers)
+        # A stream has no length known in advance: chunked transfer, as the API answers.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.events = events
+        self.drop = drop
+        self.error = error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        cut = len(self.events) // 2 if self.drop or self.error else len(self.events)
+        for event in self.events[:cut]:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        if self.drop:
+            raise ConnectionAbortedError("emulator: connection dropped mid-stream (injected fault)")
+        if self.error is not None:
+            await send({"type": "http.response.body", "body": self.error, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _QuietDrops(logging.Filter):
@@ -68,6 +95,14 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             return error_response(error, request_id)
         headers = {"request-id": request_id, **completion.headers}
         api.ledger.responses_by_status[200] += 1
+        if completion.stream:
+            overloaded = error_event(APIError(529, "Overloaded").error_object()) if completion.stream_error else None
+            return EventStreamResponse(
+                stream_events(completion.message),
+                {**headers, "cache-control": "no-cache"},
+                drop=completion.drop_connection,
+                error=overloaded,
+            )
         if completion.drop_connection:
             return DroppedResponse(orjson.dumps(completion.message), headers=headers, media_type="application/json")
         return JSONResponse(completion.message, headers=headers)

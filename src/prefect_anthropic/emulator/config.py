@@ -39,7 +39,9 @@ class EmulatorConfig:
     error_rate_500: float = _opt(0.0, "Fraction of requests answered 500 api_error.")
     error_rate_504: float = _opt(0.0, "Fraction of requests answered 504 timeout_error.")
     error_rate_409: float = _opt(0.0, "Fraction of requests answered 409 conflict_error.")
-    drop_rate: float = _opt(0.0, "Fraction of responses whose connection drops mid-body (the work is billed).")
+    drop_rate: float = _opt(
+        0.0, "Fraction of responses whose connection drops mid-body or mid-stream (the work is billed)."
+    )
     stall_rate: float = _opt(0.0, "Fraction of responses that stall for --stall-s before answering.")
     stall_s: float = _opt(30.0, "How long a stalled response stalls, in seconds.")
     fault_retry_after_s: float = _opt(1.0, "retry-after (seconds) sent with an injected 429.")
@@ -50,6 +52,13 @@ class EmulatorConfig:
     )
     refusal_rate: float = _opt(
         0.0, "Fraction of requests answered stop_reason refusal with stop_details, before any output (not billed)."
+    )
+    schema_violation_rate: float = _opt(
+        0.0, "Fraction of structured-output replies that parse as JSON but break the schema."
+    )
+    invalid_json_rate: float = _opt(0.0, "Fraction of structured-output replies that are not valid JSON.")
+    stream_error_rate: float = _opt(
+        0.0, "Fraction of streamed replies interrupted by an `error` event (overloaded_error) mid-stream."
     )
     billing_error: bool = _opt(False, "Answer every message request 402 billing_error.")
     permission_error: bool = _opt(False, "Answer every message request 403 permission_error.")

@@ -96,6 +96,11 @@ class ParsedRequest:
     previous_message_id: str | None = None
     #: Digests of the prompt's parts in prefix order, to tell which part changed between two requests.
     part_digests: dict[str, bytes] = field(default_factory=dict)
+    #: Thinking asked for (enabled or adaptive): the reply starts with a thinking block.
+    thinking: bool = False
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: dict[str, Any] | None = None
+    stream: bool = False
 
 
 def _type_name(value: Any) -> str:
@@ -233,8 +238,6 @@ def parse_request(
         if max_tokens < 0:
             raise invalid("max_tokens: Input should be greater than or equal to 0")
         _check_sampling(body)
-        if body.get("stream"):
-            raise invalid("stream: streaming is not supported by the emulator; send stream=false")
         metadata = body.get("metadata")
         if metadata is not None:
             if not isinstance(metadata, dict):
@@ -373,6 +376,10 @@ def parse_request(
         inference_geo=inference_geo,
         previous_message_id=previous_message_id,
         part_digests=prompt.part_digests,
+        thinking=isinstance(body.get("thinking"), dict) and body["thinking"].get("type") in ("enabled", "adaptive"),
+        tools=[tool for tool in tools or () if isinstance(tool, dict)],
+        tool_choice=body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else None,
+        stream=bool(body.get("stream")),
     )
 
 

@@ -22,8 +22,8 @@ from .config import EmulatorConfig
 from .errors import APIError
 from .prompt import ParsedRequest, parse_request
 from .ratelimit import ClassBuckets
-from .structured import generate_value
-from .tokenizer import truncate
+from .structured import generate_value, violate
+from .tokenizer import count_tokens, truncate
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # Emulator-only test hook: a user message containing `[[emulator:status=NNN]]` gets that error status.
@@ -71,6 +71,8 @@ class Ledger:
     refused_requests: int = 0
     #: Billed requests of models the table has no prices for (not in cost_usd).
     unpriced_requests: int = 0
+    #: Requests answered as a stream of server-sent events (`stream: true`).
+    streamed_requests: int = 0
     _billed_bodies: set[int] = field(default_factory=set)
 
     def bill(self, body_digest: int, model: ModelInfo, usage: Usage, *, batch: bool) -> None:
@@ -103,6 +105,7 @@ class Ledger:
             "duplicate_billed_requests": self.duplicate_billed_requests,
             "refused_requests": self.refused_requests,
             "unpriced_requests": self.unpriced_requests,
+            "streamed_requests": self.streamed_requests,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
@@ -135,6 +138,9 @@ class Completion:
     latency_s: float
     headers: dict[str, str]
     drop_connection: bool = False
+    #: Answer as server-sent events; `stream_error` interrupts the stream with an `error` event.
+    stream: bool = False
+    stream_error: bool = False
 
 
 class EmulatedAnthropic:
@@ -298,15 +304,57 @@ class EmulatedAnthropic:
             self.ledger.refused_requests += 1  # a refusal before any output is not billed
         else:
             self.ledger.bill(body_digest(raw), model, usage, batch=False)
-        return Completion(message, usage, latency, buckets.headers(done), drop_connection=drop)
+        stream_error = False
+        if parsed.stream:
+            self.ledger.streamed_requests += 1
+            stream_error = bool(self.config.stream_error_rate) and self.rng.random() < self.config.stream_error_rate
+        return Completion(
+            message,
+            usage,
+            latency,
+            buckets.headers(done),
+            drop_connection=drop,
+            stream=parsed.stream,
+            stream_error=stream_error,
+        )
 
     def _reply_text(self, parsed: ParsedRequest, raw: bytes) -> str:
         """`echo: ` and the last user message; with a JSON schema, JSON matching it, drawn from a generator
-        seeded by --seed and the request, so a seed always gives the same reply to the same request."""
+        seeded by --seed and the request, so a seed always gives the same reply to the same request.
+        The structured-output faults break that promise on purpose (--schema-violation-rate,
+        --invalid-json-rate)."""
         if parsed.output_schema is None:
             return "echo: " + parsed.last_user_text
         rng = random.Random(f"{self.config.seed}:{body_digest(raw)}")
-        return orjson.dumps(generate_value(parsed.output_schema, rng)).decode()
+        value = generate_value(parsed.output_schema, rng)
+        config = self.config
+        if config.invalid_json_rate and self.rng.random() < config.invalid_json_rate:
+            text = orjson.dumps(value).decode()
+            return text[: max(1, len(text) // 2)]
+        if config.schema_violation_rate and self.rng.random() < config.schema_violation_rate:
+            value = violate(parsed.output_schema, value)
+        return orjson.dumps(value).decode()
+
+    def _tool_call(self, parsed: ParsedRequest, raw: bytes) -> dict[str, Any] | None:
+        """The tool the reply calls: the forced one, any one when `any` is forced, or under `auto` a tool
+        whose name the last user message mentions. Its input follows the tool's input_schema."""
+        if not parsed.tools:
+            return None
+        choice = parsed.tool_choice or {"type": "auto"}
+        by_name = {tool.get("name"): tool for tool in parsed.tools}
+        tool = None
+        if choice.get("type") == "tool":
+            tool = by_name.get(choice.get("name"))
+        elif choice.get("type") == "any":
+            tool = parsed.tools[0]
+        elif choice.get("type") == "auto":
+            tool = next((t for t in parsed.tools if str(t.get("name")) in parsed.last_user_text), None)
+        if tool is None:
+            return None
+        rng = random.Random(f"{self.config.seed}:tool:{body_digest(raw)}")
+        schema = tool.get("input_schema") or {"type": "object", "properties": {}}
+        tool_input = generate_value(schema, rng) if schema.get("properties") else {}
+        return {"type": "tool_use", "id": new_id("toolu"), "name": tool.get("name"), "input": tool_input}
 
     def generate(
         self,
@@ -319,31 +367,49 @@ class EmulatedAnthropic:
         refused: bool = False,
         service_tier: str = "standard",
     ) -> tuple[dict, Usage]:
-        """The deterministic reply, cut by max_tokens and stop sequences, with its usage."""
+        """The deterministic reply (thinking, then a tool call or text), cut by max_tokens and stop
+        sequences, with its usage."""
         outcome = self.cache.lookup_and_write(scope, parsed, now, ready_at)
         stop_reason, stop_sequence = "end_turn", None
         stop_details = None
+        content: list[dict[str, Any]] = []
+        output_tokens = thinking_tokens = 0
         if refused:
-            text, output_tokens = "", 0
             stop_reason = "refusal"
             category = _REFUSAL_CATEGORIES[body_digest(raw) % len(_REFUSAL_CATEGORIES)]
             stop_details = {"type": "refusal", "category": category, "explanation": "Emulated refusal."}
         else:
-            reply = self._reply_text(parsed, raw)
-            for sequence in parsed.stop_sequences:
-                at = reply.find(sequence)
-                if sequence and at >= 0:
-                    reply, stop_reason, stop_sequence = reply[:at], "stop_sequence", sequence
-                    break
-            text, output_tokens, cut = truncate(reply, parsed.max_tokens)
-            if cut or parsed.max_tokens == 0:
-                stop_reason, stop_sequence = "max_tokens", None
+            budget = parsed.max_tokens
+            if parsed.thinking and budget > 0:
+                thought, thinking_tokens, _ = truncate(f"The user asks: {parsed.last_user_text[:300]}", budget)
+                content.append({"type": "thinking", "thinking": thought, "signature": new_id("sig")})
+                budget -= thinking_tokens
+            tool_call = self._tool_call(parsed, raw) if budget > 0 else None
+            if tool_call is not None:
+                content.append(tool_call)
+                budget -= count_tokens(orjson.dumps(tool_call["input"]).decode())
+                stop_reason = "tool_use"
+                text_tokens = 0
+            else:
+                reply = self._reply_text(parsed, raw)
+                for sequence in parsed.stop_sequences:
+                    at = reply.find(sequence)
+                    if sequence and at >= 0:
+                        reply, stop_reason, stop_sequence = reply[:at], "stop_sequence", sequence
+                        break
+                text, text_tokens, cut = truncate(reply, max(0, budget))
+                if cut or budget <= 0:
+                    stop_reason, stop_sequence = "max_tokens", None
+                if text:
+                    content.append({"type": "text", "text": text})
+            output_tokens = min(parsed.max_tokens, parsed.max_tokens - budget + text_tokens)
         usage = Usage(
             input_tokens=parsed.total_input_tokens - outcome.read_tokens - outcome.creation_tokens,
             output_tokens=output_tokens,
             cache_creation_input_tokens=outcome.creation_tokens,
             cache_read_input_tokens=outcome.read_tokens,
             cache_creation_1h_input_tokens=outcome.creation_1h_tokens,
+            thinking_tokens=thinking_tokens,
             service_tier=service_tier,
             speed=parsed.speed,
             inference_geo=parsed.inference_geo,
@@ -354,7 +420,7 @@ class EmulatedAnthropic:
             "type": "message",
             "role": "assistant",
             "model": parsed.model.id,
-            "content": [{"type": "text", "text": text}] if text else [],
+            "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
             "stop_details": stop_details,
@@ -368,7 +434,7 @@ class EmulatedAnthropic:
                     "ephemeral_1h_input_tokens": usage.cache_creation_1h_input_tokens,
                 },
                 "output_tokens": usage.output_tokens,
-                "output_tokens_details": {"thinking_tokens": 0},
+                "output_tokens_details": {"thinking_tokens": usage.thinking_tokens},
                 "service_tier": service_tier,
                 "speed": parsed.speed,
                 "inference_geo": parsed.inference_geo,

@@ -13,86 +13,19 @@ import random
 import string
 from typing import Any
 
-from .errors import APIError, invalid
+from ..schema import compile_errors
+from .errors import invalid
 
 __all__ = ["check_schema", "generate_value"]
 
-#: Numeric and string-length constraints (ANTHROPIC_API_2026.md); other keywords are let through.
-UNSUPPORTED_KEYWORDS = frozenset(
-    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength"}
-)
-SUPPORTED_FORMATS = frozenset(
-    {"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid", "text"}
-)
-#: The API's published limits per request.
-MAX_OPTIONAL_PARAMETERS = 24
-MAX_UNION_PARAMETERS = 16
-_MAX_DEPTH = 32
-
-
-def _too_complex(why: str) -> APIError:
-    return invalid(f"output_config.format.schema: Schema is too complex for compilation ({why})")
-
-
-class _Checker:
-    def __init__(self, root: dict[str, Any]) -> None:
-        self.root = root
-        self.defs = root.get("$defs") or root.get("definitions") or {}
-        self.optional = 0
-        self.unions = 0
-
-    def check(self, schema: Any, where: str, refs: tuple[str, ...] = (), depth: int = 0) -> None:
-        if not isinstance(schema, dict):
-            raise invalid(f"{where}: a schema must be an object")
-        if depth > _MAX_DEPTH:
-            raise _too_complex(f"nested deeper than {_MAX_DEPTH} levels")
-        for keyword in schema:
-            if keyword in UNSUPPORTED_KEYWORDS:
-                raise invalid(f"{where}.{keyword}: the keyword '{keyword}' is not supported in structured outputs")
-        ref = schema.get("$ref")
-        if ref is not None:
-            if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/")):
-                raise invalid(f"{where}.$ref: external references are not supported ({ref!r})")
-            name = ref.split("/")[-1]
-            if name in refs:
-                raise invalid(f"{where}.$ref: recursive schemas are not supported ({ref!r})")
-            if name not in self.defs:
-                raise invalid(f"{where}.$ref: {ref!r} is not defined")
-            self.check(self.defs[name], f"$defs.{name}", (*refs, name), depth + 1)
-            return
-        additional = schema.get("additionalProperties")
-        if additional is not None and additional is not False:
-            raise invalid(f"{where}.additionalProperties: only false is supported")
-        if schema.get("minItems", 0) not in (0, 1):
-            raise invalid(f"{where}.minItems: only 0 or 1 is supported")
-        fmt = schema.get("format")
-        if fmt is not None and fmt not in SUPPORTED_FORMATS:
-            raise invalid(f"{where}.format: the format '{fmt}' is not supported")
-        for union in ("anyOf", "oneOf", "allOf"):
-            if union in schema:
-                self.unions += union != "allOf"
-                for i, variant in enumerate(schema[union]):
-                    self.check(variant, f"{where}.{union}.{i}", refs, depth + 1)
-        if isinstance(schema.get("type"), list):
-            self.unions += 1
-        properties = schema.get("properties") or {}
-        required = set(schema.get("required") or ())
-        for name, sub in properties.items():
-            self.optional += name not in required
-            self.check(sub, f"{where}.properties.{name}", refs, depth + 1)
-        if "items" in schema:
-            self.check(schema["items"], f"{where}.items", refs, depth + 1)
-        if self.optional > MAX_OPTIONAL_PARAMETERS:
-            raise _too_complex(f"more than {MAX_OPTIONAL_PARAMETERS} optional parameters")
-        if self.unions > MAX_UNION_PARAMETERS:
-            raise _too_complex(f"more than {MAX_UNION_PARAMETERS} union-typed parameters")
-
 
 def check_schema(schema: Any) -> None:
-    """Raise the API's 400 for a schema it cannot compile."""
+    """Raise the API's 400 for a schema it cannot compile (the rules live in prefect_anthropic.schema)."""
     if not isinstance(schema, dict):
         raise invalid("output_config.format.schema: Input should be a valid dictionary")
-    _Checker(schema).check(schema, "output_config.format.schema")
+    problems = compile_errors(schema, "output_config.format.schema")
+    if problems:
+        raise invalid(problems[0])
 
 
 _WORDS = ("alpha", "bravo", "delta", "echo", "kilo", "lima", "oscar", "romeo", "sierra", "tango")
@@ -169,3 +102,18 @@ def generate_value(schema: dict[str, Any], rng: random.Random, root: dict[str, A
     if kind == "null":
         return None
     return _string(schema.get("format"), rng)
+
+
+def violate(schema: dict[str, Any], value: Any) -> Any:
+    """A value that still parses as JSON but breaks `schema`: a required property removed, else a value
+    of the wrong type."""
+    if isinstance(value, dict):
+        for name in schema.get("required") or ():
+            if name in value:
+                return {k: v for k, v in value.items() if k != name}
+        if value:
+            name = next(iter(value))
+            return {**value, name: [] if not isinstance(value[name], list) else "not a list"}
+    if isinstance(value, str):
+        return 12345
+    return "not what the schema asks for"

@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from ..schema import output_format_of
+
 __all__ = ["AutoCache", "CachedPrefix", "PrefixWarmer", "cached_prefix"]
 
 logger = logging.getLogger(__name__)
@@ -57,12 +59,6 @@ def _blocks_in_prefix_order(body: dict[str, Any]) -> list[Any]:
     return blocks
 
 
-def _output_format(body: dict[str, Any]) -> Any:
-    config = body.get("output_config")
-    fmt = config.get("format") if isinstance(config, dict) else None
-    return fmt if fmt is not None else body.get("output_format")
-
-
 def cached_prefix(body: dict[str, Any]) -> CachedPrefix | None:
     """The prefix a request would cache, or None when it has no cache_control breakpoint.
 
@@ -83,7 +79,7 @@ def cached_prefix(body: dict[str, Any]) -> CachedPrefix | None:
     control = blocks[last].get("cache_control") if isinstance(blocks[last], dict) else None
     ttl = _TTL_S.get(control.get("ttl", "5m") if isinstance(control, dict) else "5m", 300.0)
     digest = hashlib.blake2b(str(body.get("model")).encode(), digest_size=16)
-    fmt = _output_format(body)
+    fmt = output_format_of(body)
     if fmt is not None:
         digest.update(orjson.dumps(fmt, option=orjson.OPT_SORT_KEYS))
     digest.update(orjson.dumps(blocks[: last + 1], option=orjson.OPT_SORT_KEYS))

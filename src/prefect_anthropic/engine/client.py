@@ -25,13 +25,15 @@ import orjson
 
 from ..models import ModelInfo, Usage, lookup_model, request_limit_class, unpriced_reason
 from ..request_rules import API_VERSION_2023, API_VERSION_2026, FAST_MODE_BETA
+from ..schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
 from .caching import AutoCache, PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError, RunStopped
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import RateLimiter, RateLimits
 from .preflight import Preflight
-from .records import RequestItem, ResultRecord, record_from_message
+from .records import RequestItem, ResultRecord, record_from_message, validate_record
 from .retry import RetryPolicy, retry_after_seconds
+from .streaming import accumulate, needs_streaming
 
 __all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "ClientStats"]
 
@@ -57,6 +59,10 @@ class ClientStats:
     prewarm_cache_creation_input_tokens: int = 0
     #: 429s for usage growing too fast (`ramp_limit_exceeded`), retried after retry-after.
     ramp_limited: int = 0
+    #: HTTP requests sent with `stream: true` (long outputs), retries included.
+    streamed_requests: int = 0
+    #: Requests sent again with the invalid reply and the validation error fed back.
+    validation_repairs: int = 0
 
 
 def rate_limit_class(model: str) -> str:
@@ -99,6 +105,8 @@ class AnthropicClient:
         warm_cache: bool = False,
         auto_cache: bool = False,
         drop_unsupported_params: bool = False,
+        output_schema: OutputSchema | None = None,
+        validation_retries: int = 2,
         seed: int | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -109,6 +117,10 @@ class AnthropicClient:
         adopt = adopt_server_limits
         self._adopts: Callable[[str], bool] = adopt if callable(adopt) else _same_for_every_class(adopt)
         self.preflight = Preflight(anthropic_version, drop_unsupported_params=drop_unsupported_params)
+        #: Every request asks for replies matching it (a line's own format wins); replies are validated.
+        self.output_schema = output_schema
+        self.validation_retries = validation_retries
+        self._line_schemas: dict[bytes, OutputSchema | None] = {}
         self.server_limit_share = server_limit_share
         self.burst_seconds = burst_seconds
         self.max_concurrency = max_concurrency
@@ -221,6 +233,8 @@ class AnthropicClient:
         if isinstance(checked, ResultRecord):
             return checked
         item = checked
+        if self.output_schema is not None:
+            item = dataclasses.replace(item, body=with_output_format(item.body, self.output_schema))
         self._raise_if_stopped()
         info = lookup_model(item.model)
         ratio = self.input_estimator.ratio(item.model)
@@ -235,19 +249,54 @@ class AnthropicClient:
         warmer = self.warmer
         prefix = cached_prefix(item.body) if warmer is not None else None
         if warmer is None or prefix is None:
-            return await self._send(item)
+            return await self._send_validated(item)
         prefix_tokens = int(self.input_estimator.count_blocks_cl100k(prefix.blocks) * ratio)
         minimum = info.min_cacheable_tokens if info is not None else None
         await warmer.before_send(prefix, lambda: self._prewarm(item), prefix_tokens, minimum, item.model)
         cacheable = minimum is None or prefix_tokens >= minimum
-        record = await self._send(item, cached_tokens_expected=prefix_tokens if cacheable else 0)
+        record = await self._send_validated(item, cached_tokens_expected=prefix_tokens if cacheable else 0)
         if record.succeeded:
             warmer.observe(prefix, record.cache_read_input_tokens)
         return record
 
+    def _schema_of(self, body: dict[str, Any]) -> OutputSchema | None:
+        """The schema a reply must match: ours, or the line's own (None: no structured output)."""
+        fmt = output_format_of(body)
+        if fmt is None:
+            return None
+        if self.output_schema is not None and fmt == self.output_schema.output_format():
+            return self.output_schema
+        key = orjson.dumps(fmt.get("schema"), option=orjson.OPT_SORT_KEYS)
+        if key not in self._line_schemas:
+            try:
+                self._line_schemas[key] = load_schema(fmt.get("schema") or {})
+            except (SchemaError, ValueError):
+                self._line_schemas[key] = None  # the API refuses it: its 400 is the row's answer
+        return self._line_schemas[key]
+
+    async def _send_validated(self, item: RequestItem, cached_tokens_expected: int = 0) -> ResultRecord:
+        """Send; with structured outputs, validate the reply against the full schema and, while it does not
+        match, ask again with the invalid reply and the validation error fed back (as instructor does).
+        Every attempt's tokens, cost and HTTP attempts are counted in the row."""
+        record = await self._send(item, cached_tokens_expected)
+        schema = self._schema_of(item.body)
+        if schema is None:
+            return record
+        spent: list[ResultRecord] = []
+        for repair in range(self.validation_retries + 1):
+            spent.append(record)
+            last_try = repair == self.validation_retries
+            if validate_record(record, schema, replies=repair + 1, last_try=last_try) or last_try:
+                break
+            self.stats.validation_repairs += 1
+            problem = record.validation_error or ""
+            item = dataclasses.replace(item, body=_repair_body(item.body, record.text or "", problem))
+            record = await self._send(item, cached_tokens_expected)
+        return _combined(spent)
+
     async def _prewarm(self, item: RequestItem) -> None:
         warm = RequestItem(line=0, custom_id=f"prewarm-{item.custom_id}", body={**item.body, "max_tokens": 0})
-        record = await self._send(warm)
+        record = await self._send(warm)  # an empty reply: nothing to validate
         self.stats.prewarm_requests += 1
         self.stats.prewarm_cost_usd += record.cost_usd or 0.0
         self.stats.prewarm_cache_creation_input_tokens += record.cache_creation_input_tokens
@@ -263,7 +312,9 @@ class AnthropicClient:
         charged_input = max(1, estimated_input - cached_tokens_expected)
         max_tokens = body.get("max_tokens")
         max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 4096
-        payload = orjson.dumps(body)
+        # Too long to answer within the SDK's non-streaming limit: streamed, and accumulated into one Message.
+        streaming = bool(body.get("stream")) or needs_streaming(max_tokens)
+        payload = orjson.dumps({**body, "stream": True} if streaming else body)
         limiter = self.limiter(model, body.get("speed"))
         info = lookup_model(model)
         extra_headers = {"anthropic-beta": FAST_MODE_BETA} if _needs_fast_beta(info, body) else None
@@ -282,9 +333,9 @@ class AnthropicClient:
                     self._raise_if_stopped()
                 started = time.monotonic()
                 self.stats.http_requests += 1
+                self.stats.streamed_requests += streaming
                 try:
-                    response = await self._post(payload, extra_headers)
-                    content = response.content
+                    status, headers, answer = await self._exchange(payload, extra_headers, streaming)
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
                     # The server may have processed it: keep the reservation, as it may have been charged.
                     self.stats.connection_errors += 1
@@ -294,18 +345,12 @@ class AnthropicClient:
                     retry_headers: dict[str, str] | None = None
                 else:
                     latency = time.monotonic() - started
-                    headers = response.headers
                     limiter.observe_headers(headers)
-                    status = response.status_code
                     if status == 200:
-                        try:
-                            message = orjson.loads(content)
-                        except orjson.JSONDecodeError:
-                            message = None
-                        if isinstance(message, dict):
+                        if isinstance(answer, dict):
                             return self._succeeded(
                                 item,
-                                message,
+                                answer,
                                 limiter,
                                 reservation,
                                 cl100k,
@@ -319,11 +364,7 @@ class AnthropicClient:
                         last = APIStatusError(status, "invalid_response", "unparseable 200 response body")
                         retry_headers = None
                     else:
-                        try:
-                            error_body = orjson.loads(content)
-                        except orjson.JSONDecodeError:
-                            error_body = content.decode("utf-8", "replace")
-                        last = APIStatusError.from_body(status, error_body, headers.get("request-id"))
+                        last = APIStatusError.from_body(status, answer, headers.get("request-id"))
                         errors.append(str(last))
                         limiter.refund(reservation)
                         if isinstance(last, FatalAPIError):
@@ -355,10 +396,20 @@ class AnthropicClient:
             errors=errors,
         )
 
-    async def _post(self, payload: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    async def _exchange(
+        self, payload: bytes, headers: dict[str, str] | None, streaming: bool
+    ) -> tuple[int, httpx.Headers, Any]:
+        """Send one request: (status, headers, the parsed body: a Message, an error envelope or text)."""
         lane = self._free_lanes.popleft()  # never empty: callers hold one of max_concurrency slots
         try:
-            return await lane.post("/v1/messages", content=payload, headers=headers)
+            if not streaming:
+                response = await lane.post("/v1/messages", content=payload, headers=headers)
+                return response.status_code, response.headers, _parsed_body(response.content)
+            async with lane.stream("POST", "/v1/messages", content=payload, headers=headers) as response:
+                if response.status_code != 200:
+                    return response.status_code, response.headers, _parsed_body(await response.aread())
+                status, answer = await accumulate(response)
+                return status, response.headers, answer
         finally:
             self._free_lanes.append(lane)
 
@@ -406,6 +457,43 @@ class AnthropicClient:
             logger.warning(
                 "No price for %s: %s; its rows get cost_usd null. Add its prices with --models-file.", model, why
             )
+
+
+def _repair_body(body: dict[str, Any], reply: str, problem: str) -> dict[str, Any]:
+    """The request again, with the invalid reply and what is wrong with it fed back."""
+    feedback = (
+        f"Your reply did not match the required JSON schema: {problem}. Reply again with only JSON that "
+        "matches the schema."
+    )
+    turns = [{"role": "assistant", "content": reply or "(empty reply)"}, {"role": "user", "content": feedback}]
+    return {**body, "messages": [*body["messages"], *turns]}
+
+
+def _combined(spent: list[ResultRecord]) -> ResultRecord:
+    """The last attempt's row, with the tokens, cost and attempts of every reply it took."""
+    final = spent[-1]
+    if len(spent) == 1:
+        return final
+    costs = [record.cost_usd for record in spent]
+    return dataclasses.replace(
+        final,
+        cost_usd=None if any(cost is None for cost in costs) else sum(c for c in costs if c is not None),
+        attempts=sum(record.attempts for record in spent),
+        input_tokens=sum(record.input_tokens for record in spent),
+        output_tokens=sum(record.output_tokens for record in spent),
+        cache_creation_input_tokens=sum(record.cache_creation_input_tokens for record in spent),
+        cache_read_input_tokens=sum(record.cache_read_input_tokens for record in spent),
+        thinking_tokens=sum(record.thinking_tokens for record in spent),
+        latency_s=round(sum(record.latency_s for record in spent), 6),
+        errors=[error for record in spent for error in record.errors],
+    )
+
+
+def _parsed_body(content: bytes) -> Any:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return content.decode("utf-8", "replace")
 
 
 def _same_for_every_class(value: T) -> Callable[[str], T]:

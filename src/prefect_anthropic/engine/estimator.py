@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from ..schema import output_format_of
+
 __all__ = ["InputTokenEstimator", "OutputTokenEstimator", "load_encoder"]
 
 logger = logging.getLogger(__name__)
@@ -95,9 +97,8 @@ class InputTokenEstimator:
         """cl100k tokens over tools, system and messages, plus small per-message overheads."""
         count = self._count_text
         total = _REQUEST_OVERHEAD
-        config = body.get("output_config")
-        output_format = (config.get("format") if isinstance(config, dict) else None) or body.get("output_format")
-        if isinstance(output_format, dict):
+        output_format = output_format_of(body)
+        if output_format is not None:
             # Structured outputs add a system prompt built from the schema.
             total += count(orjson.dumps(output_format.get("schema")).decode())
         for tool in body.get("tools") or ():

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..models import Usage, cost_usd, lookup_model
+import orjson
 
-__all__ = ["RequestItem", "ResultRecord", "record_from_message"]
+from ..models import Usage, cost_usd, lookup_model
+from ..schema import OutputSchema, parse_reply
+
+__all__ = ["RequestItem", "ResultRecord", "message_columns", "record_from_message", "validate_record"]
 
 
 @dataclass
@@ -58,6 +61,10 @@ class ResultRecord:
     speed: str | None = None
     inference_geo: str | None = None
     refusal_category: str | None = None
+    #: The reply parsed and valid against the dataset's schema (structured outputs), else None.
+    parsed: Any = None
+    #: Why the reply does not match the schema (None when it does or when there is no schema).
+    validation_error: str | None = None
     request_digest: str = ""
     metadata: Any = None
     response: dict[str, Any] | None = None
@@ -136,3 +143,35 @@ def record_from_message(
         response=message,
         **fields,
     )
+
+
+def message_columns(message: dict[str, Any] | None) -> dict[str, Any]:
+    """The reply's content as row columns: `thinking` (text), `tool_calls` (JSON text: a list of
+    {name, input}), `content` (JSON text: every content block)."""
+    if not message:
+        return {"thinking": None, "tool_calls": None, "content": None}
+    blocks = [block for block in message.get("content") or () if isinstance(block, dict)]
+    thoughts = [str(block.get("thinking", "")) for block in blocks if block.get("type") == "thinking"]
+    calls = [{"name": b.get("name"), "input": b.get("input")} for b in blocks if b.get("type") == "tool_use"]
+    return {
+        "thinking": "\n".join(thoughts) if thoughts else None,
+        "tool_calls": orjson.dumps(calls).decode() if calls else None,
+        "content": orjson.dumps(blocks).decode(),
+    }
+
+
+def validate_record(record: ResultRecord, schema: OutputSchema, *, replies: int = 1, last_try: bool = True) -> bool:
+    """Check a succeeded row's reply against the full schema: set `parsed`, or `validation_error`; on the
+    last try an invalid reply makes the row errored (`validation_error`, the reply kept in `text`)."""
+    if not record.succeeded:
+        return True
+    record.parsed, record.validation_error = parse_reply(record.text, schema)
+    if record.validation_error is None:
+        return True
+    if last_try:
+        record.status, record.error_type = "errored", "validation_error"
+        record.error_message = (
+            f"line {record.line}: the reply does not match the schema after {replies} "
+            f"{'reply' if replies == 1 else 'replies'}: {record.validation_error}"
+        )
+    return False
