@@ -372,8 +372,8 @@ def test_the_preflight_check_sends_nothing_the_api_would_reject(flow_env, emulat
 
     # estimate lists the lines by number, with the reason, before anything is paid.
     estimate = estimate_file(requests, ClientSettings())
-    assert [entry["line"] for entry in estimate["invalid_lines"]] == [2, 3]
-    assert "temperature" in estimate["invalid_lines"][0]["error"]
+    assert [entry["line"] for entry in estimate["rejected_lines"]] == [2, 3]
+    assert "temperature" in estimate["rejected_lines"][0]["error"]
 
 
 def test_an_unknown_model_is_sent_priced_null_with_a_warning_then_priced_from_a_models_file(

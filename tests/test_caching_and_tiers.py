@@ -174,5 +174,5 @@ async def test_estimate_uses_the_correction_a_previous_run_learned(emulator, tmp
     after = estimate_file(requests)
     assert MODEL in after["token_corrections_used"]
     real = summary["real_input_tokens"]
-    assert abs(after["estimated_input_tokens"] - real) / real < 0.05
-    assert abs(after["estimated_input_tokens"] - real) < abs(before["estimated_input_tokens"] - real)
+    assert abs(after["input_tokens"] - real) / real < 0.05
+    assert abs(after["input_tokens"] - real) < abs(before["input_tokens"] - real)

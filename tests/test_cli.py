@@ -60,13 +60,13 @@ def test_estimate_counts_prices_and_lists_invalid_lines(tmp_path, capsys):
     assert main(["estimate", str(requests), "--tier", "1", "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["requests"] == 10
-    assert [entry["line"] for entry in result["invalid_lines"]] == [11, 12]
-    assert result["worst_case_output_tokens"] == 500
+    assert [entry["line"] for entry in result["rejected_lines"]] == [11, 12]
+    assert result["output_tokens_max"] == 500
     assert 0 < result["cost_usd_min"] < result["cost_usd_max"]
     assert result["models"]["claude-sonnet-4-6"]["batch_cost_usd_max"] == pytest.approx(
         result["models"]["claude-sonnet-4-6"]["cost_usd_max"] / 2
     )
-    assert result["shortest_duration_s"] == pytest.approx(12.0)  # 10 requests at Tier 1's 50 requests/min
+    assert result["duration_s_min"] == pytest.approx(12.0)  # 10 requests at Tier 1's 50 requests/min
     assert main(["estimate", str(requests)]) == 1
     assert "line 11" in capsys.readouterr().out
 

@@ -179,8 +179,8 @@ async def test_batch_mode_carries_the_schema_and_validates_results(
 
 def test_estimate_counts_the_schemas_tokens(tmp_path):
     requests = requests_file(tmp_path / "requests.jsonl", 10)
-    without = estimate_file(requests, ClientSettings())["estimated_input_tokens"]
-    with_schema = estimate_file(requests, ClientSettings(output_schema=PERSON))["estimated_input_tokens"]
+    without = estimate_file(requests, ClientSettings())["input_tokens"]
+    with_schema = estimate_file(requests, ClientSettings(output_schema=PERSON))["input_tokens"]
     assert with_schema > without + 10 * 50
     assert load_schema(PERSON).full == PERSON
 

@@ -22,14 +22,16 @@ from prefect.logging import get_run_logger
 
 from .blocks import resolve_api_key
 from .engine import ResultsWriter, RetryPolicy, RunStopped, succeeded_requests
-from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, plan_batches
+from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, line_of_custom_id, plan_batches
+from .engine.budget import worst_case_cost
 from .engine.preflight import Preflight
-from .engine.records import ResultRecord, validate_record
+from .engine.records import RequestItem, ResultRecord, validate_record
 from .engine.runner import done_before
 from .inputs import Shard, iter_requests
+from .models import lookup_model
 from .outputs import final_records
 from .schema import OutputSchema, with_output_format
-from .settings import ClientSettings
+from .settings import ClientSettings, shared_client
 from .tasks import RUNS, SHUTDOWN, shard_results_path
 
 __all__ = ["BATCH_RETRY_CHOICES", "batch_state_path", "cancel_batches", "run_shard_in_batches"]
@@ -101,6 +103,9 @@ async def submit_batches(
     results_path = shard_results_path(work_dir, shard)
     round_: dict[str, Any] = {"complete": False, "batches": []}
     state["rounds"].append(round_)
+    # The flow's client (same settings, same loop): its budget is the run's, its estimator the run's.
+    client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
+    worst_by_line: dict[int, float] = {}
     async with await _batch_api(settings, client_block, credentials_block) as api:
         with ResultsWriter(results_path) as writer:
             valid = []
@@ -110,12 +115,24 @@ async def submit_batches(
                 if item.invalid is None and schema is not None:
                     item = dataclasses.replace(item, body=with_output_format(item.body, schema))
                 checked = ResultRecord.for_invalid_line(item) if item.invalid is not None else preflight(item)
+                if isinstance(checked, RequestItem) and client.budget is not None:
+                    # Batch mode reserves per batch: each request's worst case at the batch price.
+                    estimate = client.input_estimator.estimate(checked.body)
+                    worst = worst_case_cost(lookup_model(checked.model) or checked.model, checked.body, estimate,
+                                            batch=True)  # fmt: skip
+                    if worst is None or not client.budget.reserve(worst):
+                        checked = client.budget.exhausted_record(checked)
+                    else:
+                        worst_by_line[checked.line] = worst
                 if isinstance(checked, ResultRecord):
                     writer.write(checked)
                 else:
                     valid.append(checked)
         for requests in plan_batches(valid):
             batch = await api.create(requests)
+            reserved = sum(worst_by_line.get(line_of_custom_id(r["custom_id"]), 0.0) for r in requests)
+            if client.budget is not None:
+                client.budget.holds[batch["id"]] = reserved
             round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
             _write_state(state_path, state)  # recorded at once: a restart polls it instead of paying again
             logger.info("Shard %d: submitted %s with %d requests.", shard.index, batch["id"], len(requests))
@@ -176,11 +193,13 @@ async def download_batch_results(
     items = {batch_custom_id(i): i for i in iter_requests(requests_path, shard.start, shard.end, shard.first_line)}
     counts: dict[str, int] = {}
     schema = _output_schema(settings)
+    budget = shared_client(settings, await resolve_api_key(client_block, credentials_block)).budget
     async with await _batch_api(settings, client_block, credentials_block) as api:
         with ResultsWriter(shard_results_path(work_dir, shard)) as writer:
             for batch in round_["batches"]:
                 if batch["downloaded"]:
                     continue
+                spent = 0.0
                 async for line in api.results(batch["id"]):
                     item = items.get(str(line.get("custom_id")))
                     if item is None:
@@ -191,9 +210,12 @@ async def download_batch_results(
                         # realtime sends it again through the engine, which repairs).
                         validate_record(record, schema)
                     writer.write(record)
+                    spent += record.cost_usd or 0.0
                     kind = "succeeded" if record.succeeded else str(record.error_type)
                     counts[kind] = counts.get(kind, 0) + 1
                 writer.flush()
+                if budget is not None and batch["id"] in budget.holds:
+                    budget.settle(budget.holds.pop(batch["id"]), spent)
                 batch["downloaded"] = True
                 _write_state(state_path, state)
     round_["complete"] = True

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .emulator.config import EmulatorConfig
+from .formatting import money, number
 from .models import MODELS_FILE_ENV
 from .request_rules import API_VERSION_2023, API_VERSION_2026, API_VERSIONS
 from .settings import API_KEY_ENV, BASE_URL_ENV
@@ -21,6 +22,7 @@ from .settings import API_KEY_ENV, BASE_URL_ENV
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_STOPPED = 2
+EXIT_BUDGET = 3
 EXIT_INTERRUPTED = 130
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -86,37 +88,71 @@ def _settings(args: argparse.Namespace):
         values["output_schema"] = load_schema(args.schema).full
     if getattr(args, "validation_retries", None) is not None:
         values["validation_retries"] = args.validation_retries
+    if getattr(args, "max_cost_usd", None) is not None:
+        values["max_cost_usd"] = args.max_cost_usd
     return ClientSettings(**values)
+
+
+def _console_handlers() -> list[Any]:
+    """Prefect's console log handlers: they hold their own rich Console, bound to stderr."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [
+        logging.getLogger(),
+        *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger)),
+    ]
+    return [h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)]
 
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool) -> Iterator[None]:
+    """A live bar on its own line at the bottom of the terminal: done, spent, projected total, $/min,
+    req/min against the limit and an ETA from the limits in force. Log lines print above it."""
     from . import progress as progress_module
 
     if not enabled:
         yield
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.text import Text
 
-    bar = Progress(
-        TextColumn("[bold]requests"),
-        BarColumn(),
+    class RunBar(Progress):
+        """The bar, and under it a line of money and rates (two lines fit an 80-column terminal)."""
+
+        details = ""
+
+        def get_renderables(self):
+            yield self.make_tasks_table(self.tasks)
+            yield Text(self.details, overflow="fold")
+
+    bar = RunBar(
+        BarColumn(bar_width=30),
         TextColumn("{task.percentage:>5.1f}%"),
-        TimeElapsedColumn(),
         TextColumn("{task.description}"),
+        console=Console(stderr=True),
         transient=False,
     )
-    task_id = bar.add_task("", total=100)
+    task_id = bar.add_task("starting", total=100)
 
     def listener(run) -> None:
-        bar.update(task_id, completed=run.percent, description=run.describe())
+        bar.details = run.details()
+        bar.update(task_id, completed=run.percent, description=run.headline())
 
+    handlers = _console_handlers()
+    own_consoles = [handler.console for handler in handlers]
     progress_module.listeners.append(listener)
     with bar:
+        for handler in handlers:
+            handler.console = bar.console  # through the live display: printed above the bar, never into it
         try:
             yield
         finally:
             progress_module.listeners.remove(listener)
+            for handler, console in zip(handlers, own_consoles, strict=True):
+                handler.console = console
 
 
 def run_flow(
@@ -140,6 +176,7 @@ def run_flow(
     """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
     from .engine import FatalAPIError, RunStopped
     from .flows import generate_dataset
+    from .run_lock import OutputDirectoryLocked
     from .settings import MissingAPIKeyError
     from .tasks import SHUTDOWN
 
@@ -174,7 +211,7 @@ def run_flow(
     except FatalAPIError as error:
         print(f"error: the run stopped: {error}", file=sys.stderr)
         return EXIT_STOPPED
-    except (MissingAPIKeyError, FileNotFoundError, PermissionError, ValueError) as error:
+    except (MissingAPIKeyError, FileNotFoundError, PermissionError, ValueError, OutputDirectoryLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
     except (RunStopped, KeyboardInterrupt):
@@ -183,11 +220,31 @@ def run_flow(
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     print(
-        f"{summary['succeeded']:,} of {summary['requests']:,} requests succeeded, {summary['failed']:,} failed; "
-        f"cost ${summary['cost_usd']:.4f}; outputs in {output_dir}",
+        f"{number(summary['succeeded'])} of {number(summary['requests'])} requests succeeded, "
+        f"{number(summary['failed'])} failed; cost {money(summary['cost_usd'])}; outputs in {output_dir}",
         file=sys.stderr,
     )
+    if summary["stopped_by_budget"]:
+        print(
+            f"stopped by the budget of {money(summary['budget_usd'])}: unsent lines are budget_exhausted rows; "
+            "run the same command with a higher --max-cost-usd to resume",
+            file=sys.stderr,
+        )
+        return EXIT_BUDGET
     return EXIT_OK if summary["failed"] == 0 else EXIT_SOME_FAILED
+
+
+@contextlib.contextmanager
+def _prefect_log_level(verbose: bool) -> Iterator[None]:
+    """Prefect's banners and per-task lines only with --verbose; warnings and errors always."""
+    if verbose:
+        yield
+        return
+    from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
+
+    # Prefect sets up its logging when the first flow runs, from the settings in force then.
+    with temporary_settings(updates={PREFECT_LOGGING_LEVEL: "WARNING"}):
+        yield
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -199,6 +256,11 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
+    with _prefect_log_level(args.verbose):
+        return _run_flow_from_args(args, settings)
+
+
+def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
     return run_flow(
         args.requests,
         args.output_dir,
@@ -229,18 +291,41 @@ def _cancel_batches(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
+    from .engine import FatalAPIError
     from .estimate import estimate_file, format_estimate
+    from .settings import MissingAPIKeyError
 
     try:
-        result = estimate_file(args.requests, _settings(args))  # a bad schema or models file: exit 2
-    except (FileNotFoundError, ValueError) as error:
+        settings = _settings(args)  # a bad schema or models file: exit 2
+        exact = asyncio.run(_exact_input_tokens(args, settings)) if args.exact else None
+        result = estimate_file(args.requests, settings, exact_input_tokens=exact)
+    except (FileNotFoundError, ValueError, FatalAPIError, MissingAPIKeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_estimate(result))
-    return EXIT_OK if not result["invalid_lines"] else EXIT_SOME_FAILED
+    return EXIT_OK if not result["rejected_lines"] else EXIT_SOME_FAILED
+
+
+async def _exact_input_tokens(args: argparse.Namespace, settings: Any) -> dict[int, int]:
+    from .estimate import prepared_requests
+    from .settings import MissingAPIKeyError
+    from .token_count import count_input_tokens
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
+    if not api_key:
+        raise MissingAPIKeyError(f"estimate --exact asks the API: set {API_KEY_ENV} or pass --api-key")
+    items = (item for item, problem in prepared_requests(args.requests, settings) if problem is None)
+    return await count_input_tokens(
+        items,
+        args.requests,
+        api_key=api_key,
+        base_url=settings.base_url,
+        api_version=settings.anthropic_version,
+        tier=settings.tier,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -277,7 +362,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"Emulator on {emulator.base_url}: 1,200 requests/min, 2% overloaded errors.", file=sys.stderr)
         os.environ.setdefault(API_KEY_ENV, "sk-ant-fake-demo-key-for-the-emulator")
         settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200, max_concurrency=20)
-        code = run_flow(str(requests), str(output_dir), settings, shard_size=50)
+        with _prefect_log_level(verbose=False):
+            code = run_flow(str(requests), str(output_dir), settings, shard_size=50)
         stats = emulator.stats()
     print(
         f"The emulator billed {stats['billed_requests']} requests (${stats['cost_usd']:.4f}); "
@@ -335,7 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
     run.add_argument("--original-layout", metavar="PATH", help="Also write the original script's JSONL layout.")
     run.add_argument("--include-request", action="store_true", help="Keep each request body in the results.")
+    run.add_argument(
+        "--max-cost-usd", type=float,
+        help="Hard spending limit in dollars for the dataset (earlier runs of the output directory count); "
+        "exit code 3 when it stops the run.",
+    )  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    run.add_argument("--verbose", action="store_true", help="Prefect's own log lines and banners too.")
     run.set_defaults(handler=_run)
 
     cancel = commands.add_parser("cancel-batches", help="Cancel the unfinished batches of a batch-mode run.")
@@ -349,7 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("requests", help="JSONL file of Messages API requests.")
     _add_client_arguments(estimate)
     estimate.add_argument("--schema", metavar="FILE", help="JSON Schema sent with every request (counted as input).")
-    estimate.add_argument("--json", action="store_true", help="Print JSON.")
+    estimate.add_argument(
+        "--exact", action="store_true",
+        help="Count input tokens with the API's free count_tokens endpoint (within its own rate limit; "
+        "counts are kept, so a big file resumes).",
+    )  # fmt: skip
+    estimate.add_argument("--json", action="store_true", help="Print the estimate as one JSON object.")
     estimate.set_defaults(handler=_estimate)
 
     demo = commands.add_parser("demo", help="Start the emulator and run the flow on the shipped example.")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .corrections import load_token_corrections
 from .engine.caching import cached_prefix
 from .engine.estimator import InputTokenEstimator
 from .engine.preflight import Preflight
+from .engine.records import RequestItem
+from .formatting import duration, money, number
 from .inputs import iter_requests
 from .models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
 from .schema import OutputSchema, with_output_format
@@ -19,29 +22,48 @@ from .settings import ClientSettings
 __all__ = ["estimate_file", "format_estimate"]
 
 
-def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None = None) -> dict[str, Any]:
-    settings = settings or ClientSettings()
+def prepared_requests(
+    path: str | os.PathLike[str], settings: ClientSettings
+) -> Iterator[tuple[RequestItem, str | None]]:
+    """Each line as it would be sent (the schema applied, unsupported parameters dropped if asked), with
+    why it would not be sent (None: it would)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"requests file not found: {path}")
     if settings.models_file:
         use_models_file(settings.models_file)
     preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
     schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
+    for item in iter_requests(path):
+        if item.invalid is not None:
+            yield item, item.invalid
+            continue
+        if schema is not None:  # the schema is sent with every request: its tokens are input tokens
+            item = dataclasses.replace(item, body=with_output_format(item.body, schema))
+        checked = preflight(item)
+        if isinstance(checked, RequestItem):
+            yield checked, None
+        else:
+            yield item, checked.error_message
+
+
+def estimate_file(
+    path: str | os.PathLike[str],
+    settings: ClientSettings | None = None,
+    *,
+    exact_input_tokens: Mapping[int, int] | None = None,
+) -> dict[str, Any]:
+    """Count, price and time a request file. Input tokens are estimated (tiktoken x the correction
+    learned from earlier runs) unless `exact_input_tokens` (line -> count_tokens' answer) is given."""
+    settings = settings or ClientSettings()
     corrections = load_token_corrections()
     estimator = InputTokenEstimator(initial_ratios=corrections)
     per_model: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     limit_classes: dict[str, str] = {}
     invalid: list[dict[str, Any]] = []
     prefixes_seen: set[str] = set()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"requests file not found: {path}")
-    for item in iter_requests(path):
-        if item.invalid is not None:
-            invalid.append({"line": item.line, "error": item.invalid})
-            continue
-        if schema is not None:  # the schema is sent with every request: its tokens are input tokens
-            item = dataclasses.replace(item, body=with_output_format(item.body, schema))
-        problem = preflight.problem(item)
+    for item, problem in prepared_requests(path, settings):
         if problem is not None:
-            invalid.append({"line": item.line, "error": f"line {item.line}: {problem}"})
+            invalid.append({"line": item.line, "error": problem})
             continue
         model = item.model
         info = lookup_model(model)
@@ -49,7 +71,7 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
         limit_classes[name] = request_limit_class(model, item.body.get("speed"))
         stats = per_model[name]
         stats["requests"] += 1
-        total = estimator.estimate(item.body)
+        total = exact_input_tokens[item.line] if exact_input_tokens is not None else estimator.estimate(item.body)
         stats["input_tokens"] += total
         stats["max_output_tokens"] += item.body["max_tokens"]
         prefix = cached_prefix(item.body)
@@ -110,17 +132,18 @@ def estimate_file(path: str | os.PathLike[str], settings: ClientSettings | None 
         worst_case = max(worst_case, 60.0 * max(*minutes, output_minutes))
     return {
         "requests": sum(m["requests"] for m in models.values()),
-        "invalid_lines": invalid,
-        "estimated_input_tokens": sum(m["estimated_input_tokens"] for m in models.values()),
-        "worst_case_output_tokens": sum(m["worst_case_output_tokens"] for m in models.values()),
+        "input_tokens": sum(m["estimated_input_tokens"] for m in models.values()),
+        "input_tokens_exact": exact_input_tokens is not None,
+        "output_tokens_max": sum(m["worst_case_output_tokens"] for m in models.values()),
         **{key: _total(models, key) for key in _COST_KEYS},
+        "duration_s_min": round(shortest, 1),
+        "duration_s_if_replies_hit_max_tokens": round(worst_case, 1),
+        "rejected_lines": invalid,
         "unpriced_models": [model for model, m in models.items() if m["cost_usd_min"] is None],
         "warnings": warnings,
         "models": models,
         "limits": {cls: limits_for(cls).as_dict() for cls in by_class},
         "token_corrections_used": {model: corrections[model] for model in models if model in corrections},
-        "shortest_duration_s": round(shortest, 1),
-        "duration_if_every_reply_hits_max_tokens_s": round(worst_case, 1),
     }
 
 
@@ -136,16 +159,14 @@ def _total(models: dict[str, dict[str, Any]], key: str) -> float:
     return round(sum(m[key] for m in models.values() if m[key] is not None), 6)
 
 
-def _money(cost: float | None) -> str:
-    return "price unknown" if cost is None else f"${cost:,.4f}"
-
-
 def format_estimate(result: dict[str, Any]) -> str:
     lines = [
-        f"requests:                 {result['requests']:,}",
-        f"estimated input tokens:   {result['estimated_input_tokens']:,}",
-        f"worst-case output tokens: {result['worst_case_output_tokens']:,} (every reply at max_tokens)",
-        f"cost:                     ${result['cost_usd_min']:,.4f} - ${result['cost_usd_max']:,.4f}",
+        f"requests:                 {number(result['requests'])}",
+        f"input tokens:             {number(result['input_tokens'])} "
+        f"({'exact, from count_tokens' if result['input_tokens_exact'] else 'estimated'})",
+        f"worst-case output tokens: {number(result['output_tokens_max'])} (every reply at max_tokens)",
+        f"cost:                     {money(result['cost_usd_min'])} - {money(result['cost_usd_max'])} "
+        f"(batch mode {money(result['batch_cost_usd_min'])} - {money(result['batch_cost_usd_max'])})",
     ]
     if result["unpriced_models"]:
         lines[-1] += f" (without {', '.join(result['unpriced_models'])}: price unknown)"
@@ -154,13 +175,13 @@ def format_estimate(result: dict[str, Any]) -> str:
             lines.append(f"  {model}: {m['requests']:,} requests, price unknown (add it with --models-file)")
             continue
         lines.append(
-            f"  {model}: {m['requests']:,} requests, {_money(m['cost_usd_min'])} - {_money(m['cost_usd_max'])} "
-            f"(batch mode {_money(m['batch_cost_usd_min'])} - {_money(m['batch_cost_usd_max'])})"
+            f"  {model}: {m['requests']:,} requests, {money(m['cost_usd_min'])} - {money(m['cost_usd_max'])} "
+            f"(batch mode {money(m['batch_cost_usd_min'])} - {money(m['batch_cost_usd_max'])})"
         )
-    lines.append(f"shortest duration:        {result['shortest_duration_s']:,.1f} s at the chosen limits")
-    lines.append(f"if replies hit max_tokens: {result['duration_if_every_reply_hits_max_tokens_s']:,.1f} s")
+    lines.append(f"shortest duration:        {duration(result['duration_s_min'])} at the chosen limits")
+    lines.append(f"if replies hit max_tokens: {duration(result['duration_s_if_replies_hit_max_tokens'])}")
     lines += [f"warning: {warning}" for warning in result["warnings"]]
-    if result["invalid_lines"]:
-        lines.append(f"lines the API would reject, never sent ({len(result['invalid_lines'])}):")
-        lines += [f"  {entry['error']}" for entry in result["invalid_lines"]]
+    if result["rejected_lines"]:
+        lines.append(f"lines the API would reject, never sent ({len(result['rejected_lines'])}):")
+        lines += [f"  {entry['error']}" for entry in result["rejected_lines"]]
     return "\n".join(lines)

@@ -28,15 +28,25 @@ from prefect.tasks import exponential_backoff
 from .batch_mode import run_shard_in_batches
 from .blocks import AnthropicClientConfig, resolve_api_key
 from .corrections import save_token_corrections
-from .engine import AnthropicClient, FatalAPIError, RunStopped
+from .engine import AnthropicClient, FatalAPIError, RunStopped, read_records
+from .formatting import duration, money, number
 from .outputs import DatasetTotals
 from .progress import RunProgress
+from .run_lock import hold_output_directory
 from .settings import ClientSettings, close_shared_clients, shared_client
 from .tasks import RUNS, mark_shard_done, merge_shards, plan_request_shards, run_shard, shard_marker_path
 
 __all__ = ["generate_dataset"]
 
 SUMMARY_FILE = "summary.json"
+
+
+def spent_in(output_dir: str) -> float:
+    """Dollars the results files of an output directory record as paid (every attempt of every run)."""
+    total = 0.0
+    for path in sorted(Path(output_dir).glob(".shards-*/shard-*.jsonl")):
+        total += sum(record.get("cost_usd") or 0.0 for record in read_records(path))
+    return total
 
 
 def _check_paths(requests_path: str, output_dir: str) -> None:
@@ -82,6 +92,8 @@ def _summary(
         "cache_prewarm_requests": stats.prewarm_requests,
         "cache_prewarm_cost_usd": round(stats.prewarm_cost_usd, 6),
         "warnings": client.warnings + totals.warnings(),
+        "budget_usd": settings.max_cost_usd,
+        "stopped_by_budget": bool(client.budget is not None and client.budget.exhausted),
         "unpriced_models": dict(totals.unpriced_rows),
         "lines_rejected_before_sending": client.preflight.lines_rejected,
         "lines_with_dropped_params": client.preflight.lines_with_dropped_params,
@@ -99,34 +111,44 @@ def _summary(
     }
 
 
+def _limit_text(value: float | None, unit: str) -> str:
+    return f"{number(value)} {unit}" if value is not None else f"no {unit} limit"
+
+
 def _summary_markdown(summary: dict[str, Any]) -> str:
+    cost_line = f"{money(summary['cost_usd'])} (without caching {money(summary['cost_usd_without_caching'])})"
+    if summary["budget_usd"] is not None:
+        cost_line += f"; budget {money(summary['budget_usd'])}"
+        cost_line += ", **stopped by the budget**" if summary["stopped_by_budget"] else ""
     lines = [
         "# Anthropic dataset run",
         "",
         "| | |",
         "|---|---|",
-        f"| requests | {summary['requests']:,} |",
-        f"| succeeded | {summary['succeeded']:,} |",
-        f"| failed | {summary['failed']:,} |",
-        f"| input tokens | {summary['input_tokens']:,} |",
-        f"| output tokens | {summary['output_tokens']:,} |",
-        f"| cache reads | {summary['cache_read_input_tokens']:,} (hit rate {summary['cache_hit_rate']:.1%}) |",
-        f"| estimated input tokens | {summary['estimated_input_tokens']:,} (real {summary['real_input_tokens']:,}) |",
-        f"| cost | ${summary['cost_usd']:,.4f} (without caching ${summary['cost_usd_without_caching']:,.4f}) |",
-        f"| wall time | {summary['wall_time_s']:,.1f} s |",
-        f"| achieved rate | {summary['achieved_requests_per_minute']:,.0f} requests/min |",
+        f"| requests | {number(summary['requests'])} |",
+        f"| succeeded | {number(summary['succeeded'])} |",
+        f"| failed | {number(summary['failed'])} |",
+        f"| input tokens | {number(summary['input_tokens'])} |",
+        f"| output tokens | {number(summary['output_tokens'])} |",
+        f"| cache reads | {number(summary['cache_read_input_tokens'])} (hit rate {summary['cache_hit_rate']:.1%}) |",
+        f"| estimated input tokens | {number(summary['estimated_input_tokens'])} "
+        f"(real {number(summary['real_input_tokens'])}) |",
+        f"| cost | {cost_line} |",
+        f"| wall time | {duration(summary['wall_time_s'])} |",
+        f"| achieved rate | {number(summary['achieved_requests_per_minute'])} req/min |",
     ]
     for cls, limits in summary["limits"].items():
         lines.append(
-            f"| limits ({cls}) | {limits['requests_per_minute']} req/min, {limits['input_tokens_per_minute']} "
-            f"input tok/min, {limits['output_tokens_per_minute']} output tok/min |"
+            f"| limits ({cls}) | {_limit_text(limits['requests_per_minute'], 'req/min')}, "
+            f"{_limit_text(limits['input_tokens_per_minute'], 'input tok/min')}, "
+            f"{_limit_text(limits['output_tokens_per_minute'], 'output tok/min')} |"
         )
     if summary["warnings"]:
         lines += ["", "## Warnings", ""]
         lines += [f"- {warning}" for warning in summary["warnings"]]
     if summary["failed_by_error_type"]:
         lines += ["", "## Failures by error type", ""]
-        lines += [f"- `{kind}`: {count:,}" for kind, count in sorted(summary["failed_by_error_type"].items())]
+        lines += [f"- `{kind}`: {number(count)}" for kind, count in sorted(summary["failed_by_error_type"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -166,15 +188,58 @@ async def generate_dataset(
             nothing, a follow-up batch, or the real-time API.
         batch_poll_interval_s: In batch mode, the longest wait between two polls of a batch.
     """
-    logger = get_run_logger()
     started = time.monotonic()
     if client_block:
         config: AnthropicClientConfig = await AnthropicClientConfig.aload(client_block)
         settings = config.settings()
     settings = settings or ClientSettings()
     _check_paths(requests_path, output_dir)
+    with hold_output_directory(output_dir):  # one run per output directory, whatever starts it
+        return await _run(
+            requests_path,
+            output_dir,
+            settings,
+            client_block,
+            credentials_block,
+            shard_size,
+            max_parallel_shards,
+            original_layout_path,
+            parquet_beside_original,
+            shard_retries,
+            shard_retry_delay_s,
+            mode,
+            batch_retry,
+            batch_poll_interval_s,
+            started,
+        )
+
+
+async def _run(
+    requests_path: str,
+    output_dir: str,
+    settings: ClientSettings,
+    client_block: str | None,
+    credentials_block: str | None,
+    shard_size: int,
+    max_parallel_shards: int,
+    original_layout_path: str | None,
+    parquet_beside_original: bool,
+    shard_retries: int,
+    shard_retry_delay_s: float,
+    mode: str,
+    batch_retry: str,
+    batch_poll_interval_s: float,
+    started: float,
+) -> dict[str, Any]:
+    logger = get_run_logger()
     # Fail before planning anything when there is no key (the key itself stays out of every parameter).
     client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
+    if client.budget is not None:
+        # The budget is for the dataset: what earlier runs of this output directory paid counts.
+        client.budget.spent_usd = spent_in(output_dir)
+        logger.info(
+            "Budget %s, %s spent by earlier runs.", money(client.budget.limit_usd), money(client.budget.spent_usd)
+        )
 
     plan = plan_request_shards(requests_path, shard_size)
     if plan.lines == 0:
@@ -191,7 +256,7 @@ async def generate_dataset(
     )
 
     progress_key = uuid.uuid4().hex
-    tracker = RUNS[progress_key] = RunProgress(total_requests=plan.lines)
+    tracker = RUNS[progress_key] = RunProgress(total_requests=plan.lines, limits=client.limits_in_force)
     artifact_id = await acreate_progress_artifact(0.0, key="anthropic-dataset-progress", description="Requests done")
 
     async def publish_progress() -> None:
@@ -213,7 +278,7 @@ async def generate_dataset(
                     requests_path, shard, str(work_dir), settings, client_block, credentials_block,
                     batch_retry=batch_retry, poll_interval_s=batch_poll_interval_s, progress_key=progress_key,
                 )  # fmt: skip
-                if not left:
+                if not left and not (client.budget is not None and client.budget.exhausted):
                     mark_shard_done(work_dir, shard, {"shard": shard.index, "requests": shard.line_count})
             # Real-time mode, or what batch mode left for it: sends only the lines not yet succeeded.
             return await shard_task(
@@ -259,16 +324,16 @@ async def generate_dataset(
     await aupdate_progress_artifact(artifact_id, 100.0, description=tracker.describe())
     await acreate_markdown_artifact(_summary_markdown(summary), key="anthropic-dataset-summary")
     await acreate_table_artifact(
-        [{"error_type": kind, "requests": count} for kind, count in sorted(totals.errors_by_type.items())]
-        or [{"error_type": "none", "requests": 0}],
+        totals.first_failures or [{"line": None, "custom_id": None, "error_type": "none", "error_message": None}],
         key="anthropic-dataset-failures",
+        description=f"Failed lines: the first {number(len(totals.first_failures))} of {number(totals.failed)}",
     )
     logger.info(
-        "Done: %d requests, %d succeeded, %d failed, $%.4f, %.1f s",
-        summary["requests"],
-        summary["succeeded"],
-        summary["failed"],
-        summary["cost_usd"],
-        summary["wall_time_s"],
+        "Done: %s requests, %s succeeded, %s failed, %s, %s",
+        number(summary["requests"]),
+        number(summary["succeeded"]),
+        number(summary["failed"]),
+        money(summary["cost_usd"]),
+        duration(summary["wall_time_s"]),
     )
     return summary

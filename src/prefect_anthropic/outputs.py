@@ -61,6 +61,8 @@ PARQUET_SCHEMA = pa.schema(
     ]
 )
 _COLUMNS = PARQUET_SCHEMA.names
+MAX_LISTED_FAILURES = 1_000
+_FAILURE_COLUMNS = ("line", "custom_id", "error_type", "error_message")
 
 
 def parquet_schema(output_schema: OutputSchema | None = None) -> pa.Schema:
@@ -87,6 +89,8 @@ class DatasetTotals:
     cost_usd_without_cache: float = 0.0
     #: Answered rows the model table could not price (cost_usd null), by model: left out of the costs.
     unpriced_rows: Counter[str] = field(default_factory=Counter)
+    #: The first failed rows (line, custom_id, error_type, error_message), for the failures artifact.
+    first_failures: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows += 1
@@ -118,6 +122,10 @@ class DatasetTotals:
         else:
             self.failed += 1
             self.errors_by_type[row["error_type"] or "unknown"] += 1
+            if len(self.first_failures) < MAX_LISTED_FAILURES:
+                self.first_failures.append(
+                    {key: row[key] for key in ("line", "custom_id", "error_type", "error_message")}
+                )
 
     def warnings(self) -> list[str]:
         return [

@@ -72,6 +72,12 @@ class ClientSettings(BaseModel):
         description="A JSON schema every reply must match (structured outputs; a Pydantic model class is "
         "accepted and converted). Its fields become the typed `parsed` column.",
     )
+    max_cost_usd: float | None = Field(
+        default=None,
+        gt=0,
+        description="Hard spending limit in dollars for the output directory's dataset: a request whose worst "
+        "case would cross it is not sent.",
+    )
     validation_retries: int = Field(
         default=2, ge=0, description="Times a reply that does not match the schema is asked for again."
     )
@@ -138,6 +144,7 @@ class ClientSettings(BaseModel):
             drop_unsupported_params=self.drop_unsupported_params,
             output_schema=OutputSchema(self.output_schema) if self.output_schema is not None else None,
             validation_retries=self.validation_retries,
+            max_cost_usd=self.max_cost_usd,
             input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
         )
 

@@ -31,7 +31,15 @@ __all__ = ["ShardIncomplete", "merge_shards", "plan_request_shards", "run_shard"
 
 #: Error types that another attempt cannot fix: a shard holding only these counts as finished.
 PERMANENT_ERRORS = frozenset(
-    {"invalid_request", "invalid_request_error", "not_found_error", "request_too_large", "refusal", "validation_error"}
+    {
+        "invalid_request",
+        "invalid_request_error",
+        "not_found_error",
+        "request_too_large",
+        "refusal",
+        "validation_error",
+        "budget_exhausted",
+    }
 )
 
 #: RunProgress of the flow runs of this process, by key (tasks on another machine simply skip progress).
@@ -135,6 +143,8 @@ async def run_shard(
         "sent": progress.done,
         "failed_permanently": progress.failed,
     }
+    if progress.errors_by_type.get("budget_exhausted"):
+        return summary  # not done: a later run with a higher budget sends the rest
     mark_shard_done(work_dir, shard, summary)
     logger.info(
         "Shard %d done: %d sent, %d skipped, %d failed permanently.",

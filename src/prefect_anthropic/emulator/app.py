@@ -112,7 +112,8 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         api.ledger.requests_total += 1
         try:
             caller = api.authenticate(request.headers)
-            return ok(api.count_tokens(caller, api.parse_json(await request.body())), request_id)
+            counted, headers = api.count_tokens(caller, api.parse_json(await request.body()))
+            return ok(counted, request_id, headers)
         except APIError as error:
             return error_response(error, request_id)
 

@@ -20,6 +20,9 @@ class EmulatorConfig:
     requests_per_minute: float = _opt(0, "Requests per minute (0 = unlimited).")
     input_tokens_per_minute: float = _opt(0, "Input tokens per minute; cache reads do not count (0 = unlimited).")
     output_tokens_per_minute: float = _opt(0, "Output tokens per minute (0 = unlimited).")
+    count_tokens_per_minute: float = _opt(
+        0, "Requests per minute to /v1/messages/count_tokens, its own limit per key (0 = unlimited)."
+    )
     burst_seconds: float = _opt(
         60.0,
         "Bucket capacity in seconds of refill: 60 holds a whole minute's budget; smaller values enforce "

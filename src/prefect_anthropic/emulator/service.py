@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from ..engine.limiter import TokenBucket
 from ..models import ModelInfo, Usage, cost_usd, model_table
 from ..request_rules import API_VERSIONS
 from .cache import CacheOutcome, PromptCache
@@ -73,6 +74,8 @@ class Ledger:
     unpriced_requests: int = 0
     #: Requests answered as a stream of server-sent events (`stream: true`).
     streamed_requests: int = 0
+    #: count_tokens requests answered (free, never billed).
+    counted_requests: int = 0
     _billed_bodies: set[int] = field(default_factory=set)
 
     def bill(self, body_digest: int, model: ModelInfo, usage: Usage, *, batch: bool) -> None:
@@ -106,6 +109,7 @@ class Ledger:
             "refused_requests": self.refused_requests,
             "unpriced_requests": self.unpriced_requests,
             "streamed_requests": self.streamed_requests,
+            "counted_requests": self.counted_requests,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
@@ -155,6 +159,7 @@ class EmulatedAnthropic:
         self._buckets: dict[tuple[str, str], ClassBuckets] = {}
         #: Prompt part digests of recent replies, by message id, for `diagnostics.previous_message_id`.
         self._recent_prompts: dict[str, tuple[str, dict[str, bytes]]] = {}
+        self._count_buckets: dict[str, TokenBucket] = {}
         #: Seconds added to the clock: tests jump past a cache TTL or a minute of refill without waiting.
         self.clock_offset = 0.0
 
@@ -170,6 +175,7 @@ class EmulatedAnthropic:
         self.ledger = Ledger()
         self._buckets.clear()
         self._recent_prompts.clear()
+        self._count_buckets.clear()
         self.clock_offset = 0.0
 
     # -- request checks shared by every endpoint -------------------------------------------------------
@@ -467,11 +473,34 @@ class EmulatedAnthropic:
             return {"cache_miss_reason": {"type": "messages_changed", "cache_missed_input_tokens": missed}}
         return None
 
-    def count_tokens(self, caller: Caller, body: Any) -> dict[str, int]:
+    def count_tokens(self, caller: Caller, body: Any) -> tuple[dict[str, int], dict[str, str]]:
+        """The count and the rate-limit headers of count_tokens' own limit (requests per minute, per key)."""
         parsed = parse_request(
             body, count_tokens_only=True, api_version=caller.api_version, beta=caller.beta, models=self.models
         )
-        return {"input_tokens": parsed.total_input_tokens}
+        headers: dict[str, str] = {}
+        rpm = self.config.count_tokens_per_minute
+        if rpm > 0:
+            now = self.now()
+            bucket = self._count_buckets.get(caller.key)
+            if bucket is None:
+                capacity = max(1.0, rpm * self.config.burst_seconds / 60.0)
+                bucket = self._count_buckets[caller.key] = TokenBucket(rpm, capacity, now)
+            wait = bucket.wait_time(1.0, now)
+            headers = {
+                "anthropic-ratelimit-requests-limit": str(int(rpm)),
+                "anthropic-ratelimit-requests-remaining": str(max(0, int(bucket.level))),
+            }
+            if wait > 0:
+                raise APIError(
+                    429,
+                    f"This request would exceed your organization's rate limit of {int(rpm)} count_tokens requests "
+                    "per minute.",
+                    headers={**headers, "retry-after": str(max(1, math.ceil(wait)))},
+                )
+            bucket.take(1.0, now)
+        self.ledger.counted_requests += 1
+        return {"input_tokens": parsed.total_input_tokens}, headers
 
 
 def _retry_after_text(seconds: float) -> str:

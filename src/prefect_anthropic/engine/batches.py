@@ -28,6 +28,7 @@ __all__ = [
     "BatchAPI",
     "batch_custom_id",
     "batch_result_record",
+    "line_of_custom_id",
     "plan_batches",
 ]
 
@@ -38,6 +39,11 @@ _ENVELOPE_BYTES = 64  # {"custom_id": ..., "params": ...} around each request
 
 def batch_custom_id(item: RequestItem) -> str:
     return f"line-{item.line}"
+
+
+def line_of_custom_id(custom_id: str) -> int:
+    """The input line a batch request's custom_id names (see batch_custom_id)."""
+    return int(custom_id.removeprefix("line-"))
 
 
 def plan_batches(

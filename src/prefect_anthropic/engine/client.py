@@ -26,6 +26,7 @@ import orjson
 from ..models import ModelInfo, Usage, lookup_model, request_limit_class, unpriced_reason
 from ..request_rules import API_VERSION_2023, API_VERSION_2026, FAST_MODE_BETA
 from ..schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
+from .budget import Budget, worst_case_cost
 from .caching import AutoCache, PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError, RunStopped
 from .estimator import InputTokenEstimator, OutputTokenEstimator
@@ -107,6 +108,7 @@ class AnthropicClient:
         drop_unsupported_params: bool = False,
         output_schema: OutputSchema | None = None,
         validation_retries: int = 2,
+        max_cost_usd: float | None = None,
         seed: int | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -120,6 +122,8 @@ class AnthropicClient:
         #: Every request asks for replies matching it (a line's own format wins); replies are validated.
         self.output_schema = output_schema
         self.validation_retries = validation_retries
+        #: A hard spending limit (None: no limit); the flow starts it from what earlier runs spent.
+        self.budget = Budget(max_cost_usd) if max_cost_usd is not None else None
         self._line_schemas: dict[bytes, OutputSchema | None] = {}
         self.server_limit_share = server_limit_share
         self.burst_seconds = burst_seconds
@@ -323,13 +327,19 @@ class AnthropicClient:
         attempt = 0
         while attempt < self.retry.max_attempts:
             attempt += 1
+            committed = self._commit_budget(info or model, body, estimated_input, cached_tokens_expected)
+            if committed is None:
+                return self._budget_record(item, info, attempt - 1, estimated_input, errors)
             async with self._slots:
-                self._raise_if_stopped()
+                if self._stopping_now():
+                    self._budget_refund(committed)
+                    self._raise_if_stopped()
                 reservation = await limiter.acquire(
                     charged_input, lambda: self.output_estimator.reserve(model, max_tokens)
                 )
-                if self.fatal_error is not None or self.stopping:
+                if self._stopping_now():
                     limiter.refund(reservation)
+                    self._budget_refund(committed)
                     self._raise_if_stopped()
                 started = time.monotonic()
                 self.stats.http_requests += 1
@@ -337,7 +347,8 @@ class AnthropicClient:
                 try:
                     status, headers, answer = await self._exchange(payload, extra_headers, streaming)
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
-                    # The server may have processed it: keep the reservation, as it may have been charged.
+                    # The server may have processed it: keep the reservations, as it may have been charged.
+                    self._budget_settle(committed, None)
                     self.stats.connection_errors += 1
                     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
                     errors.append(f"{kind}: {exc!r}")
@@ -348,7 +359,7 @@ class AnthropicClient:
                     limiter.observe_headers(headers)
                     if status == 200:
                         if isinstance(answer, dict):
-                            return self._succeeded(
+                            record = self._succeeded(
                                 item,
                                 answer,
                                 limiter,
@@ -360,6 +371,9 @@ class AnthropicClient:
                                 errors,
                                 headers.get("request-id"),
                             )
+                            self._budget_settle(committed, record.cost_usd)
+                            return record
+                        self._budget_settle(committed, None)  # answered, so billed, but unreadable
                         errors.append("invalid_response: the 200 response body is not a JSON object")
                         last = APIStatusError(status, "invalid_response", "unparseable 200 response body")
                         retry_headers = None
@@ -367,6 +381,7 @@ class AnthropicClient:
                         last = APIStatusError.from_body(status, answer, headers.get("request-id"))
                         errors.append(str(last))
                         limiter.refund(reservation)
+                        self._budget_refund(committed)
                         if isinstance(last, FatalAPIError):
                             if self.fatal_error is None:
                                 self.fatal_error = last
@@ -394,6 +409,45 @@ class AnthropicClient:
             attempts=attempt,
             estimated_input_tokens=estimated_input,
             errors=errors,
+        )
+
+    def _stopping_now(self) -> bool:
+        return self.fatal_error is not None or self.stopping
+
+    def _commit_budget(
+        self, info: ModelInfo | str, body: dict[str, Any], estimated_input: int, warm_tokens: int
+    ) -> float | None:
+        """Reserve the request's worst case in the budget: the dollars committed (0 without a budget), or
+        None when it does not fit (or cannot be priced: a budget cannot be kept for an unpriced model)."""
+        if self.budget is None:
+            return 0.0
+        worst = worst_case_cost(info, body, estimated_input, warm_tokens=warm_tokens)
+        if worst is None or not self.budget.reserve(worst):
+            return None
+        return worst
+
+    def _budget_settle(self, committed: float, actual: float | None) -> None:
+        if self.budget is not None:
+            self.budget.settle(committed, actual)
+
+    def _budget_refund(self, committed: float) -> None:
+        if self.budget is not None:
+            self.budget.refund(committed)
+
+    def _budget_record(
+        self, item: RequestItem, info: ModelInfo | None, attempts: int, estimated_input: int, errors: list[str]
+    ) -> ResultRecord:
+        assert self.budget is not None
+        why = None
+        if info is None or info.prices is None:
+            why = f"the model table has no prices for {item.model!r}, so a budget cannot be kept for it"
+        return self.budget.exhausted_record(
+            item,
+            why,
+            attempts=attempts,
+            estimated_input_tokens=estimated_input,
+            errors=errors,
+            request=item.body if self.include_request else None,
         )
 
     async def _exchange(
