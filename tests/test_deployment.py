@@ -87,6 +87,9 @@ def test_deployment_runs_on_a_process_worker(emulator, tmp_path):
         ).json()
         assert [s["schedule"]["cron"] for s in deployment["schedules"] if s["active"]] == ["0 2 * * *"]
         assert deployment["work_pool_name"] == "anthropic-pool"
+        # Overlapping runs of the deployment cannot start: one at a time, a new one is cancelled.
+        assert deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -5,13 +5,19 @@ from .settings import ClientSettings
 
 __version__ = "0.1.0"
 
-__all__ = ["AnthropicClientConfig", "AnthropicCredentials", "ClientSettings", "generate_dataset"]
+__all__ = [
+    "AnthropicClientConfig",
+    "AnthropicCredentials",
+    "ClientSettings",
+    "generate_dataset",
+    "generate_dataset_from_table",
+]
 
 
 def __getattr__(name: str):
-    # The flow imports Prefect's engine: load it only when asked for.
-    if name == "generate_dataset":
-        from .flows import generate_dataset
+    # The flows import Prefect's engine: load them only when asked for.
+    if name in ("generate_dataset", "generate_dataset_from_table"):
+        from . import flows
 
-        return generate_dataset
+        return getattr(flows, name)
     raise AttributeError(name)

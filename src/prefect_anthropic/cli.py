@@ -172,6 +172,8 @@ def run_flow(
     batch_retry: Literal["none", "batch", "realtime"] = "none",
     batch_poll_interval_s: float = 30.0,
     show_progress: bool = True,
+    input_table: str | None = None,
+    input_columns: list[str] | None = None,
 ) -> int:
     """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
     from .engine import FatalAPIError, RunStopped
@@ -206,6 +208,8 @@ def run_flow(
                     mode=mode,
                     batch_retry=batch_retry,
                     batch_poll_interval_s=batch_poll_interval_s,
+                    input_table=input_table,
+                    input_columns=input_columns,
                 )
             )
     except FatalAPIError as error:
@@ -261,10 +265,35 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
+    requests_path, input_table, columns = args.requests, None, None
+    if args.template is not None:
+        from .tables import TableError, render_requests, template_text
+
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+        try:
+            # Every row is rendered before anything is sent: a template error costs nothing.
+            rendered = render_requests(
+                args.requests,
+                args.output_dir,
+                template_text(args.template) or "",
+                model=args.model,
+                max_tokens=args.max_tokens,
+                system=template_text(args.system),
+                id_column=args.id_column,
+            )
+        except (TableError, FileNotFoundError) as error:
+            print(f"error: {error}; nothing was sent", file=sys.stderr)
+            return EXIT_STOPPED
+        requests_path, input_table = str(rendered.requests_path), args.requests
+    elif Path(args.requests).suffix.lower() in (".csv", ".parquet"):
+        print(f"error: {args.requests} is a table: give --template (and --model, --max-tokens)", file=sys.stderr)
+        return EXIT_STOPPED
     return run_flow(
-        args.requests,
+        requests_path,
         args.output_dir,
         settings,
+        input_table=input_table,
+        input_columns=columns,
         client_block=args.client_block,
         credentials_block=args.credentials_block,
         shard_size=args.shard_size,
@@ -386,8 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefect-anthropic", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="Send every request of a JSONL file; write the dataset.")
-    run.add_argument("requests", help="JSONL file of Messages API requests.")
+    run = commands.add_parser(
+        "run", help="Send every request of a JSONL file, or a table's rows through a template; write the dataset."
+    )
+    run.add_argument(
+        "requests", metavar="TABLE_OR_REQUESTS",
+        help="A .csv, .parquet or .jsonl table (with --template), or a JSONL file of Messages API requests.",
+    )  # fmt: skip
+    table = run.add_argument_group("a table and a template instead of a request file")
+    table.add_argument(
+        "--template", metavar="TEXT_OR_FILE",
+        help="Jinja2 template of the user message, over the row's columns (strict: an undefined column is an "
+        "error before anything is sent); or rendering a whole request body as JSON.",
+    )  # fmt: skip
+    table.add_argument("--model", help="Model of every request (unless the rendered body sets one).")
+    table.add_argument("--max-tokens", type=int, help="max_tokens of every request (unless the body sets it).")
+    table.add_argument("--system", metavar="TEXT_OR_FILE", help="Jinja2 template of the system prompt.")
+    table.add_argument("--id-column", help="Column giving each row's custom_id (default: a digest of the row).")
+    table.add_argument("--columns", help="Comma-separated table columns to keep in the outputs (default: all).")
     run.add_argument("--output-dir", required=True, help="Directory for results.parquet/.jsonl and summary.json.")
     _add_client_arguments(run)
     run.add_argument("--shard-size", type=int, default=5000, help="Lines per shard task (default 5000).")

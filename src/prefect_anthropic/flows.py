@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import (
     acreate_markdown_artifact,
@@ -34,9 +36,10 @@ from .outputs import DatasetTotals
 from .progress import RunProgress
 from .run_lock import hold_output_directory
 from .settings import ClientSettings, close_shared_clients, shared_client
+from .tables import PromptFunction, render_requests
 from .tasks import RUNS, mark_shard_done, merge_shards, plan_request_shards, run_shard, shard_marker_path
 
-__all__ = ["generate_dataset"]
+__all__ = ["generate_dataset", "generate_dataset_from_table"]
 
 SUMMARY_FILE = "summary.json"
 
@@ -168,6 +171,8 @@ async def generate_dataset(
     mode: Literal["realtime", "batch"] = "realtime",
     batch_retry: Literal["none", "batch", "realtime"] = "none",
     batch_poll_interval_s: float = 30.0,
+    input_table: str | None = None,
+    input_columns: list[str] | None = None,
 ) -> dict[str, Any]:
     """Send every request of a JSONL file to the Anthropic Messages API and write the dataset.
 
@@ -187,6 +192,9 @@ async def generate_dataset(
         batch_retry: In batch mode, what to do with requests that expired or failed on the server's side:
             nothing, a follow-up batch, or the real-time API.
         batch_poll_interval_s: In batch mode, the longest wait between two polls of a batch.
+        input_table: The table the request file was rendered from (one line per row, see
+            `generate_dataset_from_table`): its columns are put beside the result columns.
+        input_columns: Which of the table's columns to keep (default: all).
     """
     started = time.monotonic()
     if client_block:
@@ -211,7 +219,57 @@ async def generate_dataset(
             batch_retry,
             batch_poll_interval_s,
             started,
+            input_table,
+            input_columns,
         )
+
+
+async def generate_dataset_from_table(
+    table: Any,
+    output_dir: str | os.PathLike[str],
+    prompt: str | PromptFunction,
+    *,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    id_column: str | None = None,
+    columns: list[str] | None = None,
+    settings: ClientSettings | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """A table in, a dataset out: each row renders `prompt` into a request, and the dataset keeps the
+    table's columns beside the result columns, in the table's row order.
+
+    Args:
+        table: A .csv, .parquet or .jsonl path, a pandas DataFrame or a pyarrow Table.
+        prompt: A Jinja2 template of the user message (strict: an undefined column is an error), or one
+            rendering a whole request body as JSON; or a function of the row returning the user message, a
+            list of messages or a request body.
+        model, max_tokens: Added to every request that does not set them.
+        system: A Jinja2 template of the system prompt.
+        id_column: The column giving each row's custom_id (default: a digest of the row).
+        columns: The table's columns to keep in the outputs (default: all).
+        settings, options: As for `generate_dataset` (schema, caching, batch mode, budget, ...).
+    """
+    source: Any = table
+    if not isinstance(table, (str, os.PathLike)):
+        # The merge reads the table again, a batch at a time: keep an in-memory table on disk for it.
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        source = Path(output_dir) / "input-table.parquet"
+        frame = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
+        pq.write_table(frame, source)
+    rendered = render_requests(
+        source, output_dir, prompt, model=model, max_tokens=max_tokens, system=system, id_column=id_column
+    )
+    result: dict[str, Any] = await generate_dataset(
+        str(rendered.requests_path),
+        str(output_dir),
+        settings=settings,
+        input_table=str(source),
+        input_columns=columns,
+        **options,
+    )
+    return result
 
 
 async def _run(
@@ -230,6 +288,8 @@ async def _run(
     batch_retry: str,
     batch_poll_interval_s: float,
     started: float,
+    input_table: str | None,
+    input_columns: list[str] | None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     # Fail before planning anything when there is no key (the key itself stays out of every parameter).
@@ -314,6 +374,8 @@ async def _run(
         original_layout_path,
         parquet_beside_original,
         settings.output_schema,
+        input_table,
+        input_columns,
     )
     sent = sum(p.done for p in tracker.shards.values())
     summary = _summary(totals, settings, client, time.monotonic() - started, sent)

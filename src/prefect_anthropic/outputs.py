@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .engine.results_file import read_records
 from .inputs import Shard, iter_requests
 from .models import Usage, cost_usd
 from .schema import OutputSchema
+from .tables import InputColumns
 
 __all__ = ["PARQUET_SCHEMA", "DatasetTotals", "final_records", "merge_results", "parquet_schema"]
 
@@ -187,9 +188,13 @@ def merge_results(
     original_layout_path: str | os.PathLike[str] | None = None,
     parquet_beside_original: bool = False,
     output_schema: OutputSchema | None = None,
+    input_table: str | os.PathLike[str] | None = None,
+    input_columns: Sequence[str] | None = None,
 ) -> DatasetTotals:
     """Write results.jsonl and results.parquet into `output_dir` (or, for the drop-in script, the
-    original layout at `original_layout_path` with the Parquet file beside it)."""
+    original layout at `original_layout_path` with the Parquet file beside it). With `input_table` (the
+    table the request file was rendered from, one line per row), the table's columns come first in every
+    row, `input_<name>` where a name is a result column's."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if original_layout_path is not None and parquet_beside_original:
@@ -202,6 +207,9 @@ def merge_results(
     temporary = {kind: path.with_name(f".{path.name}.partial") for kind, path in targets.items()}
     totals = DatasetTotals()
     schema = parquet_schema(output_schema)
+    inputs = InputColumns(input_table, input_columns, schema.names) if input_table is not None else None
+    if inputs is not None:
+        schema = pa.schema([*inputs.fields, *schema])
     writer = pq.ParquetWriter(temporary["parquet"], schema, compression="zstd")
     jsonl = open(temporary["jsonl"], "wb") if "jsonl" in temporary else None  # noqa: SIM115
     original_file = open(temporary["original"], "wb") if "original" in temporary else None  # noqa: SIM115
@@ -213,8 +221,10 @@ def merge_results(
                 record = records.get((item.line, item.digest)) or _missing(item.line, item.custom_id, item.metadata)
                 row = _row(record, output_schema)
                 totals.add(row)
+                if inputs is not None:
+                    row = {**inputs.next_row(), **row}
                 if jsonl is not None:
-                    jsonl.write(orjson.dumps({**row, "metadata": record.get("metadata")}) + b"\n")
+                    jsonl.write(orjson.dumps({**row, "metadata": record.get("metadata")}, default=str) + b"\n")
                 if output_schema is not None:
                     row["parsed"] = output_schema.column_value(row["parsed"])
                 rows.append(row)

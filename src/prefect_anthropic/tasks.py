@@ -165,6 +165,8 @@ def merge_shards(
     original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
     output_schema: dict[str, Any] | None = None,
+    input_table: str | None = None,
+    input_columns: list[str] | None = None,
 ) -> DatasetTotals:
     return merge_results(
         requests_path,
@@ -174,4 +176,6 @@ def merge_shards(
         original_layout_path=original_layout_path,
         parquet_beside_original=parquet_beside_original,
         output_schema=OutputSchema(output_schema) if output_schema is not None else None,
+        input_table=input_table,
+        input_columns=input_columns,
     )

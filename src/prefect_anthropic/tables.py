@@ -1,0 +1,253 @@
+"""Dataset in, dataset out: a table and a prompt template instead of hand-written request JSONL.
+
+A table (CSV, Parquet or JSONL of objects; in Python also a pandas DataFrame or a pyarrow Table) is read
+in record batches, so memory stays flat whatever its size. Each row renders a Jinja2 template (strict: an
+undefined column is an error naming the column and the row, raised before anything is sent) into the user
+message, or a Python function maps the row to a prompt, a list of messages or a whole request body. The
+rendered requests go to a request file in the output directory, one line per row in the table's order, and
+from there through the same flow as any request file: shards, resumable tasks, merge. Resume is keyed by
+the rendered request, so editing a row or the template sends only what changed. The merge puts the table's
+columns back beside the result columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from jinja2 import Environment, StrictUndefined, TemplateError, UndefinedError
+
+__all__ = [
+    "TABLE_SUFFIXES",
+    "PromptFunction",
+    "TableError",
+    "iter_row_batches",
+    "render_requests",
+    "template_text",
+]
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl")
+BATCH_ROWS = 10_000
+#: A prompt: a template string, or a function of the row giving a user message, a list of messages or a body.
+PromptFunction = Callable[[dict[str, Any]], "str | list[dict[str, Any]] | dict[str, Any]"]
+TableSource = "str | os.PathLike[str] | pa.Table | Any"
+
+
+class TableError(ValueError):
+    """A table or template that cannot give requests: the message names the row and the column."""
+
+
+def template_text(text_or_path: str | None) -> str | None:
+    """A template given inline, or the contents of the file it names."""
+    if text_or_path is None:
+        return None
+    path = Path(text_or_path)
+    if len(text_or_path) < 4096 and "\n" not in text_or_path and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return text_or_path
+
+
+def _jsonl_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    schema: pa.Schema | None = None
+    rows: list[dict[str, Any]] = []
+
+    def batch() -> pa.RecordBatch:
+        nonlocal schema
+        table = pa.Table.from_pylist(rows, schema=schema)
+        schema = table.schema
+        return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema)
+
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise TableError(f"{path}: line {number} is not valid JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise TableError(f"{path}: line {number} is not a JSON object")
+            rows.append(row)
+            if len(rows) >= BATCH_ROWS:
+                yield batch()
+                rows = []
+    if rows:
+        yield batch()
+
+
+def iter_row_batches(source: Any) -> Iterator[pa.RecordBatch]:
+    """The table's rows in order, a record batch at a time."""
+    if isinstance(source, pa.Table):
+        yield from source.to_batches(max_chunksize=BATCH_ROWS)
+        return
+    if type(source).__name__ == "DataFrame":  # pandas, without importing it here
+        yield from pa.Table.from_pandas(source, preserve_index=False).to_batches(max_chunksize=BATCH_ROWS)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"table not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+    elif suffix == ".csv":
+        with pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 22)) as reader:
+            yield from reader
+    elif suffix == ".jsonl":
+        yield from _jsonl_batches(path)
+    else:
+        raise TableError(f"{path}: a table is .csv, .parquet or .jsonl, not {suffix or 'a file without suffix'}")
+
+
+def _row_id(row: dict[str, Any]) -> str:
+    return (
+        "row-" + hashlib.blake2b(orjson.dumps(row, default=str, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+    )
+
+
+@dataclass(frozen=True)
+class RenderedTable:
+    requests_path: Path
+    rows: int
+    columns: list[str]
+
+
+class _Renderer:
+    def __init__(
+        self,
+        prompt: str | PromptFunction,
+        system: str | None,
+        model: str | None,
+        max_tokens: int | None,
+    ) -> None:
+        environment = Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+        self.prompt = environment.from_string(prompt) if isinstance(prompt, str) else prompt
+        self.system = environment.from_string(system) if system is not None else None
+        self.model = model
+        self.max_tokens = max_tokens
+
+    def _render(self, template: Any, row: dict[str, Any], index: int, what: str) -> str:
+        try:
+            return template.render(**row, row=row, index=index)
+        except UndefinedError as exc:
+            raise TableError(
+                f"row {index + 1}: the {what} uses a column the table does not have ({exc.message}); columns: "
+                f"{', '.join(row)}"
+            ) from None
+        except TemplateError as exc:
+            raise TableError(f"row {index + 1}: the {what} cannot be rendered: {exc}") from None
+
+    def body(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        if callable(self.prompt):
+            produced: Any = self.prompt(row)
+        else:
+            produced = self._render(self.prompt, row, index, "template")
+            if produced.lstrip().startswith("{"):
+                # A template may render a whole request body as JSON (multi-turn, tools, ...).
+                try:
+                    candidate = json.loads(produced)
+                except ValueError:
+                    candidate = None
+                if isinstance(candidate, dict) and "messages" in candidate:
+                    produced = candidate
+        if isinstance(produced, dict):
+            body = dict(produced)
+        elif isinstance(produced, list):
+            body = {"messages": produced}
+        else:
+            body = {"messages": [{"role": "user", "content": str(produced)}]}
+        if self.system is not None and "system" not in body:
+            body["system"] = self._render(self.system, row, index, "system template")
+        if self.model is not None:
+            body.setdefault("model", self.model)
+        if self.max_tokens is not None:
+            body.setdefault("max_tokens", self.max_tokens)
+        return body
+
+
+def render_requests(
+    table: Any,
+    output_dir: str | os.PathLike[str],
+    prompt: str | PromptFunction,
+    *,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    id_column: str | None = None,
+) -> RenderedTable:
+    """Render every row into the output directory's request file (written whole before anything is sent,
+    so a template error stops the run with nothing paid). Rows keep the table's order, one line each."""
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "requests.from-table.jsonl"
+    partial = target.with_name(f".{target.name}.partial")
+    renderer = _Renderer(prompt, system, model, max_tokens)
+    rows = 0
+    columns: list[str] = []
+    with open(partial, "wb") as handle:
+        for batch in iter_row_batches(table):
+            columns = columns or batch.schema.names
+            if id_column is not None and id_column not in batch.schema.names:
+                partial.unlink(missing_ok=True)
+                raise TableError(f"--id-column {id_column!r} is not a column of the table ({', '.join(columns)})")
+            for row in batch.to_pylist():
+                try:
+                    body = renderer.body(row, rows)
+                except TableError:
+                    handle.close()
+                    partial.unlink(missing_ok=True)
+                    raise
+                custom_id = str(row[id_column]) if id_column is not None else _row_id(row)
+                handle.write(orjson.dumps({"custom_id": custom_id, "params": body}, default=str) + b"\n")
+                rows += 1
+    os.replace(partial, target)
+    return RenderedTable(target, rows, list(columns))
+
+
+def input_column_names(table_columns: Sequence[str], result_columns: Sequence[str]) -> dict[str, str]:
+    """Table column -> its name in the output: `input_<name>` where it collides with a result column."""
+    taken = set(result_columns)
+    return {name: f"input_{name}" if name in taken else name for name in table_columns}
+
+
+class InputColumns:
+    """The table's columns, row by row in the table's order, to put beside the result columns."""
+
+    def __init__(self, source: Any, columns: Sequence[str] | None, result_columns: Sequence[str]) -> None:
+        batches = iter_row_batches(source)
+        first = next(batches, None)
+        schema = first.schema if first is not None else pa.schema([])
+        names = list(columns) if columns else list(schema.names)
+        missing = [name for name in names if name not in schema.names]
+        if missing:
+            raise TableError(f"--columns {', '.join(missing)}: not columns of the table ({', '.join(schema.names)})")
+        self.renamed = input_column_names(names, result_columns)
+        self.fields = [schema.field(name).with_name(self.renamed[name]) for name in names]
+        self._rows = self._iter(first, batches, names)
+
+    def _iter(
+        self, first: pa.RecordBatch | None, batches: Iterator[pa.RecordBatch], names: list[str]
+    ) -> Iterator[dict[str, Any]]:
+        if first is None:
+            return
+        yield from self._rows_of(first, names)
+        for batch in batches:
+            yield from self._rows_of(batch, names)
+
+    def _rows_of(self, batch: pa.RecordBatch, names: list[str]) -> Iterator[dict[str, Any]]:
+        for row in batch.select(names).to_pylist():
+            yield {self.renamed[name]: value for name, value in row.items()}
+
+    def next_row(self) -> dict[str, Any]:
+        row = next(self._rows, None)
+        if row is None:
+            raise TableError("the table has fewer rows than the request file made from it: render it again")
+        return row
