@@ -42,15 +42,19 @@ def test_the_window_starts_small_doubles_shrinks_once_per_round_trip_and_never_b
     for _ in range(8):
         window.on_success(0.2)
     assert window.size == 16  # slow start: +1 per reply, doubling each round trip
+    window.in_flight = 16  # the answer said: 16 in flight is more than the server takes
     window.on_overload()
-    window.on_overload()  # the same burst: one decrease
-    assert window.size == 12 and not window.slow_start
+    window.in_flight = 15
+    window.on_overload()  # the same burst: no second decrease
+    assert window.size == 13 and not window.slow_start  # 15 at once, then a tenth less
     clock.now += 1.0
+    window.in_flight = 13
     window.on_overload()
-    assert window.size == 10
-    for _ in range(10):
+    assert window.size == 10  # 12, less a tenth
+    for _ in range(11):
         window.on_success(0.2)
     assert window.size == 11  # additive increase: about one per round trip
+    window.in_flight = 1
     for _ in range(40):
         clock.now += 1.0
         window.on_overload()

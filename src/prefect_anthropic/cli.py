@@ -56,6 +56,15 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     group.add_argument("--max-concurrency", type=int, default=50, help="Most requests in flight (default 50).")
     group.add_argument("--max-attempts", type=int, default=5, help="Attempts per request (default 5).")
+    group.add_argument(
+        "--give-up-after", type=float, default=300.0,
+        help="Stop (resumable, exit 2) when nothing succeeded for this many seconds while requests kept "
+        "failing with retryable errors (default 300).",
+    )  # fmt: skip
+    group.add_argument(
+        "--fixed-concurrency", action="store_true",
+        help="Keep --max-concurrency requests in flight whatever the answers (default: adapt to overload).",
+    )  # fmt: skip
     group.add_argument("--timeout", type=float, default=600.0, help="Seconds per HTTP request (default 600).")
 
 
@@ -72,6 +81,8 @@ def _settings(args: argparse.Namespace):
         "limit_share": args.limit_share,
         "max_attempts": args.max_attempts,
         "timeout_s": args.timeout,
+        "give_up_after_s": args.give_up_after,
+        "adaptive_concurrency": not args.fixed_concurrency,
         "anthropic_version": args.anthropic_version,
         "drop_unsupported_params": args.drop_unsupported_params,
         "models_file": args.models_file,

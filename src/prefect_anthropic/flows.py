@@ -101,6 +101,7 @@ def _summary(
         "lines_rejected_before_sending": client.preflight.lines_rejected,
         "lines_with_dropped_params": client.preflight.lines_with_dropped_params,
         "ramp_limited_responses": stats.ramp_limited,
+        **client.concurrency(),
         "streamed_requests": stats.streamed_requests,
         "validation_repairs": stats.validation_repairs,
         "wall_time_s": round(wall_time_s, 3),
@@ -316,7 +317,12 @@ async def _run(
     )
 
     progress_key = uuid.uuid4().hex
-    tracker = RUNS[progress_key] = RunProgress(total_requests=plan.lines, limits=client.limits_in_force)
+    tracker = RUNS[progress_key] = RunProgress(
+        total_requests=plan.lines,
+        limits=client.limits_in_force,
+        waiting=lambda: client.waiting,
+        concurrency=lambda: client.concurrency()["concurrency_final"],
+    )
     artifact_id = await acreate_progress_artifact(0.0, key="anthropic-dataset-progress", description="Requests done")
 
     async def publish_progress() -> None:

@@ -22,6 +22,10 @@ class RunProgress:
     already_done: dict[int, int] = field(default_factory=dict)
     #: The limits in force, by limit class (the client's), for the ETA.
     limits: Callable[[], dict[str, RateLimits]] | None = None
+    #: What the client waits on now (a backoff, a pause), if anything.
+    waiting: Callable[[], str | None] | None = None
+    #: The concurrency window in force.
+    concurrency: Callable[[], int] | None = None
 
     def update(self, shard_index: int, progress: Progress) -> None:
         self.shards[shard_index] = progress
@@ -115,9 +119,9 @@ class RunProgress:
         return f"/{number(sum(rpm))}" if rpm else ""
 
     def headline(self) -> str:
-        return (
-            f"{number(self.done)}/{number(self.total_requests)} requests, {number(self.failed)} failed | "
-            f"ETA {duration(self.eta_s())}"
+        waiting = self.waiting() if self.waiting is not None else None
+        return f"{number(self.done)}/{number(self.total_requests)} requests, {number(self.failed)} failed | " + (
+            waiting if waiting else f"ETA {duration(self.eta_s())}"
         )
 
     def details(self) -> str:
@@ -126,6 +130,7 @@ class RunProgress:
             f"{money(self.cost_usd)} spent, ~{money(projected) if projected is not None else '?'} projected, "
             f"{money(self.dollars_per_minute)}/min | {number(self.requests_per_minute)}"
             f"{self._rate_limit_text()} req/min | {number(self.in_flight)} in flight"
+            + (f" (window {number(self.concurrency())})" if self.concurrency is not None else "")
         )
 
     def describe(self) -> str:

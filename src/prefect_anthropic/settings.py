@@ -78,6 +78,17 @@ class ClientSettings(BaseModel):
         description="Hard spending limit in dollars for the output directory's dataset: a request whose worst "
         "case would cross it is not sent.",
     )
+    adaptive_concurrency: bool = Field(
+        default=True,
+        description="Adapt the requests in flight per limit class to overload (529, 503, resets): shrink "
+        "multiplicatively, grow additively up to max_concurrency.",
+    )
+    give_up_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Stop the run (resumable) when nothing of a limit class succeeded for this many seconds "
+        "while requests kept failing with retryable errors.",
+    )
     validation_retries: int = Field(
         default=2, ge=0, description="Times a reply that does not match the schema is asked for again."
     )
@@ -145,6 +156,8 @@ class ClientSettings(BaseModel):
             output_schema=OutputSchema(self.output_schema) if self.output_schema is not None else None,
             validation_retries=self.validation_retries,
             max_cost_usd=self.max_cost_usd,
+            adaptive_concurrency=self.adaptive_concurrency,
+            give_up_after_s=self.give_up_after_s,
             input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
         )
 

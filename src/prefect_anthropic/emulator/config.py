@@ -33,6 +33,9 @@ class EmulatorConfig:
         "Account output tokens the pre-2026 way: reserve max_tokens at admission, settle at the end "
         "(default: count output tokens as they are produced).",
     )
+    capacity: int = _opt(
+        0, "Most requests in flight per key: above it, 529 overloaded_error at once (0 = no capacity limit)."
+    )
     # Latency.
     latency_ms: float = _opt(0.0, "Mean response latency in ms.")
     latency_jitter_ms: float = _opt(0.0, "Uniform jitter around the mean latency, in ms.")

@@ -76,6 +76,8 @@ class Ledger:
     streamed_requests: int = 0
     #: count_tokens requests answered (free, never billed).
     counted_requests: int = 0
+    #: The most Messages requests of one key in flight at once.
+    max_in_flight: int = 0
     _billed_bodies: set[int] = field(default_factory=set)
 
     def bill(self, body_digest: int, model: ModelInfo, usage: Usage, *, batch: bool) -> None:
@@ -110,6 +112,7 @@ class Ledger:
             "unpriced_requests": self.unpriced_requests,
             "streamed_requests": self.streamed_requests,
             "counted_requests": self.counted_requests,
+            "max_in_flight": self.max_in_flight,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
@@ -160,6 +163,7 @@ class EmulatedAnthropic:
         #: Prompt part digests of recent replies, by message id, for `diagnostics.previous_message_id`.
         self._recent_prompts: dict[str, tuple[str, dict[str, bytes]]] = {}
         self._count_buckets: dict[str, TokenBucket] = {}
+        self._in_flight: Counter[str] = Counter()
         #: Seconds added to the clock: tests jump past a cache TTL or a minute of refill without waiting.
         self.clock_offset = 0.0
 
@@ -265,7 +269,19 @@ class EmulatedAnthropic:
 
     async def create_message(self, caller: Caller, raw: bytes, body: Any) -> Completion:
         """Validate, fault, rate-limit, cache, wait out the latency and produce a message; raise APIError
-        where the API answers with an error."""
+        where the API answers with an error. Above --capacity requests in flight, 529 at once."""
+        key = caller.key
+        capacity = self.config.capacity
+        if capacity and self._in_flight[key] >= capacity:
+            raise APIError(529, _FAULT_MESSAGES[529])
+        self._in_flight[key] += 1
+        self.ledger.max_in_flight = max(self.ledger.max_in_flight, self._in_flight[key])
+        try:
+            return await self._create_message(caller, raw, body)
+        finally:
+            self._in_flight[key] -= 1
+
+    async def _create_message(self, caller: Caller, raw: bytes, body: Any) -> Completion:
         key = caller.key
         parsed = parse_request(body, api_version=caller.api_version, beta=caller.beta, models=self.models)
         now = self.now()

@@ -24,7 +24,7 @@ __all__ = ["AdaptiveWindow", "CircuitBreaker"]
 
 Clock = Callable[[], float]
 
-_DECREASE = 0.8
+_DECREASE = 0.9
 #: A latency this many times the lowest seen (and the window above its floor) counts as overload.
 _LATENCY_OVERLOAD = 4.0
 _INITIAL = 8
@@ -45,6 +45,8 @@ class AdaptiveWindow:
         self._latency = 0.0  # smoothed
         self._lowest_latency = float("inf")
         self._waiters: list[asyncio.Future[None]] = []
+        #: The limit class it serves (for messages).
+        self.name = ""
 
     @property
     def size(self) -> int:
@@ -89,15 +91,17 @@ class AdaptiveWindow:
         self._wake()
 
     def on_overload(self) -> None:
-        """A 529, a 503, a reset connection: shrink, at most once per round trip (one burst, one decrease)."""
+        """A 529, a 503, a reset connection: the other side took fewer than are in flight now, so the window
+        is at once no larger than that; and it shrinks by a tenth, at most once per round trip (one burst,
+        one decrease)."""
         if not self.adaptive:
             return
         now = self._clock()
         self.slow_start = False
-        if now - self._last_decrease < self._round_trip():
-            return
-        self._last_decrease = now
-        self.limit = max(1.0, self.limit * _DECREASE)
+        self.limit = max(1.0, min(self.limit, float(self.in_flight - 1)))
+        if now - self._last_decrease >= self._round_trip():
+            self._last_decrease = now
+            self.limit = max(1.0, self.limit * _DECREASE)
         self.minimum_seen = min(self.minimum_seen, self.limit)
 
 

@@ -26,9 +26,10 @@ import orjson
 from ..models import ModelInfo, Usage, lookup_model, request_limit_class, unpriced_reason
 from ..request_rules import API_VERSION_2023, API_VERSION_2026, FAST_MODE_BETA
 from ..schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
+from .adaptive import AdaptiveWindow, CircuitBreaker
 from .budget import Budget, worst_case_cost
 from .caching import AutoCache, PrefixWarmer, cached_prefix
-from .errors import APIStatusError, FatalAPIError, RunStopped
+from .errors import APIStatusError, FatalAPIError, RunStopped, ServiceUnavailableError
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import RateLimiter, RateLimits
 from .preflight import Preflight
@@ -43,6 +44,8 @@ DEFAULT_ANTHROPIC_VERSION = API_VERSION_2023
 
 LimitsForClass = Callable[[str], RateLimits]
 T = TypeVar("T")
+#: Answers that say the other side is full: the concurrency window shrinks.
+_OVERLOAD_STATUSES = frozenset({503, 529})
 _CONNECTIONS_PER_LANE = 2
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,8 @@ class AnthropicClient:
         output_schema: OutputSchema | None = None,
         validation_retries: int = 2,
         max_cost_usd: float | None = None,
+        adaptive_concurrency: bool = True,
+        give_up_after_s: float = 300.0,
         seed: int | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -122,6 +127,11 @@ class AnthropicClient:
         #: Every request asks for replies matching it (a line's own format wins); replies are validated.
         self.output_schema = output_schema
         self.validation_retries = validation_retries
+        self.adaptive_concurrency = adaptive_concurrency
+        self.give_up_after_s = give_up_after_s
+        self._windows: dict[str, AdaptiveWindow] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._waiting: tuple[str, float] | None = None
         #: A hard spending limit (None: no limit); the flow starts it from what earlier runs spent.
         self.budget = Budget(max_cost_usd) if max_cost_usd is not None else None
         self._line_schemas: dict[bytes, OutputSchema | None] = {}
@@ -330,75 +340,90 @@ class AnthropicClient:
             committed = self._commit_budget(info or model, body, estimated_input, cached_tokens_expected)
             if committed is None:
                 return self._budget_record(item, info, attempt - 1, estimated_input, errors)
-            async with self._slots:
-                if self._stopping_now():
-                    self._budget_refund(committed)
-                    self._raise_if_stopped()
-                reservation = await limiter.acquire(
-                    charged_input, lambda: self.output_estimator.reserve(model, max_tokens)
-                )
-                if self._stopping_now():
-                    limiter.refund(reservation)
-                    self._budget_refund(committed)
-                    self._raise_if_stopped()
-                started = time.monotonic()
-                self.stats.http_requests += 1
-                self.stats.streamed_requests += streaming
-                try:
-                    status, headers, answer = await self._exchange(payload, extra_headers, streaming)
-                except (httpx.TimeoutException, httpx.TransportError) as exc:
-                    # The server may have processed it: keep the reservations, as it may have been charged.
-                    self._budget_settle(committed, None)
-                    self.stats.connection_errors += 1
-                    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
-                    errors.append(f"{kind}: {exc!r}")
-                    last = APIStatusError(0, kind, repr(exc))
-                    retry_headers: dict[str, str] | None = None
-                else:
-                    latency = time.monotonic() - started
-                    limiter.observe_headers(headers)
-                    if status == 200:
-                        if isinstance(answer, dict):
-                            record = self._succeeded(
-                                item,
-                                answer,
-                                limiter,
-                                reservation,
-                                cl100k,
-                                estimated_input,
-                                attempt,
-                                latency,
-                                errors,
-                                headers.get("request-id"),
-                            )
-                            self._budget_settle(committed, record.cost_usd)
-                            return record
-                        self._budget_settle(committed, None)  # answered, so billed, but unreadable
-                        errors.append("invalid_response: the 200 response body is not a JSON object")
-                        last = APIStatusError(status, "invalid_response", "unparseable 200 response body")
-                        retry_headers = None
-                    else:
-                        last = APIStatusError.from_body(status, answer, headers.get("request-id"))
-                        errors.append(str(last))
+            window = self.window(model, body.get("speed"))
+            await window.acquire()  # how many of this class may be out at once: it adapts to overload
+            try:
+                async with self._slots:
+                    if self._stopping_now():
+                        self._budget_refund(committed)
+                        self._raise_if_stopped()
+                    reservation = await limiter.acquire(
+                        charged_input, lambda: self.output_estimator.reserve(model, max_tokens)
+                    )
+                    if self._stopping_now():
                         limiter.refund(reservation)
                         self._budget_refund(committed)
-                        if isinstance(last, FatalAPIError):
-                            if self.fatal_error is None:
-                                self.fatal_error = last
-                            raise last
-                        if status == 429:
-                            self.stats.rate_limited += 1
-                            self.stats.ramp_limited += last.error_code == "ramp_limit_exceeded"
-                            # Hold the whole class, not just this request, so in-flight peers do not stampede.
-                            limiter.pause(retry_after_seconds(headers) or self.retry.delay(attempt - 1, rng=self._rng))
-                        elif status >= 500:
-                            self.stats.server_errors += 1
-                        if not self.retry.is_retryable(status, headers):
-                            break
-                        retry_headers = dict(headers)
+                        self._raise_if_stopped()
+                    started = time.monotonic()
+                    self.stats.http_requests += 1
+                    self.stats.streamed_requests += streaming
+                    try:
+                        status, headers, answer = await self._exchange(payload, extra_headers, streaming)
+                    except (httpx.TimeoutException, httpx.TransportError) as exc:
+                        # The server may have processed it: keep the reservations, as it may have been charged.
+                        self._budget_settle(committed, None)
+                        self.stats.connection_errors += 1
+                        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
+                        errors.append(f"{kind}: {exc!r}")
+                        last = APIStatusError(0, kind, repr(exc))
+                        window.on_overload()  # a reset connection is the other side giving up on us
+                        self._note_failure(window, kind)
+                        retry_headers: dict[str, str] | None = None
+                    else:
+                        latency = time.monotonic() - started
+                        limiter.observe_headers(headers)
+                        if status == 200:
+                            if isinstance(answer, dict):
+                                window.on_success(latency)
+                                self._breaker(window).on_success()
+                                record = self._succeeded(
+                                    item,
+                                    answer,
+                                    limiter,
+                                    reservation,
+                                    cl100k,
+                                    estimated_input,
+                                    attempt,
+                                    latency,
+                                    errors,
+                                    headers.get("request-id"),
+                                )
+                                self._budget_settle(committed, record.cost_usd)
+                                return record
+                            self._budget_settle(committed, None)  # answered, so billed, but unreadable
+                            errors.append("invalid_response: the 200 response body is not a JSON object")
+                            last = APIStatusError(status, "invalid_response", "unparseable 200 response body")
+                            retry_headers = None
+                        else:
+                            last = APIStatusError.from_body(status, answer, headers.get("request-id"))
+                            errors.append(str(last))
+                            limiter.refund(reservation)
+                            self._budget_refund(committed)
+                            if isinstance(last, FatalAPIError):
+                                if self.fatal_error is None:
+                                    self.fatal_error = last
+                                raise last
+                            if status == 429:
+                                self.stats.rate_limited += 1
+                                self.stats.ramp_limited += last.error_code == "ramp_limit_exceeded"
+                                # Hold the whole class, not just this request, so in-flight peers do not stampede.
+                                backoff = self.retry.delay(attempt - 1, rng=self._rng)
+                                limiter.pause(retry_after_seconds(headers) or backoff)
+                            elif status >= 500:
+                                self.stats.server_errors += 1
+                            if status in _OVERLOAD_STATUSES:
+                                window.on_overload()
+                            if not self.retry.is_retryable(status, headers):
+                                break
+                            retry_headers = dict(headers)
+                            self._note_failure(window, f"{status} {last.error_type}")
+            finally:
+                window.release()
             if attempt < self.retry.max_attempts:
                 self.stats.retries += 1
-                await asyncio.sleep(self.retry.delay(attempt - 1, retry_headers, self._rng))
+                delay = self.retry.delay(attempt - 1, retry_headers, self._rng)
+                self._waiting = (f"{last.status or ''} {last.error_type}".strip(), time.monotonic() + delay)
+                await asyncio.sleep(delay)
         assert last is not None
         return self._error_record(
             item,
@@ -410,6 +435,56 @@ class AnthropicClient:
             estimated_input_tokens=estimated_input,
             errors=errors,
         )
+
+    def window(self, model: str, speed: Any = None) -> AdaptiveWindow:
+        """The concurrency window of the request's limit class."""
+        cls = request_limit_class(model, speed)
+        window = self._windows.get(cls)
+        if window is None:
+            window = self._windows[cls] = AdaptiveWindow(self.max_concurrency, adaptive=self.adaptive_concurrency)
+            window.name = cls
+        return window
+
+    def _breaker(self, window: AdaptiveWindow) -> CircuitBreaker:
+        breaker = self._breakers.get(window.name)
+        if breaker is None:
+            breaker = self._breakers[window.name] = CircuitBreaker(self.give_up_after_s)
+        return breaker
+
+    def _note_failure(self, window: AdaptiveWindow, status: str) -> None:
+        """A retryable failure; when nothing of the class has succeeded for too long, the run gives up."""
+        breaker = self._breaker(window)
+        if breaker.on_failure(status) and self.fatal_error is None:
+            self.fatal_error = ServiceUnavailableError(
+                0,
+                "service_unavailable",
+                f"no request to the {window.name} models succeeded for {self.give_up_after_s:,.0f} s; the API "
+                f"answered {breaker.describe()}",
+            )
+            logger.error("%s", self.fatal_error)
+        if self.fatal_error is not None:
+            raise self.fatal_error
+
+    @property
+    def waiting(self) -> str | None:
+        """What the client is waiting on now (a backoff or a class-wide pause), for the progress bar."""
+        now = time.monotonic()
+        if self._waiting is not None and self._waiting[1] > now:
+            return f"waiting: {self._waiting[0]}, retry in {self._waiting[1] - now:,.0f} s"
+        paused = [(cls, lim.paused_until) for cls, lim in self._limiters.items() if lim.paused_until > now]
+        if paused:
+            cls, until = max(paused, key=lambda p: p[1])
+            return f"waiting: {cls} paused by a 429, retry in {until - now:,.0f} s"
+        return None
+
+    def concurrency(self) -> dict[str, int]:
+        """The lowest window and the final one over the limit classes."""
+        if not self._windows:
+            return {"concurrency_min": self.max_concurrency, "concurrency_final": self.max_concurrency}
+        return {
+            "concurrency_min": min(max(1, int(w.minimum_seen)) for w in self._windows.values()),
+            "concurrency_final": min(w.size for w in self._windows.values()),
+        }
 
     def _stopping_now(self) -> bool:
         return self.fatal_error is not None or self.stopping

@@ -11,6 +11,7 @@ __all__ = [
     "FatalAPIError",
     "PermissionDeniedError",
     "RunStopped",
+    "ServiceUnavailableError",
     "SpendLimitReachedError",
 ]
 
@@ -82,3 +83,9 @@ class PermissionDeniedError(FatalAPIError):
 
 class SpendLimitReachedError(FatalAPIError):
     hint = "The workspace spend limit is reached; raise it in the Console or wait for it to reset, then resume."
+
+
+class ServiceUnavailableError(FatalAPIError):
+    """Nothing of a limit class succeeded for `--give-up-after` seconds: the run gives up for now."""
+
+    hint = "Run the same command later: it resumes, and nothing that succeeded is sent again."
