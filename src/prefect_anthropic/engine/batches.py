@@ -68,8 +68,6 @@ def plan_batches(
 def batch_result_record(item: RequestItem, result: dict[str, Any]) -> ResultRecord:
     """One line of a batch's results as a ResultRecord (succeeded, errored, canceled or expired)."""
     kind = result.get("type")
-    common = {"line": item.line, "custom_id": item.custom_id, "metadata": item.metadata,
-              "request_digest": item.digest, "attempts": 1}  # fmt: skip
     if kind == "succeeded":
         return record_from_message(item, result.get("message") or {}, batch=True, attempts=1)
     if kind == "errored":
@@ -78,15 +76,13 @@ def batch_result_record(item: RequestItem, result: dict[str, Any]) -> ResultReco
         error: dict[str, Any] = inner if isinstance(inner, dict) else envelope
         error_type = str(error.get("type") or "api_error")
         message = str(error.get("message") or "")
-        return ResultRecord(status="errored", model=item.model or None, error_type=error_type,
-                            error_message=message, errors=[f"{error_type}: {message}"], **common)  # fmt: skip
+        return ResultRecord.errored(item, error_type, message, errors=[f"{error_type}: {message}"], attempts=1)
     reasons = {
         "canceled": "the batch was canceled before this request ran",
         "expired": "the batch expired (24 h) before this request ran",
     }
     reason = reasons.get(str(kind), f"result type {kind!r}")
-    return ResultRecord(status="errored", model=item.model or None, error_type=f"batch_{kind}",
-                        error_message=reason, errors=[reason], **common)  # fmt: skip
+    return ResultRecord.errored(item, f"batch_{kind}", reason, errors=[reason], attempts=1)
 
 
 class BatchAPI:

@@ -93,14 +93,4 @@ class Budget:
             f"the budget of {money(self.limit_usd)} is spent or committed ({money(self.spent_usd)} spent); run "
             "again with a higher --max-cost-usd to resume"
         )
-        return ResultRecord(
-            line=item.line,
-            custom_id=item.custom_id,
-            status="errored",
-            request_digest=item.digest,
-            model=item.model or None,
-            error_type="budget_exhausted",
-            error_message=f"line {item.line}: not sent: {why}",
-            metadata=item.metadata,
-            **fields,
-        )
+        return ResultRecord.errored(item, "budget_exhausted", f"line {item.line}: not sent: {why}", **fields)

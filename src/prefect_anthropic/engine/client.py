@@ -222,18 +222,8 @@ class AnthropicClient:
             raise RunStopped("the run is stopping; nothing new is sent")
 
     def _error_record(self, item: RequestItem, error_type: str, message: str, **fields: Any) -> ResultRecord:
-        return ResultRecord(
-            line=item.line,
-            custom_id=item.custom_id,
-            status="errored",
-            request_digest=item.digest,
-            model=item.model or None,
-            error_type=error_type,
-            error_message=message,
-            metadata=item.metadata,
-            request=item.body if self.include_request else None,
-            **fields,
-        )
+        request = item.body if self.include_request else None
+        return ResultRecord.errored(item, error_type, message, request=request, **fields)
 
     @property
     def warnings(self) -> list[str]:

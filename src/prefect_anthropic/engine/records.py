@@ -73,19 +73,24 @@ class ResultRecord:
     errors: list[str] = field(default_factory=list)
 
     @classmethod
-    def for_invalid_line(cls, item: RequestItem) -> ResultRecord:
-        """The error row of an input line that cannot be sent (never sent, so no attempt)."""
+    def errored(cls, item: RequestItem, error_type: str, message: str | None, **fields: Any) -> ResultRecord:
+        """The error row of a request."""
         return cls(
             line=item.line,
             custom_id=item.custom_id,
             status="errored",
             request_digest=item.digest,
             model=item.model or None,
-            error_type="invalid_request",
-            error_message=item.invalid,
-            errors=[item.invalid or ""],
+            error_type=error_type,
+            error_message=message,
             metadata=item.metadata,
+            **fields,
         )
+
+    @classmethod
+    def for_invalid_line(cls, item: RequestItem) -> ResultRecord:
+        """The error row of an input line that cannot be sent (never sent, so no attempt)."""
+        return cls.errored(item, "invalid_request", item.invalid, errors=[item.invalid or ""])
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
