@@ -83,7 +83,7 @@ def test_the_bar_says_what_it_waits_for():
     assert "ETA" in RunProgress(total_requests=10).headline()
 
 
-async def test_against_a_server_that_takes_20_the_window_settles_near_20():
+async def test_against_a_server_that_takes_20_the_window_settles_near_20(caplog):
     latency = 0.2
     records = []
     # The emulator in its own process: the throughput measured is the client's, not a shared interpreter's.
@@ -100,6 +100,7 @@ async def test_against_a_server_that_takes_20_the_window_settles_near_20():
     throughput = 600 / (stats["last_request_at"] - stats["first_request_at"])
     assert throughput >= 0.85 * 20 / latency, throughput  # what 20 in flight allow
     assert client.concurrency()["concurrency_min"] < 100
+    assert "Overloaded: requests in flight for sonnet-5-5 lowered to" in caplog.text  # the log says so
 
 
 async def test_a_fixed_window_keeps_sending_into_the_overload(start_emulator):

@@ -16,6 +16,7 @@ resumable, with the status codes it saw.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +29,9 @@ _DECREASE = 0.9
 #: A latency this many times the lowest seen (and the window above its floor) counts as overload.
 _LATENCY_OVERLOAD = 4.0
 _INITIAL = 8
+#: At most one log line per class this often: a sawtooth around the server's capacity is normal.
+_LOG_EVERY_S = 30.0
+logger = logging.getLogger(__name__)
 
 
 class AdaptiveWindow:
@@ -42,6 +46,7 @@ class AdaptiveWindow:
         self.slow_start = adaptive
         self._clock = clock
         self._last_decrease = -1e9
+        self._last_logged = -1e9
         self._latency = 0.0  # smoothed
         self._lowest_latency = float("inf")
         self._waiters: list[asyncio.Future[None]] = []
@@ -102,6 +107,14 @@ class AdaptiveWindow:
         if now - self._last_decrease >= self._round_trip():
             self._last_decrease = now
             self.limit = max(1.0, self.limit * _DECREASE)
+            if now - self._last_logged >= _LOG_EVERY_S:
+                self._last_logged = now
+                logger.warning(
+                    "Overloaded: requests in flight for %s lowered to %d (lowest so far %d).",
+                    self.name or "this class",
+                    self.size,
+                    max(1, int(min(self.minimum_seen, self.limit))),
+                )
         self.minimum_seen = min(self.minimum_seen, self.limit)
 
 
