@@ -17,7 +17,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
@@ -308,113 +308,36 @@ class AnthropicClient:
             logger.warning("Cache pre-warm for %s failed: %s", item.custom_id, record.error_message)
 
     async def _send(self, item: RequestItem, cached_tokens_expected: int = 0) -> ResultRecord:
-        body = item.body
-        model = item.model
-        cl100k = self.input_estimator.count_cl100k(body)
-        estimated_input = self.input_estimator.estimate(body, cl100k)
-        # Cache reads do not count toward input tokens/min: a warm prefix is not charged up front.
-        charged_input = max(1, estimated_input - cached_tokens_expected)
-        max_tokens = body.get("max_tokens")
-        max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 4096
-        # Too long to answer within the SDK's non-streaming limit: streamed, and accumulated into one Message.
-        streaming = bool(body.get("stream")) or needs_streaming(max_tokens)
-        payload = orjson.dumps({**body, "stream": True} if streaming else body)
-        limiter = self.limiter(model, body.get("speed"))
-        info = lookup_model(model)
-        extra_headers = {"anthropic-beta": FAST_MODE_BETA} if _needs_fast_beta(info, body) else None
-        errors: list[str] = []
-        last: APIStatusError | None = None
+        """Send one request, retrying what the SDK retries; the row of its answer or of its last error."""
+        request = self._prepare(item, cached_tokens_expected)
+        failure: _Failure | None = None
         attempt = 0
         while attempt < self.retry.max_attempts:
             attempt += 1
-            committed = self._commit_budget(info or model, body, estimated_input, cached_tokens_expected)
+            committed = self._commit_budget(
+                request.info or request.model, item.body, request.estimated_input, cached_tokens_expected
+            )
             if committed is None:
-                return self._budget_record(item, info, attempt - 1, estimated_input, errors)
-            window = self.window(model, body.get("speed"))
-            await window.acquire()  # how many of this class may be out at once: it adapts to overload
+                return self._budget_record(item, request.info, attempt - 1, request.estimated_input, request.errors)
+            await request.window.acquire()  # how many of this class may be out at once: it adapts to overload
             try:
                 async with self._slots:
-                    if self._stopping_now():
-                        self._budget_refund(committed)
-                        self._raise_if_stopped()
-                    reservation = await limiter.acquire(
-                        charged_input, lambda: self.output_estimator.reserve(model, max_tokens)
-                    )
-                    if self._stopping_now():
-                        limiter.refund(reservation)
-                        self._budget_refund(committed)
-                        self._raise_if_stopped()
-                    started = time.monotonic()
-                    self.stats.http_requests += 1
-                    self.stats.streamed_requests += streaming
-                    try:
-                        status, headers, answer = await self._exchange(payload, extra_headers, streaming)
-                    except (httpx.TimeoutException, httpx.TransportError) as exc:
-                        # The server may have processed it: keep the reservations, as it may have been charged.
-                        self._budget_settle(committed, None)
-                        self.stats.connection_errors += 1
-                        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
-                        errors.append(f"{kind}: {exc!r}")
-                        last = APIStatusError(0, kind, repr(exc))
-                        window.on_overload()  # a reset connection is the other side giving up on us
-                        self._note_failure(window, kind)
-                        retry_headers: dict[str, str] | None = None
-                    else:
-                        latency = time.monotonic() - started
-                        limiter.observe_headers(headers)
-                        if status == 200:
-                            if isinstance(answer, dict):
-                                window.on_success(latency)
-                                self._breaker(window).on_success()
-                                record = self._succeeded(
-                                    item,
-                                    answer,
-                                    limiter,
-                                    reservation,
-                                    cl100k,
-                                    estimated_input,
-                                    attempt,
-                                    latency,
-                                    errors,
-                                    headers.get("request-id"),
-                                )
-                                self._budget_settle(committed, record.cost_usd)
-                                return record
-                            self._budget_settle(committed, None)  # answered, so billed, but unreadable
-                            errors.append("invalid_response: the 200 response body is not a JSON object")
-                            last = APIStatusError(status, "invalid_response", "unparseable 200 response body")
-                            retry_headers = None
-                        else:
-                            last = APIStatusError.from_body(status, answer, headers.get("request-id"))
-                            errors.append(str(last))
-                            limiter.refund(reservation)
-                            self._budget_refund(committed)
-                            if isinstance(last, FatalAPIError):
-                                if self.fatal_error is None:
-                                    self.fatal_error = last
-                                raise last
-                            if status == 429:
-                                self.stats.rate_limited += 1
-                                self.stats.ramp_limited += last.error_code == "ramp_limit_exceeded"
-                                # Hold the whole class, not just this request, so in-flight peers do not stampede.
-                                backoff = self.retry.delay(attempt - 1, rng=self._rng)
-                                limiter.pause(retry_after_seconds(headers) or backoff)
-                            elif status >= 500:
-                                self.stats.server_errors += 1
-                            if status in _OVERLOAD_STATUSES:
-                                window.on_overload()
-                            if not self.retry.is_retryable(status, headers):
-                                break
-                            retry_headers = dict(headers)
-                            self._note_failure(window, f"{status} {last.error_type}")
+                    outcome = await self._attempt(request, attempt, committed)
             finally:
-                window.release()
+                request.window.release()
+            if isinstance(outcome, ResultRecord):
+                return outcome
+            failure = outcome
+            if not failure.retryable:
+                break
             if attempt < self.retry.max_attempts:
                 self.stats.retries += 1
-                delay = self.retry.delay(attempt - 1, retry_headers, self._rng)
+                delay = self.retry.delay(attempt - 1, failure.retry_headers, self._rng)
+                last = failure.error
                 self._waiting = (f"{last.status or ''} {last.error_type}".strip(), time.monotonic() + delay)
                 await asyncio.sleep(delay)
-        assert last is not None
+        assert failure is not None
+        last = failure.error
         return self._error_record(
             item,
             last.error_type,
@@ -422,9 +345,108 @@ class AnthropicClient:
             http_status=last.status or None,
             request_id=last.request_id,
             attempts=attempt,
-            estimated_input_tokens=estimated_input,
-            errors=errors,
+            estimated_input_tokens=request.estimated_input,
+            errors=request.errors,
         )
+
+    def _prepare(self, item: RequestItem, cached_tokens_expected: int) -> _Request:
+        body = item.body
+        model = item.model
+        cl100k = self.input_estimator.count_cl100k(body)
+        estimated_input = self.input_estimator.estimate(body, cl100k)
+        max_tokens = body.get("max_tokens")
+        max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 4096
+        # Too long to answer within the SDK's non-streaming limit: streamed, and accumulated into one Message.
+        streaming = bool(body.get("stream")) or needs_streaming(max_tokens)
+        info = lookup_model(model)
+        return _Request(
+            item=item,
+            model=model,
+            info=info,
+            cl100k=cl100k,
+            estimated_input=estimated_input,
+            # Cache reads do not count toward input tokens/min: a warm prefix is not charged up front.
+            charged_input=max(1, estimated_input - cached_tokens_expected),
+            max_tokens=max_tokens,
+            streaming=streaming,
+            payload=orjson.dumps({**body, "stream": True} if streaming else body),
+            headers={"anthropic-beta": FAST_MODE_BETA} if _needs_fast_beta(info, body) else None,
+            limiter=self.limiter(model, body.get("speed")),
+            window=self.window(model, body.get("speed")),
+        )
+
+    async def _attempt(self, request: _Request, attempt: int, committed: float) -> ResultRecord | _Failure:
+        """One HTTP attempt, holding a concurrency slot: wait for the limiter, send, and settle the limiter,
+        the budget, the window and the breaker by what came back."""
+        limiter, window, errors = request.limiter, request.window, request.errors
+        if self._stopping_now():
+            self._budget_refund(committed)
+            self._raise_if_stopped()
+        reservation = await limiter.acquire(
+            request.charged_input, lambda: self.output_estimator.reserve(request.model, request.max_tokens)
+        )
+        if self._stopping_now():
+            limiter.refund(reservation)
+            self._budget_refund(committed)
+            self._raise_if_stopped()
+        started = time.monotonic()
+        self.stats.http_requests += 1
+        self.stats.streamed_requests += request.streaming
+        try:
+            status, headers, answer = await self._exchange(request.payload, request.headers, request.streaming)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            # The server may have processed it: keep the reservations, as it may have been charged.
+            self._budget_settle(committed, None)
+            self.stats.connection_errors += 1
+            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
+            errors.append(f"{kind}: {exc!r}")
+            window.on_overload()  # a reset connection is the other side giving up on us
+            self._note_failure(window, kind)
+            return _Failure(APIStatusError(0, kind, repr(exc)))
+        latency = time.monotonic() - started
+        limiter.observe_headers(headers)
+        if status == 200:
+            if isinstance(answer, dict):
+                window.on_success(latency)
+                self._breaker(window).on_success()
+                record = self._succeeded(
+                    request.item,
+                    answer,
+                    limiter,
+                    reservation,
+                    request.cl100k,
+                    request.estimated_input,
+                    attempt,
+                    latency,
+                    errors,
+                    headers.get("request-id"),
+                )
+                self._budget_settle(committed, record.cost_usd)
+                return record
+            self._budget_settle(committed, None)  # answered, so billed, but unreadable
+            errors.append("invalid_response: the 200 response body is not a JSON object")
+            return _Failure(APIStatusError(status, "invalid_response", "unparseable 200 response body"))
+        error = APIStatusError.from_body(status, answer, headers.get("request-id"))
+        errors.append(str(error))
+        limiter.refund(reservation)
+        self._budget_refund(committed)
+        if isinstance(error, FatalAPIError):
+            if self.fatal_error is None:
+                self.fatal_error = error
+            raise error
+        if status == 429:
+            self.stats.rate_limited += 1
+            self.stats.ramp_limited += error.error_code == "ramp_limit_exceeded"
+            # Hold the whole class, not just this request, so in-flight peers do not stampede.
+            limiter.pause(retry_after_seconds(headers) or self.retry.delay(attempt - 1, rng=self._rng))
+        elif status >= 500:
+            self.stats.server_errors += 1
+        if status in _OVERLOAD_STATUSES:
+            window.on_overload()
+        if not self.retry.is_retryable(status, headers):
+            return _Failure(error, retryable=False)
+        self._note_failure(window, f"{status} {error.error_type}")
+        return _Failure(error, dict(headers))
 
     def window(self, model: str, speed: Any = None) -> AdaptiveWindow:
         """The concurrency window of the request's limit class."""
@@ -576,6 +598,35 @@ class AnthropicClient:
             logger.warning(
                 "No price for %s: %s; its rows get cost_usd null. Add its prices with --models-file.", model, why
             )
+
+
+@dataclass
+class _Request:
+    """One request as it is sent, attempt after attempt."""
+
+    item: RequestItem
+    model: str
+    info: ModelInfo | None
+    cl100k: int
+    estimated_input: int
+    charged_input: int
+    max_tokens: int
+    streaming: bool
+    payload: bytes
+    headers: dict[str, str] | None
+    limiter: RateLimiter
+    window: AdaptiveWindow
+    #: Every error met on the way (the original script's output lists them).
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Failure:
+    """An attempt that did not give an answer: the error, and whether (and how) to try again."""
+
+    error: APIStatusError
+    retry_headers: dict[str, str] | None = None
+    retryable: bool = True
 
 
 def _repair_body(body: dict[str, Any], reply: str, problem: str) -> dict[str, Any]:
