@@ -57,7 +57,7 @@ def wait_for_lines(process: subprocess.Popen, out: Path, lines: int) -> None:
 
 
 def test_a_second_run_on_the_same_directory_sends_nothing_and_names_the_holder(start_emulator, tmp_path):
-    emu = start_emulator(latency_ms=100)
+    emu = start_emulator(latency_ms=300)  # the first run lasts ~6 s: longer than the second takes to start
     requests = write_requests(tmp_path / "requests.jsonl", 200)
     out = tmp_path / "out"
     flags = ("--requests-per-minute", "3000", "--max-concurrency", "10")
