@@ -10,6 +10,7 @@ real-time engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ from .engine.runner import done_before
 from .inputs import Shard, iter_requests
 from .models import lookup_model
 from .outputs import final_records
-from .schema import OutputSchema
+from .schema import OutputSchema, with_output_format
 from .settings import ClientSettings, shared_client
 from .tasks import RUNS, SHUTDOWN, shard_results_path
 
@@ -108,13 +109,12 @@ async def submit_batches(
     async with await _batch_api(settings, client_block, credentials_block) as api:
         with ResultsWriter(results_path) as writer:
             valid = []
-            preflight = Preflight(
-                settings.anthropic_version,
-                drop_unsupported_params=settings.drop_unsupported_params,
-                output_schema=_output_schema(settings),
-            )
+            preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
+            schema = _output_schema(settings)
             for item in _pending_items(requests_path, shard, results_path, set(retry_lines) if retry_lines else None):
-                checked = preflight(item)
+                if item.invalid is None and schema is not None:
+                    item = dataclasses.replace(item, body=with_output_format(item.body, schema))
+                checked = ResultRecord.for_invalid_line(item) if item.invalid is not None else preflight(item)
                 if isinstance(checked, RequestItem) and client.budget is not None:
                     # Batch mode reserves per batch: each request's worst case at the batch price.
                     estimate = client.input_estimator.estimate(checked.body)

@@ -16,7 +16,7 @@ from .engine.records import RequestItem
 from .formatting import duration, money, number
 from .inputs import iter_requests
 from .models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
-from .schema import OutputSchema
+from .schema import OutputSchema, with_output_format
 from .settings import ClientSettings
 
 __all__ = ["estimate_file", "format_estimate"]
@@ -31,13 +31,14 @@ def prepared_requests(
         raise FileNotFoundError(f"requests file not found: {path}")
     if settings.models_file:
         use_models_file(settings.models_file)
-    preflight = Preflight(
-        settings.anthropic_version,
-        drop_unsupported_params=settings.drop_unsupported_params,
-        # The schema is sent with every request: its tokens are input tokens.
-        output_schema=OutputSchema(settings.output_schema) if settings.output_schema is not None else None,
-    )
+    preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
+    schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
     for item in iter_requests(path):
+        if item.invalid is not None:
+            yield item, item.invalid
+            continue
+        if schema is not None:  # the schema is sent with every request: its tokens are input tokens
+            item = dataclasses.replace(item, body=with_output_format(item.body, schema))
         checked = preflight(item)
         if isinstance(checked, RequestItem):
             yield checked, None

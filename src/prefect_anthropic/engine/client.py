@@ -25,7 +25,7 @@ import orjson
 
 from ..models import ModelInfo, Usage, lookup_model, request_limit_class, unpriced_reason
 from ..request_rules import API_VERSION_2023, API_VERSION_2026, FAST_MODE_BETA
-from ..schema import OutputSchema, SchemaError, load_schema, output_format_of
+from ..schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
 from .adaptive import AdaptiveWindow, CircuitBreaker
 from .budget import Budget, worst_case_cost
 from .caching import AutoCache, PrefixWarmer, cached_prefix
@@ -123,9 +123,7 @@ class AnthropicClient:
         self._limits: LimitsForClass = limits if callable(limits) else _same_for_every_class(limits)
         adopt = adopt_server_limits
         self._adopts: Callable[[str], bool] = adopt if callable(adopt) else _same_for_every_class(adopt)
-        self.preflight = Preflight(
-            anthropic_version, drop_unsupported_params=drop_unsupported_params, output_schema=output_schema
-        )
+        self.preflight = Preflight(anthropic_version, drop_unsupported_params=drop_unsupported_params)
         #: Every request asks for replies matching it (a line's own format wins); replies are validated.
         self.output_schema = output_schema
         self.validation_retries = validation_retries
@@ -233,10 +231,14 @@ class AnthropicClient:
 
     async def send(self, item: RequestItem) -> ResultRecord:
         """Send one request, with retries; raise FatalAPIError when the run must stop."""
+        if item.invalid is not None:
+            return ResultRecord.for_invalid_line(item)
         checked = self.preflight(item)  # a line the API would reject is an error row, never sent
         if isinstance(checked, ResultRecord):
             return checked
         item = checked
+        if self.output_schema is not None:
+            item = dataclasses.replace(item, body=with_output_format(item.body, self.output_schema))
         self._raise_if_stopped()
         info = lookup_model(item.model)
         ratio = self.input_estimator.ratio(item.model)

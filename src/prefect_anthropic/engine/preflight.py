@@ -11,40 +11,33 @@ from __future__ import annotations
 import dataclasses
 
 from ..models import lookup_model
-from ..request_rules import FAST_MODE_BETA, Rejection, drop_parameters, rejections
-from ..schema import OutputSchema, with_output_format
+from ..request_rules import FAST_MODE_BETA, drop_parameters, rejections
 from .records import RequestItem, ResultRecord
 
 __all__ = ["Preflight"]
 
 
 class Preflight:
-    """Every line as it will be sent: checked, sampling parameters dropped if asked, the dataset's
-    structured-output schema added (a line's own format wins); or the error row of a line that cannot be."""
-
-    def __init__(
-        self,
-        api_version: str,
-        *,
-        drop_unsupported_params: bool = False,
-        output_schema: OutputSchema | None = None,
-    ) -> None:
+    def __init__(self, api_version: str, *, drop_unsupported_params: bool = False) -> None:
         self.api_version = api_version
         self.drop_unsupported_params = drop_unsupported_params
-        self.output_schema = output_schema
         #: Lines sent without the sampling parameters their model or API version rejects.
         self.lines_with_dropped_params = 0
         #: Lines never sent because the API would reject them.
         self.lines_rejected = 0
 
-    def _problem(self, item: RequestItem, found: list[Rejection]) -> str | None:
+    def problem(self, item: RequestItem) -> str | None:
+        """Why the API would reject the line as it stands (None: nothing known)."""
         info = lookup_model(item.model)
         if info is not None and info.is_retired():
             return f"model {item.model!r} was retired on {info.retired_on}; choose a current model"
-        blocking = [r for r in found if not r.droppable] if self.drop_unsupported_params else found
-        if not blocking:
+        # The client adds the fast-mode beta header itself, so a preview model's fast mode is not a problem.
+        found = rejections(item.body, info, self.api_version, beta=FAST_MODE_BETA)
+        if self.drop_unsupported_params:
+            found = [r for r in found if not r.droppable]
+        if not found:
             return None
-        first = blocking[0]
+        first = found[0]
         hint = " (--drop-unsupported-params removes it)" if first.droppable else ""
         return (
             f"the API rejects {first.parameter!r} for {item.model} under API version {self.api_version}: "
@@ -52,20 +45,17 @@ class Preflight:
         )
 
     def __call__(self, item: RequestItem) -> RequestItem | ResultRecord:
-        """The item as it will be sent, or the error row of a line that cannot be sent."""
-        if item.invalid is not None:
-            return ResultRecord.for_invalid_line(item)
-        # The client adds the fast-mode beta header itself, so a preview model's fast mode is not a problem.
-        found = rejections(item.body, lookup_model(item.model), self.api_version, beta=FAST_MODE_BETA)
-        problem = self._problem(item, found)
+        """The item as it will be sent, or the error row of a line the API would reject."""
+        problem = self.problem(item)
         if problem is not None:
             self.lines_rejected += 1
             return ResultRecord.for_invalid_line(
                 dataclasses.replace(item, invalid=f"line {item.line}: not sent: {problem}")
             )
-        body = item.body
-        if self.drop_unsupported_params and found:
-            self.lines_with_dropped_params += 1
-            body = drop_parameters(body, found)
-        body = with_output_format(body, self.output_schema)
-        return item if body is item.body else dataclasses.replace(item, body=body)
+        if not self.drop_unsupported_params:
+            return item
+        found = rejections(item.body, lookup_model(item.model), self.api_version, beta=FAST_MODE_BETA)
+        if not found:
+            return item
+        self.lines_with_dropped_params += 1
+        return dataclasses.replace(item, body=drop_parameters(item.body, found))
