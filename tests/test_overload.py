@@ -98,7 +98,9 @@ async def test_against_a_server_that_takes_20_the_window_settles_near_20(caplog)
     assert attempts[int(0.95 * len(attempts)) - 1] <= 2  # 95% of rows needed at most 2 attempts
     assert stats["max_in_flight"] <= 20
     throughput = 600 / (stats["last_request_at"] - stats["first_request_at"])
-    assert throughput >= 0.85 * 20 / latency, throughput  # what 20 in flight allow
+    # What 20 in flight allow, less the window's slow start and a busy CI machine (bench/adaptive_concurrency.py
+    # measures the steady figure: 0.89).
+    assert throughput >= 0.80 * 20 / latency, throughput
     assert client.concurrency()["concurrency_min"] < 100
     assert "Overloaded: requests in flight for sonnet-5-5 lowered to" in caplog.text  # the log says so
 
