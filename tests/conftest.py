@@ -52,6 +52,23 @@ def prefect_server():
         yield
 
 
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server for the session. Without one, the tests that need it are skipped, visibly; under
+    CI=true a missing Redis fails them (.ci/run installs Debian's redis-server)."""
+    import shutil
+
+    from prefect_anthropic.testing import redis_server
+
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed (apt-get install redis-server): shared-limiter tests need it"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with redis_server() as url:
+        yield url
+
+
 def write_requests(path, n: int, *, start: int = 0, text: str = "Question {i}: what is {i} times 8?", extra=()):
     """A request file in the original format, one line per request, metadata carrying the row id."""
     import json

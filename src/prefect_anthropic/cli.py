@@ -17,7 +17,7 @@ from .emulator.config import EmulatorConfig
 from .formatting import money, number
 from .models import MODELS_FILE_ENV
 from .request_rules import API_VERSION_2023, API_VERSION_2026, API_VERSIONS
-from .settings import API_KEY_ENV, BASE_URL_ENV
+from .settings import API_KEY_ENV, BASE_URL_ENV, LIMITER_PASSWORD_ENV, LIMITER_URL_ENV
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -66,6 +66,15 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         help="Keep --max-concurrency requests in flight whatever the answers (default: adapt to overload).",
     )  # fmt: skip
     group.add_argument("--timeout", type=float, default=600.0, help="Seconds per HTTP request (default 600).")
+    group.add_argument(
+        "--limiter-url", default=os.environ.get(LIMITER_URL_ENV),
+        help="redis://HOST:PORT/DB: one set of limits for every process and machine using this Redis "
+        f"(env {LIMITER_URL_ENV}; password from env {LIMITER_PASSWORD_ENV}).",
+    )  # fmt: skip
+    group.add_argument(
+        "--shared-max-concurrency", type=int,
+        help="With --limiter-url: most requests in flight across all processes on the account.",
+    )  # fmt: skip
 
 
 def _settings(args: argparse.Namespace):
@@ -86,6 +95,8 @@ def _settings(args: argparse.Namespace):
         "anthropic_version": args.anthropic_version,
         "drop_unsupported_params": args.drop_unsupported_params,
         "models_file": args.models_file,
+        "limiter_url": args.limiter_url,
+        "shared_max_concurrency": args.shared_max_concurrency,
     }
     if args.base_url:
         values["base_url"] = args.base_url

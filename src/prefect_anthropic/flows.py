@@ -111,6 +111,7 @@ def _summary(
         "rate_limited_responses": stats.rate_limited,
         "achieved_requests_per_minute": round(60.0 * sent / wall_time_s, 1) if wall_time_s > 0 else 0.0,
         "limits": {cls: limits.as_dict() for cls, limits in client.limits_in_force().items()},
+        "shared_limiter": client.shared_limiter.summary() if client.shared_limiter is not None else None,
         "settings": settings.model_dump(),
     }
 
@@ -295,6 +296,7 @@ async def _run(
     logger = get_run_logger()
     # Fail before planning anything when there is no key (the key itself stays out of every parameter).
     client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
+    await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending anything
     if client.budget is not None:
         # The budget is for the dataset: what earlier runs of this output directory paid counts.
         client.budget.spent_usd = spent_in(output_dir)

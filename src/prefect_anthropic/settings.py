@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -24,6 +25,8 @@ from .tiers import TierLimits, limits_for_tier
 __all__ = ["ClientSettings", "MissingAPIKeyError", "api_key_from_env", "shared_client"]
 
 API_KEY_ENV = "ANTHROPIC_API_KEY"
+LIMITER_URL_ENV = "PREFECT_ANTHROPIC_LIMITER_URL"
+LIMITER_PASSWORD_ENV = "PREFECT_ANTHROPIC_REDIS_PASSWORD"
 BASE_URL_ENV = "ANTHROPIC_BASE_URL"
 
 
@@ -92,6 +95,29 @@ class ClientSettings(BaseModel):
     validation_retries: int = Field(
         default=2, ge=0, description="Times a reply that does not match the schema is asked for again."
     )
+    limiter_url: str | None = Field(
+        default=None,
+        description="redis://HOST:PORT/DB: share the account's limits with every process and machine that uses "
+        f"the same Redis (its password from {LIMITER_PASSWORD_ENV}, never in this URL).",
+    )
+    shared_max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="With limiter_url: most requests in flight across every process on the account (leases "
+        "that expire when a process dies).",
+    )
+
+    @field_validator("limiter_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"limiter_url must be redis://HOST:PORT/DB (or rediss://, unix://), got {url!r}")
+        if parts.password:
+            raise ValueError(f"put the Redis password in {LIMITER_PASSWORD_ENV}, not in limiter_url")
+        return url
 
     @field_validator("output_schema", mode="before")
     @classmethod
@@ -159,7 +185,17 @@ class ClientSettings(BaseModel):
             adaptive_concurrency=self.adaptive_concurrency,
             give_up_after_s=self.give_up_after_s,
             input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
+            limiter_url=_with_password(self.limiter_url),
+            shared_max_concurrency=self.shared_max_concurrency,
         )
+
+
+def _with_password(url: str | None) -> str | None:
+    password = os.environ.get(LIMITER_PASSWORD_ENV)
+    if url is None or not password:
+        return url
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{parts.username or ''}:{quote(password, safe='')}@{parts.netloc}").geturl()
 
 
 def api_key_from_env() -> str:

@@ -31,10 +31,11 @@ from .budget import Budget, worst_case_cost
 from .caching import AutoCache, PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError, RunStopped, ServiceUnavailableError
 from .estimator import InputTokenEstimator, OutputTokenEstimator
-from .limiter import RateLimiter, RateLimits
+from .limiter import Limiter, RateLimiter, RateLimits, Reservation
 from .preflight import Preflight
 from .records import RequestItem, ResultRecord, record_from_message, validate_record
 from .retry import RetryPolicy, retry_after_seconds
+from .shared_limiter import SharedLimiter, SharedLimiterUnavailable
 from .streaming import accumulate, needs_streaming
 
 __all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "ClientStats"]
@@ -115,6 +116,8 @@ class AnthropicClient:
         adaptive_concurrency: bool = True,
         give_up_after_s: float = 300.0,
         seed: int | None = None,
+        limiter_url: str | None = None,
+        shared_max_concurrency: int | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -149,7 +152,13 @@ class AnthropicClient:
         self.stopping = False
         #: Models answered but not priced by the model table, with the reason (rows get cost_usd null).
         self.unpriced_models: dict[str, str] = {}
-        self._limiters: dict[str, RateLimiter] = {}
+        self._limiters: dict[str, Limiter] = {}
+        #: Limits shared with every process on the account through Redis (None: this process's own).
+        self.shared_limiter = (
+            SharedLimiter(limiter_url, api_key, max_in_flight=shared_max_concurrency or 0, burst_seconds=burst_seconds)
+            if limiter_url
+            else None
+        )
         self._slots = asyncio.Semaphore(max_concurrency)
         self._rng = random.Random(seed)
         if not isinstance(timeout, httpx.Timeout):
@@ -188,14 +197,25 @@ class AnthropicClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self.shared_limiter is not None:
+            await self.shared_limiter.aclose()
         for lane in self._lanes:
             await lane.aclose()
 
-    def limiter(self, model: str, speed: Any = None) -> RateLimiter:
+    async def check_limiter(self) -> None:
+        """Raise SharedLimiterUnavailable when the shared limiter's Redis does not answer."""
+        if self.shared_limiter is not None:
+            await self.shared_limiter.check()
+
+    def limiter(self, model: str, speed: Any = None) -> Limiter:
         """The limiter of the bucket a request draws from: its model's limit class (fast mode apart)."""
         cls = request_limit_class(model, speed)
         limiter = self._limiters.get(cls)
-        if limiter is None:
+        if limiter is None and self.shared_limiter is not None:
+            limiter = self._limiters[cls] = self.shared_limiter.for_class(
+                cls, self._limits(cls), adopt_server_limits=self._adopts(cls)
+            )
+        elif limiter is None:
             limiter = self._limiters[cls] = RateLimiter(
                 self._limits(cls),
                 burst_seconds=self.burst_seconds,
@@ -378,13 +398,28 @@ class AnthropicClient:
     async def _attempt(self, request: _Request, attempt: int, committed: float) -> ResultRecord | _Failure:
         """One HTTP attempt, holding a concurrency slot: wait for the limiter, send, and settle the limiter,
         the budget, the window and the breaker by what came back."""
-        limiter, window, errors = request.limiter, request.window, request.errors
+        limiter = request.limiter
         if self._stopping_now():
             self._budget_refund(committed)
             self._raise_if_stopped()
-        reservation = await limiter.acquire(
-            request.charged_input, lambda: self.output_estimator.reserve(request.model, request.max_tokens)
-        )
+        try:
+            reservation = await limiter.acquire(
+                request.charged_input, lambda: self.output_estimator.reserve(request.model, request.max_tokens)
+            )
+        except SharedLimiterUnavailable as error:  # never fall open: without the shared limits, send nothing
+            self._budget_refund(committed)
+            if self.fatal_error is None:
+                self.fatal_error = error
+            raise
+        try:
+            return await self._exchange_and_settle(request, attempt, committed, reservation)
+        finally:
+            limiter.release(reservation)
+
+    async def _exchange_and_settle(
+        self, request: _Request, attempt: int, committed: float, reservation: Reservation
+    ) -> ResultRecord | _Failure:
+        limiter, window, errors = request.limiter, request.window, request.errors
         if self._stopping_now():
             limiter.refund(reservation)
             self._budget_refund(committed)
@@ -558,7 +593,7 @@ class AnthropicClient:
         self,
         item: RequestItem,
         message: dict[str, Any],
-        limiter: RateLimiter,
+        limiter: Limiter,
         reservation: Any,
         cl100k: int,
         estimated_input: int,
@@ -614,7 +649,7 @@ class _Request:
     streaming: bool
     payload: bytes
     headers: dict[str, str] | None
-    limiter: RateLimiter
+    limiter: Limiter
     window: AdaptiveWindow
     #: Every error met on the way (the original script's output lists them).
     errors: list[str] = field(default_factory=list)

@@ -14,8 +14,9 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["RateLimiter", "RateLimits", "Reservation", "TokenBucket"]
+__all__ = ["Limiter", "RateLimiter", "RateLimits", "Reservation", "TokenBucket"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -104,6 +105,28 @@ class Reservation:
 
     input_tokens: float
     output_tokens: float
+    shared_slot: bool = False  # holds a slot of a shared concurrency cap (see shared_limiter)
+
+
+class Limiter(Protocol):
+    """What the client needs of a limiter: this process's `RateLimiter`, or the Redis-shared one."""
+
+    paused_until: float
+
+    @property
+    def limits(self) -> RateLimits: ...
+
+    async def acquire(self, input_tokens: float, output_tokens: float | Callable[[], float]) -> Reservation: ...
+
+    def settle(self, reservation: Reservation, input_tokens: float, output_tokens: float) -> None: ...
+
+    def refund(self, reservation: Reservation) -> None: ...
+
+    def release(self, reservation: Reservation) -> None: ...
+
+    def pause(self, seconds: float) -> None: ...
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None: ...
 
 
 _MAX_NAP_S = 0.25
@@ -205,6 +228,9 @@ class RateLimiter:
     def refund(self, reservation: Reservation) -> None:
         """Give back the tokens of a request the server did not process (an error answer)."""
         self.settle(reservation, 0.0, 0.0)
+
+    def release(self, reservation: Reservation) -> None:
+        """The request is over (concurrency here is capped by the client's own semaphore)."""
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this class for `seconds` (a 429's retry-after), then resume at the rate."""
