@@ -81,6 +81,14 @@ class AnthropicClientConfig(Block):
     models_file: str | None = Field(
         default=None, description="A TOML file adding or overriding model table entries, readable by the workers."
     )
+    limiter_url: str | None = Field(
+        default=None,
+        description="redis://HOST:PORT/DB: one set of limits for every process and machine on the account "
+        "(Redis password from PREFECT_ANTHROPIC_REDIS_PASSWORD).",
+    )
+    shared_max_concurrency: int | None = Field(
+        default=None, description="With limiter_url: most requests in flight across every process."
+    )
 
     def settings(self) -> ClientSettings:
         """The configuration without the key: safe to pass as a parameter or log."""
@@ -96,6 +104,8 @@ class AnthropicClientConfig(Block):
             max_concurrency=self.max_concurrency,
             max_attempts=self.max_attempts,
             timeout_s=self.timeout_s,
+            limiter_url=self.limiter_url,
+            shared_max_concurrency=self.shared_max_concurrency,
         )
 
     def get_client(self) -> AnthropicClient:

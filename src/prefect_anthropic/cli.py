@@ -531,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     # The ephemeral server's telemetry cannot reach the internet from most batch machines; unless the user
     # says otherwise, do not let it log an error at every run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Several runs started at once on one machine (one per input file) each start an ephemeral server, and
+    # on two cores their start-ups share the CPU: Prefect's 20 s is not enough for four (measured: none of
+    # four started). Waiting longer costs nothing when one start is quick.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
     return args.handler(args)
 
