@@ -196,9 +196,13 @@ def run_flow(
     show_progress: bool = True,
     input_table: str | None = None,
     input_columns: list[str] | None = None,
+    work_pool: str | None = None,
 ) -> int:
     """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
+    from prefect.exceptions import ObjectNotFound
+
     from .engine import FatalAPIError, RunStopped
+    from .fanout import OutputDirectoryNotShared
     from .flows import generate_dataset
     from .run_lock import OutputDirectoryLocked
     from .settings import MissingAPIKeyError
@@ -232,12 +236,21 @@ def run_flow(
                     batch_poll_interval_s=batch_poll_interval_s,
                     input_table=input_table,
                     input_columns=input_columns,
+                    work_pool=work_pool,
                 )
             )
     except FatalAPIError as error:
         print(f"error: the run stopped: {error}", file=sys.stderr)
         return EXIT_STOPPED
-    except (MissingAPIKeyError, FileNotFoundError, PermissionError, ValueError, OutputDirectoryLocked) as error:
+    except (
+        MissingAPIKeyError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+        OutputDirectoryLocked,
+        OutputDirectoryNotShared,
+        ObjectNotFound,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
     except (RunStopped, KeyboardInterrupt):
@@ -316,6 +329,7 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
         settings,
         input_table=input_table,
         input_columns=columns,
+        work_pool=args.work_pool,
         client_block=args.client_block,
         credentials_block=args.credentials_block,
         shard_size=args.shard_size,
@@ -460,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=5000, help="Lines per shard task (default 5000).")
     run.add_argument("--max-parallel-shards", type=int, default=4, help="Shards running at once (default 4).")
     run.add_argument("--shard-retries", type=int, default=3, help="Retries of a shard with retryable failures.")
+    run.add_argument(
+        "--work-pool",
+        help="Run each shard as a flow run on this Prefect work pool: any `prefect worker start --pool NAME`, on "
+        "any machine, takes shards. The output directory and request file must be on storage they all share.",
+    )
     run.add_argument(
         "--shard-retry-delay", type=float, default=10.0, help="Backoff base between shard retries, seconds."
     )

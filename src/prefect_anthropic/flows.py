@@ -31,6 +31,7 @@ from .batch_mode import run_shard_in_batches
 from .blocks import AnthropicClientConfig, resolve_api_key
 from .corrections import save_token_corrections
 from .engine import AnthropicClient, FatalAPIError, RunStopped, read_records
+from .fanout import run_shards_on_pool
 from .formatting import duration, money, number
 from .outputs import DatasetTotals
 from .progress import RunProgress
@@ -175,6 +176,7 @@ async def generate_dataset(
     batch_poll_interval_s: float = 30.0,
     input_table: str | None = None,
     input_columns: list[str] | None = None,
+    work_pool: str | None = None,
 ) -> dict[str, Any]:
     """Send every request of a JSONL file to the Anthropic Messages API and write the dataset.
 
@@ -197,6 +199,8 @@ async def generate_dataset(
         input_table: The table the request file was rendered from (one line per row, see
             `generate_dataset_from_table`): its columns are put beside the result columns.
         input_columns: Which of the table's columns to keep (default: all).
+        work_pool: Run each shard as a child flow run on this Prefect work pool (any worker of the pool,
+            on any machine, takes shards); the output directory and request file must be shared storage.
     """
     started = time.monotonic()
     if client_block:
@@ -223,6 +227,7 @@ async def generate_dataset(
             started,
             input_table,
             input_columns,
+            work_pool,
         )
 
 
@@ -292,8 +297,11 @@ async def _run(
     started: float,
     input_table: str | None,
     input_columns: list[str] | None,
+    work_pool: str | None = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
+    if work_pool and mode != "realtime":
+        raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
     # Fail before planning anything when there is no key (the key itself stays out of every parameter).
     client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
     await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending anything
@@ -360,8 +368,17 @@ async def _run(
                 return_state=True,
             )
 
+    shards_by_worker: dict[str, int] = {}
     try:
-        states = await asyncio.gather(*(one_shard(shard) for shard in plan.shards))
+        if work_pool:
+            shards_by_worker = await run_shards_on_pool(
+                work_pool, requests_path, plan.shards, output_dir, str(work_dir), settings, client_block,
+                credentials_block, max_parallel_shards=max_parallel_shards, shard_retries=shard_retries,
+                on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
+            )  # fmt: skip
+            states = []
+        else:
+            states = await asyncio.gather(*(one_shard(shard) for shard in plan.shards))
     finally:
         publisher.cancel()
         RUNS.pop(progress_key, None)
@@ -387,6 +404,9 @@ async def _run(
     )
     sent = sum(p.done for p in tracker.shards.values())
     summary = _summary(totals, settings, client, time.monotonic() - started, sent)
+    if work_pool:
+        summary["work_pool"] = work_pool
+        summary["shards_by_worker"] = shards_by_worker
     summary_path = Path(output_dir) / SUMMARY_FILE
     partial = summary_path.with_suffix(".partial")
     partial.write_text(json.dumps(summary, indent=2))

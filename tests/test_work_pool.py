@@ -1,0 +1,98 @@
+"""Shards fanned out to a Prefect work pool: a real Prefect server, two real process workers, the emulator
+enforcing the account's limit and a real Redis sharing it (issue 14)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pandas as pd
+import pytest
+
+from conftest import write_requests
+from prefect_anthropic.flows import generate_dataset
+from prefect_anthropic.settings import ClientSettings
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+KEY = "sk-ant-fake-pool"
+
+
+def worker_env() -> dict:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {
+        **env,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_ANTHROPIC_STATE_DIR": os.environ.get("PREFECT_ANTHROPIC_STATE_DIR", ""),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "ANTHROPIC_API_KEY": KEY,  # workers hold the key: it never travels as a parameter
+    }
+
+
+@contextlib.contextmanager
+def process_workers(pool: str, names: list[str]):
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
+    workers = [
+        subprocess.Popen([*command, "--name", name], env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for name in names
+    ]
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+async def wait_for_pool(pool: str, timeout: float = 60) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while True:
+            with contextlib.suppress(Exception):
+                await client.read_work_pool(pool)
+                return
+            assert time.monotonic() < deadline, f"work pool {pool} never appeared"
+            time.sleep(0.5)
+
+
+async def test_a_run_through_a_work_pool_with_two_workers(start_emulator, redis_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    emu = start_emulator(seed=14, latency_ms=300, requests_per_minute=600, burst_seconds=1)
+    requests = write_requests(tmp_path / "requests.jsonl", 40)
+    pool = f"anthropic-test-{uuid.uuid4().hex[:6]}"
+    settings = ClientSettings(base_url=emu.base_url, limiter_url=redis_url, requests_per_minute=600)
+    with process_workers(pool, ["worker-a", "worker-b"]):
+        await wait_for_pool(pool)
+        summary = await generate_dataset(
+            str(requests), str(tmp_path / "out"), settings=settings, shard_size=5, max_parallel_shards=8,
+            work_pool=pool,
+        )  # fmt: skip
+    assert set(summary["shards_by_worker"]) == {"worker-a", "worker-b"}, summary["shards_by_worker"]
+    assert sum(summary["shards_by_worker"].values()) == 8
+    frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert len(frame) == 40 and frame["line"].is_unique and (frame["status"] == "succeeded").all()
+    ledger = emu.stats()
+    assert ledger["duplicate_billed_requests"] == 0 and ledger["responses_by_status"].get("429", 0) == 0
+    assert KEY not in json.dumps(summary)
+
+
+async def test_a_worker_that_does_not_see_the_output_directory_refuses_the_shard(start_emulator, tmp_path):
+    from prefect_anthropic.fanout import OutputDirectoryNotShared, check_shared_directory, mark_shared_directory
+
+    directory_id = mark_shared_directory(tmp_path)
+    check_shared_directory(tmp_path, directory_id)
+    with pytest.raises(OutputDirectoryNotShared, match="storage every worker mounts"):
+        check_shared_directory(tmp_path / "elsewhere", directory_id)
