@@ -178,3 +178,15 @@ def test_redis_lost_mid_run_stops_admitting_then_the_run_resumes(start_emulator,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shared_limiter"]["round_trips_per_request"] <= 1.5
     assert "sk-ant-fake-redis" not in (out / "summary.json").read_text()
+
+
+def test_the_output_directory_lock_holds_across_machines_through_redis(redis_url, tmp_path):
+    from prefect_anthropic.run_lock import OutputDirectoryLocked, _hold_in_redis, hold_output_directory
+
+    with hold_output_directory(tmp_path, redis_url):
+        # What a run on another machine (no shared OS lock) meets: the Redis lock names the holder.
+        with pytest.raises(OutputDirectoryLocked, match="a run on another machine .*host "):
+            with _hold_in_redis(tmp_path, redis_url):
+                pass
+    with _hold_in_redis(tmp_path, redis_url):  # released at the end of the first run
+        pass

@@ -36,7 +36,7 @@ from .formatting import duration, money, number
 from .outputs import DatasetTotals
 from .progress import RunProgress
 from .run_lock import hold_output_directory
-from .settings import ClientSettings, close_shared_clients, shared_client
+from .settings import ClientSettings, close_shared_clients, shared_client, with_redis_password
 from .tables import PromptFunction, render_requests
 from .tasks import RUNS, mark_shard_done, merge_shards, plan_request_shards, run_shard, shard_marker_path
 
@@ -208,7 +208,8 @@ async def generate_dataset(
         settings = config.settings()
     settings = settings or ClientSettings()
     _check_paths(requests_path, output_dir)
-    with hold_output_directory(output_dir):  # one run per output directory, whatever starts it
+    # One run per output directory, whatever starts it (on any machine, with a shared limiter).
+    with hold_output_directory(output_dir, with_redis_password(settings.limiter_url)):
         return await _run(
             requests_path,
             output_dir,

@@ -185,12 +185,13 @@ class ClientSettings(BaseModel):
             adaptive_concurrency=self.adaptive_concurrency,
             give_up_after_s=self.give_up_after_s,
             input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
-            limiter_url=_with_password(self.limiter_url),
+            limiter_url=with_redis_password(self.limiter_url),
             shared_max_concurrency=self.shared_max_concurrency,
         )
 
 
-def _with_password(url: str | None) -> str | None:
+def with_redis_password(url: str | None) -> str | None:
+    """The Redis URL with the password from the environment (it never travels in settings)."""
     password = os.environ.get(LIMITER_PASSWORD_ENV)
     if url is None or not password:
         return url
