@@ -190,3 +190,25 @@ def test_the_output_directory_lock_holds_across_machines_through_redis(redis_url
                 pass
     with _hold_in_redis(tmp_path, redis_url):  # released at the end of the first run
         pass
+
+
+async def test_a_shared_budget_is_one_budget_for_every_process(redis_url):
+    from prefect_anthropic.engine.shared_budget import SharedBudget, start_shared_budget
+
+    key = fresh_account()
+    first, second = SharedLimiter(redis_url, key), SharedLimiter(redis_url, key)
+    try:
+        await start_shared_budget(first, "run-1", 1.0, 0.25)  # $0.25 paid by earlier runs of the dataset
+        a, b = SharedBudget(first, "run-1", 1.0), SharedBudget(second, "run-1", 1.0)
+        assert await a.areserve(0.5)
+        assert not await b.areserve(0.5)  # 0.25 spent + 0.5 held by the other process: 0.5 more does not fit
+        assert b.exhausted
+        a.settle(0.5, 0.1)  # the request cost less than its worst case
+        await a.aclose()
+        c = SharedBudget(second, "run-1", 1.0)
+        assert await c.areserve(0.6)
+        assert c.spent_usd == pytest.approx(0.35) and c.reserved_usd == pytest.approx(0.6)
+        await c.aclose()
+    finally:
+        await first.aclose()
+        await second.aclose()

@@ -26,8 +26,10 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
+from .blocks import resolve_api_key
+from .engine.shared_budget import SharedBudget
 from .inputs import Shard
-from .settings import ClientSettings, close_shared_clients
+from .settings import ClientSettings, close_shared_clients, shared_client
 from .tasks import run_shard, shard_marker_path
 
 __all__ = ["OutputDirectoryNotShared", "mark_shared_directory", "run_shard_flow", "run_shards_on_pool"]
@@ -77,11 +79,17 @@ async def run_shard_flow(
     client_block: str | None = None,
     credentials_block: str | None = None,
     directory_id: str = "",
+    budget_id: str | None = None,
 ) -> dict[str, Any]:
     """One shard on a worker: the same task as in one process, resuming from the shard's results file."""
     check_shared_directory(Path(work_dir).parent, directory_id)
     if not Path(requests_path).exists():
         raise OutputDirectoryNotShared(f"worker {worker_name()} does not see the request file {requests_path}")
+    client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
+    await client.check_limiter()
+    if budget_id is not None and client.shared_limiter is not None and settings.max_cost_usd is not None:
+        # The run's budget, spent together with every other shard's process (the task gets this client).
+        client.budget = SharedBudget(client.shared_limiter, budget_id, settings.max_cost_usd)
     try:
         summary: dict[str, Any] = await run_shard(
             requests_path, shard, work_dir, settings, client_block, credentials_block
@@ -124,6 +132,7 @@ async def run_shards_on_pool(
     *,
     max_parallel_shards: int,
     shard_retries: int,
+    budget_id: str | None = None,
     on_shard_done: Any = None,
 ) -> dict[str, int]:
     """Run every shard not finished yet as a child flow run on the pool; the shards each worker ran."""
@@ -157,6 +166,7 @@ async def run_shards_on_pool(
                         "client_block": client_block,
                         "credentials_block": credentials_block,
                         "directory_id": directory_id,
+                        "budget_id": budget_id,
                     },
                     timeout=None,
                     as_subflow=True,

@@ -31,6 +31,7 @@ from .batch_mode import run_shard_in_batches
 from .blocks import AnthropicClientConfig, resolve_api_key
 from .corrections import save_token_corrections
 from .engine import AnthropicClient, FatalAPIError, RunStopped, read_records
+from .engine.shared_budget import start_shared_budget
 from .fanout import run_shards_on_pool
 from .formatting import duration, money, number
 from .outputs import DatasetTotals
@@ -303,6 +304,11 @@ async def _run(
     logger = get_run_logger()
     if work_pool and mode != "realtime":
         raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
+    if work_pool and settings.max_cost_usd is not None and not settings.limiter_url:
+        raise ValueError(
+            "--max-cost-usd with --work-pool needs --limiter-url: the budget is kept in Redis so that every "
+            "worker spends from the same one"
+        )
     # Fail before planning anything when there is no key (the key itself stays out of every parameter).
     client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
     await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending anything
@@ -312,6 +318,11 @@ async def _run(
         logger.info(
             "Budget %s, %s spent by earlier runs.", money(client.budget.limit_usd), money(client.budget.spent_usd)
         )
+
+    budget_id = None
+    if work_pool and client.budget is not None and client.shared_limiter is not None:
+        budget_id = uuid.uuid4().hex
+        await start_shared_budget(client.shared_limiter, budget_id, client.budget.limit_usd, client.budget.spent_usd)
 
     plan = plan_request_shards(requests_path, shard_size)
     if plan.lines == 0:
@@ -375,7 +386,7 @@ async def _run(
             shards_by_worker = await run_shards_on_pool(
                 work_pool, requests_path, plan.shards, output_dir, str(work_dir), settings, client_block,
                 credentials_block, max_parallel_shards=max_parallel_shards, shard_retries=shard_retries,
-                on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
+                budget_id=budget_id, on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
             )  # fmt: skip
             states = []
         else:
@@ -406,6 +417,8 @@ async def _run(
     sent = sum(p.done for p in tracker.shards.values())
     summary = _summary(totals, settings, client, time.monotonic() - started, sent)
     if work_pool:
+        # The budget was spent by the workers' processes: their budget_exhausted rows say it stopped them.
+        summary["stopped_by_budget"] |= budget_id is not None and bool(totals.errors_by_type.get("budget_exhausted"))
         summary["work_pool"] = work_pool
         summary["shards_by_worker"] = shards_by_worker
     summary_path = Path(output_dir) / SUMMARY_FILE

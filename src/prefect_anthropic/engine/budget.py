@@ -74,6 +74,13 @@ class Budget:
         self.reserved_usd += worst_usd
         return True
 
+    async def areserve(self, worst_usd: float) -> bool:
+        """`reserve`, awaitable (a shared budget asks Redis)."""
+        return self.reserve(worst_usd)
+
+    async def aclose(self) -> None:
+        """Nothing to send: this budget is this process's."""
+
     def settle(self, reserved_usd: float, actual_usd: float | None) -> None:
         """The request was answered (or may have been billed): its real cost, or the reservation, is spent."""
         self.reserved_usd -= reserved_usd

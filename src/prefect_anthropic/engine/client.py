@@ -136,7 +136,7 @@ class AnthropicClient:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._waiting: tuple[str, float] | None = None
         #: A hard spending limit (None: no limit); the flow starts it from what earlier runs spent.
-        self.budget = Budget(max_cost_usd) if max_cost_usd is not None else None
+        self.budget: Budget | None = Budget(max_cost_usd) if max_cost_usd is not None else None
         self._line_schemas: dict[bytes, OutputSchema | None] = {}
         self.server_limit_share = server_limit_share
         self.burst_seconds = burst_seconds
@@ -197,6 +197,8 @@ class AnthropicClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self.budget is not None:
+            await self.budget.aclose()
         if self.shared_limiter is not None:
             await self.shared_limiter.aclose()
         for lane in self._lanes:
@@ -334,9 +336,14 @@ class AnthropicClient:
         attempt = 0
         while attempt < self.retry.max_attempts:
             attempt += 1
-            committed = self._commit_budget(
-                request.info or request.model, item.body, request.estimated_input, cached_tokens_expected
-            )
+            try:
+                committed = await self._commit_budget(
+                    request.info or request.model, item.body, request.estimated_input, cached_tokens_expected
+                )
+            except SharedLimiterUnavailable as error:  # a shared budget that cannot be asked: send nothing
+                if self.fatal_error is None:
+                    self.fatal_error = error
+                raise
             if committed is None:
                 return self._budget_record(item, request.info, attempt - 1, request.estimated_input, request.errors)
             await request.window.acquire()  # how many of this class may be out at once: it adapts to overload
@@ -536,7 +543,7 @@ class AnthropicClient:
     def _stopping_now(self) -> bool:
         return self.fatal_error is not None or self.stopping
 
-    def _commit_budget(
+    async def _commit_budget(
         self, info: ModelInfo | str, body: dict[str, Any], estimated_input: int, warm_tokens: int
     ) -> float | None:
         """Reserve the request's worst case in the budget: the dollars committed (0 without a budget), or
@@ -544,7 +551,7 @@ class AnthropicClient:
         if self.budget is None:
             return 0.0
         worst = worst_case_cost(info, body, estimated_input, warm_tokens=warm_tokens)
-        if worst is None or not self.budget.reserve(worst):
+        if worst is None or not await self.budget.areserve(worst):
             return None
         return worst
 

@@ -252,8 +252,8 @@ class SharedLimiter:
         self.burst_seconds = burst_seconds
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = SharedStats()
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._script = self._redis.register_script(_SCRIPT)
+        self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._script = self.redis.register_script(_SCRIPT)
         self._classes: dict[str, SharedRateLimiter] = {}
         self._keeper: asyncio.Task[None] | None = None
         self.error: SharedLimiterUnavailable | None = None
@@ -271,7 +271,7 @@ class SharedLimiter:
     async def check(self) -> None:
         """Raise SharedLimiterUnavailable unless Redis answers (called before anything is sent)."""
         try:
-            await self._redis.ping()
+            await self.redis.ping()
         except Exception as exc:  # redis raises its own ConnectionError, OSError, TimeoutError
             raise SharedLimiterUnavailable(self.url, exc) from exc
 
@@ -382,7 +382,7 @@ class SharedLimiter:
                     with contextlib.suppress(SharedLimiterUnavailable):
                         await limiter.flush()
         with contextlib.suppress(Exception):
-            await self._redis.aclose()
+            await self.redis.aclose()
 
 
 def _value(amount: float | Callable[[], float]) -> float:

@@ -1,0 +1,142 @@
+"""A budget several processes spend together, kept in Redis beside the shared limits.
+
+The flow that starts a run writes the limit and what the dataset's earlier runs paid; every shard process
+(on any worker) reserves a request's worst case with one atomic script before sending it, and settles it
+to the real cost afterwards (settlements ride on the next reservation, or a background flush). Reservations
+are held per process, with a deadline the process renews: a process that dies stops holding budget after
+`lease_ttl_s` (what it had in flight may have been billed; its results file says what was).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from .budget import Budget
+from .shared_limiter import KEY_PREFIX, SharedLimiter, SharedLimiterUnavailable
+
+__all__ = ["SharedBudget", "start_shared_budget"]
+
+# KEYS: 1 the budget (hash: limit, spent, r:<process> reserved), 2 process deadlines (sorted set)
+# ARGV: 1 process, 2 lease ttl s, 3 worst case to reserve (0: none), 4 spent to add, 5 reserved to add
+# Returns: reserved (1/0), spent, reserved by all, limit
+_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local budget, deadlines, pid = KEYS[1], KEYS[2], ARGV[1]
+redis.call('ZADD', deadlines, now + tonumber(ARGV[2]), pid)
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now)) do
+  redis.call('HDEL', budget, 'r:' .. dead)
+  redis.call('ZREM', deadlines, dead)
+end
+if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBYFLOAT', budget, 'spent', ARGV[4]) end
+if tonumber(ARGV[5]) ~= 0 then redis.call('HINCRBYFLOAT', budget, 'r:' .. pid, ARGV[5]) end
+local limit, spent, reserved = nil, 0, 0
+local raw = redis.call('HGETALL', budget)
+for k = 1, #raw, 2 do
+  local name, value = raw[k], tonumber(raw[k + 1])
+  if name == 'limit' then limit = value
+  elseif name == 'spent' then spent = value
+  elseif string.sub(name, 1, 2) == 'r:' then reserved = reserved + math.max(0, value) end
+end
+if limit == nil then return {'-1', '0', '0', '0'} end
+local worst = tonumber(ARGV[3])
+local ok = '0'
+if worst > 0 and spent + reserved + worst <= limit then
+  redis.call('HINCRBYFLOAT', budget, 'r:' .. pid, worst)
+  reserved = reserved + worst
+  ok = '1'
+end
+redis.call('EXPIRE', budget, 604800)
+redis.call('EXPIRE', deadlines, 604800)
+return {ok, tostring(spent), tostring(reserved), tostring(limit)}
+"""
+
+
+def _keys(shared: SharedLimiter, budget_id: str) -> list[str]:
+    return [f"{KEY_PREFIX}:budget:{budget_id}", f"{KEY_PREFIX}:budget:{budget_id}:processes"]
+
+
+async def start_shared_budget(shared: SharedLimiter, budget_id: str, limit_usd: float, spent_usd: float) -> None:
+    """Open the run's budget: its limit and what the dataset's earlier runs paid (called by the flow)."""
+    budget_key, deadlines = _keys(shared, budget_id)
+    try:
+        async with shared.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(budget_key, deadlines)
+            pipe.hset(budget_key, mapping={"limit": repr(limit_usd), "spent": repr(spent_usd)})
+            pipe.expire(budget_key, 604800)
+            await pipe.execute()
+    except Exception as exc:
+        raise SharedLimiterUnavailable(shared.url, exc) from exc
+
+
+class SharedBudget(Budget):
+    """`Budget` whose spending and reservations are every process's of the run."""
+
+    def __init__(self, shared: SharedLimiter, budget_id: str, limit_usd: float, *, lease_ttl_s: float = 60.0):
+        super().__init__(limit_usd)
+        self.shared = shared
+        self.budget_id = budget_id
+        self.lease_ttl_s = lease_ttl_s
+        self._script = shared.redis.register_script(_SCRIPT)
+        self._spent_delta = 0.0
+        self._reserved_delta = 0.0
+        self._keeper: asyncio.Task[None] | None = None
+
+    async def _call(self, worst: float) -> list[str]:
+        spent, reserved = self._spent_delta, self._reserved_delta
+        self._spent_delta = self._reserved_delta = 0.0
+        argv: list[Any] = [self.shared.process_id, self.lease_ttl_s, worst, spent, reserved]
+        try:
+            reply = await self._script(keys=_keys(self.shared, self.budget_id), args=argv)
+        except Exception as exc:
+            raise SharedLimiterUnavailable(self.shared.url, exc) from exc
+        values = [part.decode() if isinstance(part, bytes) else str(part) for part in reply]
+        if values[0] == "-1":
+            raise SharedLimiterUnavailable(
+                self.shared.url, RuntimeError(f"the run's budget {self.budget_id} is not in Redis (expired?)")
+            )
+        self.spent_usd, self.reserved_usd = float(values[1]), float(values[2])
+        return values
+
+    async def areserve(self, worst_usd: float) -> bool:
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep())
+        if self.exhausted:
+            return False
+        if (await self._call(worst_usd))[0] != "1":
+            self.exhausted = True
+            return False
+        return True
+
+    def reserve(self, worst_usd: float) -> bool:
+        raise TypeError("a shared budget is reserved with `await areserve(...)`")
+
+    def settle(self, reserved_usd: float, actual_usd: float | None) -> None:
+        self._reserved_delta -= reserved_usd
+        self._spent_delta += reserved_usd if actual_usd is None else actual_usd
+
+    def refund(self, reserved_usd: float) -> None:
+        self._reserved_delta -= reserved_usd
+
+    async def _keep(self) -> None:
+        """Send settlements no reservation carried, and renew this process's hold on its reservations."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.2)
+            pending = self._spent_delta or self._reserved_delta
+            if pending or time.monotonic() - last > self.lease_ttl_s / 3:
+                with contextlib.suppress(SharedLimiterUnavailable):
+                    await self._call(0.0)
+                last = time.monotonic()
+
+    async def aclose(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        if self._spent_delta or self._reserved_delta:
+            with contextlib.suppress(SharedLimiterUnavailable):
+                await self._call(0.0)
