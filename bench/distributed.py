@@ -4,7 +4,8 @@ Every process is a separate Python process running the engine, each configured w
 requests/min limit, against one emulator that enforces that limit over 1-second buckets; Redis is a real
 redis-server started here. Reported, each case measured in this one run:
 
-- aggregate throughput / the rate-limit bound (timed at the emulator, first request to last) and the share of responses that were 429s, shared vs not;
+- aggregate throughput / the rate-limit bound (timed at the emulator, first request to last) and the share
+  of responses that were 429s, shared vs not;
 - uneven shards (one process given 4x the work of each other): wall time with the shared limiter vs a
   fixed `--limit-share` of 1/3 each, and the ratio;
 - Redis round trips per request and each admission's round-trip time (p50, p99), from the processes;
@@ -35,7 +36,6 @@ PROCESSES = 3
 async def _worker(base_url: str, limiter_url: str | None, share: float, start: int, n: int, key: str) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import requests
-
     from prefect_anthropic.engine import AnthropicClient, RateLimits, run_requests
 
     async with AnthropicClient(
@@ -101,7 +101,7 @@ def main() -> None:
             with emulator_process(
                 requests_per_minute=RPM, burst_seconds=1, latency_ms=LATENCY_MS, latency_jitter_ms=50, seed=7
             ) as emu:
-                elapsed, results = run_processes(emu.base_url, limiter, work, share)
+                _, results = run_processes(emu.base_url, limiter, work, share)
                 ledger = emu.stats()
             total = sum(work)
             assert sum(r["succeeded"] for r in results) == total, results

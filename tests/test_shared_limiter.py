@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import redis
 
 from conftest import write_requests
 from prefect_anthropic.emulator import emulator_process
@@ -183,11 +182,13 @@ def test_redis_lost_mid_run_stops_admitting_then_the_run_resumes(start_emulator,
 def test_the_output_directory_lock_holds_across_machines_through_redis(redis_url, tmp_path):
     from prefect_anthropic.run_lock import OutputDirectoryLocked, _hold_in_redis, hold_output_directory
 
-    with hold_output_directory(tmp_path, redis_url):
-        # What a run on another machine (no shared OS lock) meets: the Redis lock names the holder.
-        with pytest.raises(OutputDirectoryLocked, match="a run on another machine .*host "):
-            with _hold_in_redis(tmp_path, redis_url):
-                pass
+    # What a run on another machine (no shared OS lock) meets: the Redis lock names the holder.
+    with (
+        hold_output_directory(tmp_path, redis_url),
+        pytest.raises(OutputDirectoryLocked, match=r"a run on another machine .*host "),
+        _hold_in_redis(tmp_path, redis_url),
+    ):
+        pass
     with _hold_in_redis(tmp_path, redis_url):  # released at the end of the first run
         pass
 

@@ -3,9 +3,11 @@ enforcing the account's limit and a real Redis sharing it (issue 14)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,10 +41,8 @@ def worker_env() -> dict:
 @contextlib.contextmanager
 def process_workers(pool: str, names: list[str]):
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
-    workers = [
-        subprocess.Popen([*command, "--name", name], env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for name in names
-    ]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    workers = [subprocess.Popen([*command, "--name", name], env=worker_env(), **quiet) for name in names]
     try:
         yield workers
     finally:
@@ -133,3 +133,72 @@ async def test_a_budget_with_a_work_pool_needs_the_shared_limiter(tmp_path, monk
         await generate_dataset(
             str(requests), str(tmp_path / "out"), settings=ClientSettings(max_cost_usd=1.0), work_pool="any"
         )
+
+
+def kill_worker_and_its_flow_runs(name: str) -> int:
+    """What losing a machine does to a worker: it and the flow runs it started die at once (Linux /proc)."""
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                env = handle.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().split(b"\0")
+        except OSError:
+            continue
+        ours = f"PREFECT__WORKER_NAME={name}".encode() in env  # the flow runs it started
+        ours |= b"worker" in cmdline and name.encode() in cmdline  # the worker itself
+        if ours:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+async def test_a_worker_lost_mid_shard_its_shard_runs_again_elsewhere_and_resumes(
+    start_emulator, redis_url, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    emu = start_emulator(seed=16, latency_ms=1000)
+    requests = write_requests(tmp_path / "requests.jsonl", 30)
+    out = tmp_path / "out"
+    pool = f"anthropic-test-{uuid.uuid4().hex[:6]}"
+    settings = ClientSettings(base_url=emu.base_url, limiter_url=redis_url, max_concurrency=2)
+    with process_workers(pool, ["worker-a", "worker-b"]):
+        await wait_for_pool(pool)
+        run = asyncio.create_task(
+            generate_dataset(
+                str(requests),
+                str(out),
+                settings=settings,
+                shard_size=10,
+                max_parallel_shards=3,
+                work_pool=pool,
+                shard_heartbeat_timeout_s=6,
+            )  # fmt: skip
+        )
+        killed_shard = None
+        deadline = time.monotonic() + 120
+        while killed_shard is None and time.monotonic() < deadline and not run.done():
+            await asyncio.sleep(0.2)
+            for beat in out.glob(".shards-*/shard-*.heartbeat"):
+                results = beat.with_name(beat.name.replace(".heartbeat", ".jsonl"))
+                if (
+                    beat.read_text().startswith("worker-a ")
+                    and results.exists()
+                    and results.read_text().count("\n") >= 2
+                ):
+                    killed_shard = beat.name.split(".")[0]
+                    assert kill_worker_and_its_flow_runs("worker-a") >= 2
+                    break
+        assert killed_shard is not None, "worker-a never ran a shard"
+        summary = await asyncio.wait_for(run, 240)
+    frame = pd.read_parquet(out / "results.parquet")
+    assert len(frame) == 30 and frame["line"].is_unique and (frame["status"] == "succeeded").all()
+    worker_file = next(out.glob(f".shards-*/{killed_shard}.worker.json"))
+    assert json.loads(worker_file.read_text())["worker"] == "worker-b"  # run again on the other worker
+    assert summary["shards_by_worker"].get("worker-b", 0) >= 1
+    # Only what was in flight when the worker died (at most its 2) can have been paid twice.
+    assert emu.stats()["duplicate_billed_requests"] <= 2

@@ -66,6 +66,24 @@ def worker_name() -> str:
     return os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname()
 
 
+def _heartbeat_file(work_dir: str, shard: Shard) -> Path:
+    return Path(work_dir) / f"shard-{shard.index:05d}.heartbeat"
+
+
+HEARTBEAT_S = 2.0
+
+
+async def _beat(path: Path) -> None:
+    """A count that changes every HEARTBEAT_S while the shard runs (a count, not a time: the parent compares
+    it on its own clock, so machines' clocks need not agree)."""
+    flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID", "")
+    count = 0
+    while True:
+        count += 1
+        path.write_text(f"{worker_name()} {flow_run_id} {count}")
+        await asyncio.sleep(HEARTBEAT_S)
+
+
 def _worker_file(work_dir: str, shard: Shard) -> Path:
     return Path(work_dir) / f"shard-{shard.index:05d}.worker.json"
 
@@ -90,11 +108,13 @@ async def run_shard_flow(
     if budget_id is not None and client.shared_limiter is not None and settings.max_cost_usd is not None:
         # The run's budget, spent together with every other shard's process (the task gets this client).
         client.budget = SharedBudget(client.shared_limiter, budget_id, settings.max_cost_usd)
+    heart = asyncio.create_task(_beat(_heartbeat_file(work_dir, shard)))
     try:
         summary: dict[str, Any] = await run_shard(
             requests_path, shard, work_dir, settings, client_block, credentials_block
         )
     finally:
+        heart.cancel()
         await close_shared_clients()
     _worker_file(work_dir, shard).write_text(json.dumps({"worker": worker_name(), "shard": shard.index}))
     return summary
@@ -133,9 +153,11 @@ async def run_shards_on_pool(
     max_parallel_shards: int,
     shard_retries: int,
     budget_id: str | None = None,
+    heartbeat_timeout_s: float = 60.0,
     on_shard_done: Any = None,
 ) -> dict[str, int]:
     """Run every shard not finished yet as a child flow run on the pool; the shards each worker ran."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments.flow_runs import arun_deployment
 
     logger = get_run_logger()
@@ -150,34 +172,31 @@ async def run_shards_on_pool(
     work_dir = str(Path(work_dir).resolve())
     gate = asyncio.Semaphore(max_parallel_shards)
     ran: Counter[str] = Counter()
+    parameters = {
+        "requests_path": requests_path,
+        "work_dir": work_dir,
+        "settings": settings,
+        "client_block": client_block,
+        "credentials_block": credentials_block,
+        "directory_id": directory_id,
+        "budget_id": budget_id,
+    }
 
-    async def one(shard: Shard) -> None:
+    async def one(shard: Shard, client: Any) -> None:
         async with gate:
             for attempt in range(shard_retries + 1):
                 if shard_marker_path(work_dir, shard).exists():
                     break
                 flow_run = await arun_deployment(
-                    deployment,
-                    parameters={
-                        "requests_path": requests_path,
-                        "shard": shard,
-                        "work_dir": work_dir,
-                        "settings": settings,
-                        "client_block": client_block,
-                        "credentials_block": credentials_block,
-                        "directory_id": directory_id,
-                        "budget_id": budget_id,
-                    },
-                    timeout=None,
-                    as_subflow=True,
+                    deployment, parameters={**parameters, "shard": shard}, timeout=0, as_subflow=True
                 )
-                state = flow_run.state
+                state = await _wait_for(client, flow_run.id, _heartbeat_file(work_dir, shard), heartbeat_timeout_s)
                 if state is not None and state.is_completed():
                     worker_file = _worker_file(work_dir, shard)
                     if worker_file.exists():
                         ran[json.loads(worker_file.read_text())["worker"]] += 1
                     break
-                message = state.message if state is not None else "no state"
+                message = (state.message if state is not None else None) or ""
                 logger.warning(
                     "Shard %d on the pool ended %s (%s)%s",
                     shard.index,
@@ -185,12 +204,44 @@ async def run_shards_on_pool(
                     message,
                     "; running it again, it resumes" if attempt < shard_retries else "",
                 )
-                if "OutputDirectoryNotShared" in (message or "") or "does not see" in (message or ""):
+                if "does not see" in message:
                     raise OutputDirectoryNotShared(message)
             else:
                 raise RuntimeError(f"shard {shard.index} did not complete on work pool {work_pool!r}")
         if on_shard_done is not None:
             on_shard_done(shard)
 
-    await asyncio.gather(*(one(shard) for shard in shards))
+    async with get_client() as client:
+        await asyncio.gather(*(one(shard, client) for shard in shards))
     return dict(ran)
+
+
+_POLL_S = 1.0
+
+
+async def _wait_for(client: Any, flow_run_id: Any, heartbeat: Path, timeout_s: float) -> Any:
+    """The flow run's final state. A running shard whose heartbeat stops for `timeout_s` (its worker or
+    machine is gone: nothing will ever report its end) is marked Crashed, so that it can run again."""
+    from prefect.states import Crashed
+
+    last_beat: str | None = None
+    last_change: float | None = None
+    while True:
+        await asyncio.sleep(_POLL_S)
+        flow_run = await client.read_flow_run(flow_run_id)
+        state = flow_run.state
+        if state is None or state.is_final():
+            return state
+        if not state.is_running():
+            last_change = None  # waiting for a worker is not a lost worker
+            continue
+        beat = heartbeat.read_text() if heartbeat.exists() else None
+        now = asyncio.get_running_loop().time()
+        if beat != last_beat or last_change is None:
+            last_beat, last_change = beat, now
+        elif now - last_change > timeout_s:
+            crashed: Any = Crashed(
+                message=f"no heartbeat from the shard's flow run for {timeout_s:.0f} s: its worker was lost"
+            )
+            await client.set_flow_run_state(flow_run_id, crashed, force=True)
+            return crashed

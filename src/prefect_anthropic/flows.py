@@ -178,6 +178,7 @@ async def generate_dataset(
     input_table: str | None = None,
     input_columns: list[str] | None = None,
     work_pool: str | None = None,
+    shard_heartbeat_timeout_s: float = 60.0,
 ) -> dict[str, Any]:
     """Send every request of a JSONL file to the Anthropic Messages API and write the dataset.
 
@@ -202,6 +203,8 @@ async def generate_dataset(
         input_columns: Which of the table's columns to keep (default: all).
         work_pool: Run each shard as a child flow run on this Prefect work pool (any worker of the pool,
             on any machine, takes shards); the output directory and request file must be shared storage.
+        shard_heartbeat_timeout_s: With a work pool, a running shard whose heartbeat stops this long is
+            taken as lost with its worker, marked Crashed and run again (it resumes).
     """
     started = time.monotonic()
     if client_block:
@@ -230,6 +233,7 @@ async def generate_dataset(
             input_table,
             input_columns,
             work_pool,
+            shard_heartbeat_timeout_s,
         )
 
 
@@ -300,6 +304,7 @@ async def _run(
     input_table: str | None,
     input_columns: list[str] | None,
     work_pool: str | None = None,
+    shard_heartbeat_timeout_s: float = 60.0,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     if work_pool and mode != "realtime":
@@ -386,7 +391,8 @@ async def _run(
             shards_by_worker = await run_shards_on_pool(
                 work_pool, requests_path, plan.shards, output_dir, str(work_dir), settings, client_block,
                 credentials_block, max_parallel_shards=max_parallel_shards, shard_retries=shard_retries,
-                budget_id=budget_id, on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
+                budget_id=budget_id, heartbeat_timeout_s=shard_heartbeat_timeout_s,
+                on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
             )  # fmt: skip
             states = []
         else:
