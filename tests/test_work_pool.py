@@ -177,7 +177,7 @@ async def test_a_worker_lost_mid_shard_its_shard_runs_again_elsewhere_and_resume
                 max_parallel_shards=3,
                 work_pool=pool,
                 shard_heartbeat_timeout_s=6,
-            )  # fmt: skip
+            )
         )
         killed_shard = None
         deadline = time.monotonic() + 120
