@@ -68,25 +68,39 @@ async def wait_for_pool(pool: str, timeout: float = 60) -> None:
             time.sleep(0.5)
 
 
-async def test_a_run_through_a_work_pool_with_two_workers(start_emulator, redis_url, tmp_path, monkeypatch):
+async def test_a_run_through_a_work_pool_with_two_workers_and_a_budget(
+    start_emulator, redis_url, tmp_path, monkeypatch
+):
+    from prefect_anthropic.flows import spent_in
+
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     emu = start_emulator(seed=14, latency_ms=300, requests_per_minute=600, burst_seconds=1)
     requests = write_requests(tmp_path / "requests.jsonl", 40)
+    out = tmp_path / "out"
     pool = f"anthropic-test-{uuid.uuid4().hex[:6]}"
-    settings = ClientSettings(base_url=emu.base_url, limiter_url=redis_url, requests_per_minute=600)
     with process_workers(pool, ["worker-a", "worker-b"]):
         await wait_for_pool(pool)
-        summary = await generate_dataset(
-            str(requests), str(tmp_path / "out"), settings=settings, shard_size=5, max_parallel_shards=8,
-            work_pool=pool,
-        )  # fmt: skip
+        for budget in (0.01, 1.0):
+            settings = ClientSettings(
+                base_url=emu.base_url, limiter_url=redis_url, requests_per_minute=600, max_cost_usd=budget
+            )
+            summary = await generate_dataset(
+                str(requests), str(out), settings=settings, shard_size=5, max_parallel_shards=8, work_pool=pool
+            )
+            if budget == 0.01:  # 8 shards on two workers, one budget in Redis: never more than it
+                assert summary["stopped_by_budget"] is True
+                assert 0 < emu.stats()["cost_usd"] <= 0.01
+                frame = pd.read_parquet(out / "results.parquet")
+                assert (frame["error_type"] == "budget_exhausted").sum() > 0
+    # The same command with a higher budget resumes: the shards left run on both workers.
+    assert summary["stopped_by_budget"] is False
     assert set(summary["shards_by_worker"]) == {"worker-a", "worker-b"}, summary["shards_by_worker"]
-    assert sum(summary["shards_by_worker"].values()) == 8
-    frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    frame = pd.read_parquet(out / "results.parquet")
     assert len(frame) == 40 and frame["line"].is_unique and (frame["status"] == "succeeded").all()
     ledger = emu.stats()
     assert ledger["duplicate_billed_requests"] == 0 and ledger["responses_by_status"].get("429", 0) == 0
-    assert KEY not in json.dumps(summary)
+    assert spent_in(str(out)) == pytest.approx(ledger["cost_usd"], abs=1e-6)  # every request billed once
+    assert KEY not in json.dumps(summary) and KEY not in (out / "results.jsonl").read_text()
 
 
 async def test_a_worker_that_does_not_see_the_output_directory_refuses_the_shard(start_emulator, tmp_path):
@@ -96,34 +110,6 @@ async def test_a_worker_that_does_not_see_the_output_directory_refuses_the_shard
     check_shared_directory(tmp_path, directory_id)
     with pytest.raises(OutputDirectoryNotShared, match="storage every worker mounts"):
         check_shared_directory(tmp_path / "elsewhere", directory_id)
-
-
-async def test_a_budget_holds_across_the_workers_then_the_run_resumes(start_emulator, redis_url, tmp_path, monkeypatch):
-    from prefect_anthropic.flows import spent_in
-
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    emu = start_emulator(seed=15, latency_ms=200)
-    requests = write_requests(tmp_path / "requests.jsonl", 40)
-    out = tmp_path / "out"
-    pool = f"anthropic-test-{uuid.uuid4().hex[:6]}"
-    with process_workers(pool, ["worker-a", "worker-b"]):
-        await wait_for_pool(pool)
-        for budget in (0.01, 1.0):
-            settings = ClientSettings(base_url=emu.base_url, limiter_url=redis_url, max_cost_usd=budget)
-            summary = await generate_dataset(
-                str(requests), str(out), settings=settings, shard_size=5, max_parallel_shards=8, work_pool=pool
-            )
-            if budget == 0.01:  # 8 shards at once on two workers, one budget in Redis: never more than it
-                assert summary["stopped_by_budget"] is True
-                assert 0 < emu.stats()["cost_usd"] <= 0.01
-                frame = pd.read_parquet(out / "results.parquet")
-                assert (frame["error_type"] == "budget_exhausted").sum() > 0
-    assert summary["stopped_by_budget"] is False
-    frame = pd.read_parquet(out / "results.parquet")
-    assert len(frame) == 40 and (frame["status"] == "succeeded").all()
-    ledger = emu.stats()
-    assert ledger["duplicate_billed_requests"] == 0
-    assert spent_in(str(out)) == pytest.approx(ledger["cost_usd"], abs=1e-6)
 
 
 async def test_a_budget_with_a_work_pool_needs_the_shared_limiter(tmp_path, monkeypatch):
