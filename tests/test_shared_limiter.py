@@ -17,7 +17,7 @@ import pytest
 from conftest import write_requests
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.engine import AnthropicClient, RateLimits, RequestItem, run_requests
-from prefect_anthropic.engine.shared_limiter import SharedLimiter, account_digest
+from prefect_anthropic.engine.shared_limiter import SharedLimiter, SharedLimiterUnavailable, account_digest
 from prefect_anthropic.testing import free_port, redis_server
 
 RPM = 1200  # 20 a second, enforced by the emulator over 1-second buckets
@@ -213,3 +213,22 @@ async def test_a_shared_budget_is_one_budget_for_every_process(redis_url):
     finally:
         await first.aclose()
         await second.aclose()
+
+
+@pytest.mark.usefixtures("prefect_server")
+async def test_a_redis_database_block_by_name_instead_of_a_url(redis_url):
+    from prefect_redis import RedisDatabase
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    await RedisDatabase(host="127.0.0.1", port=port, db=0).save("shared-limits-test", overwrite=True)
+    shared = SharedLimiter(None, fresh_account(), block_name="shared-limits-test")
+    try:
+        await shared.check()
+        limiter = shared.for_class("sonnet", RateLimits(600), adopt_server_limits=False)
+        await limiter.acquire(1, 1)
+        assert shared.url == f"redis://127.0.0.1:{port}/0" and shared.stats.admissions == 1
+    finally:
+        await shared.aclose()
+    missing = SharedLimiter(None, fresh_account(), block_name="no-such-block")
+    with pytest.raises(SharedLimiterUnavailable, match="RedisDatabase block 'no-such-block'"):
+        await missing.check()

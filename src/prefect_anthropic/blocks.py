@@ -86,6 +86,9 @@ class AnthropicClientConfig(Block):
         description="redis://HOST:PORT/DB: one set of limits for every process and machine on the account "
         "(Redis password from PREFECT_ANTHROPIC_REDIS_PASSWORD).",
     )
+    limiter_block: str | None = Field(
+        default=None, description="Instead of limiter_url: a prefect-redis RedisDatabase block by name."
+    )
     shared_max_concurrency: int | None = Field(
         default=None, description="With limiter_url: most requests in flight across every process."
     )
@@ -105,6 +108,7 @@ class AnthropicClientConfig(Block):
             max_attempts=self.max_attempts,
             timeout_s=self.timeout_s,
             limiter_url=self.limiter_url,
+            limiter_block=self.limiter_block,
             shared_max_concurrency=self.shared_max_concurrency,
         )
 

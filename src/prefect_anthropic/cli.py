@@ -72,6 +72,10 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         f"(env {LIMITER_URL_ENV}; password from env {LIMITER_PASSWORD_ENV}).",
     )  # fmt: skip
     group.add_argument(
+        "--limiter-block",
+        help="Instead of --limiter-url: a prefect-redis RedisDatabase block by name (its password stays in it).",
+    )  # fmt: skip
+    group.add_argument(
         "--shared-max-concurrency", type=int,
         help="With --limiter-url: most requests in flight across all processes on the account.",
     )  # fmt: skip
@@ -96,6 +100,7 @@ def _settings(args: argparse.Namespace):
         "drop_unsupported_params": args.drop_unsupported_params,
         "models_file": args.models_file,
         "limiter_url": args.limiter_url,
+        "limiter_block": args.limiter_block,
         "shared_max_concurrency": args.shared_max_concurrency,
     }
     if args.base_url:

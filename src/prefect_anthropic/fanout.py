@@ -161,7 +161,7 @@ async def run_shards_on_pool(
     from prefect.deployments.flow_runs import arun_deployment
 
     logger = get_run_logger()
-    if settings.limiter_url is None:
+    if settings.limiter_url is None and settings.limiter_block is None:
         logger.warning(
             "--work-pool without --limiter-url: each worker process keeps its own rate limits, so together "
             "they may send more than the account allows. Give them a shared Redis with --limiter-url."

@@ -32,6 +32,7 @@ from .blocks import AnthropicClientConfig, resolve_api_key
 from .corrections import save_token_corrections
 from .engine import AnthropicClient, FatalAPIError, RunStopped, read_records
 from .engine.shared_budget import start_shared_budget
+from .engine.shared_limiter import redis_url_from_block
 from .fanout import run_shards_on_pool
 from .formatting import duration, money, number
 from .outputs import DatasetTotals
@@ -213,7 +214,10 @@ async def generate_dataset(
     settings = settings or ClientSettings()
     _check_paths(requests_path, output_dir)
     # One run per output directory, whatever starts it (on any machine, with a shared limiter).
-    with hold_output_directory(output_dir, with_redis_password(settings.limiter_url)):
+    lock_url = with_redis_password(settings.limiter_url)
+    if lock_url is None and settings.limiter_block:
+        lock_url = await redis_url_from_block(settings.limiter_block)
+    with hold_output_directory(output_dir, lock_url):
         return await _run(
             requests_path,
             output_dir,
@@ -309,7 +313,7 @@ async def _run(
     logger = get_run_logger()
     if work_pool and mode != "realtime":
         raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
-    if work_pool and settings.max_cost_usd is not None and not settings.limiter_url:
+    if work_pool and settings.max_cost_usd is not None and not (settings.limiter_url or settings.limiter_block):
         raise ValueError(
             "--max-cost-usd with --work-pool needs --limiter-url: the budget is kept in Redis so that every "
             "worker spends from the same one"

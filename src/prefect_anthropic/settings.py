@@ -100,6 +100,11 @@ class ClientSettings(BaseModel):
         description="redis://HOST:PORT/DB: share the account's limits with every process and machine that uses "
         f"the same Redis (its password from {LIMITER_PASSWORD_ENV}, never in this URL).",
     )
+    limiter_block: str | None = Field(
+        default=None,
+        description="Instead of limiter_url: the name of a prefect-redis RedisDatabase block (host, port, db, "
+        "username, password, ssl), read by each process where it runs.",
+    )
     shared_max_concurrency: int | None = Field(
         default=None,
         ge=1,
@@ -186,6 +191,7 @@ class ClientSettings(BaseModel):
             give_up_after_s=self.give_up_after_s,
             input_estimator=InputTokenEstimator(initial_ratios=load_token_corrections()),
             limiter_url=with_redis_password(self.limiter_url),
+            limiter_block=self.limiter_block,
             shared_max_concurrency=self.shared_max_concurrency,
         )
 

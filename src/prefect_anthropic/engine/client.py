@@ -117,6 +117,7 @@ class AnthropicClient:
         give_up_after_s: float = 300.0,
         seed: int | None = None,
         limiter_url: str | None = None,
+        limiter_block: str | None = None,
         shared_max_concurrency: int | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -155,8 +156,14 @@ class AnthropicClient:
         self._limiters: dict[str, Limiter] = {}
         #: Limits shared with every process on the account through Redis (None: this process's own).
         self.shared_limiter = (
-            SharedLimiter(limiter_url, api_key, max_in_flight=shared_max_concurrency or 0, burst_seconds=burst_seconds)
-            if limiter_url
+            SharedLimiter(
+                limiter_url,
+                api_key,
+                block_name=limiter_block,
+                max_in_flight=shared_max_concurrency or 0,
+                burst_seconds=burst_seconds,
+            )
+            if limiter_url or limiter_block
             else None
         )
         self._slots = asyncio.Semaphore(max_concurrency)

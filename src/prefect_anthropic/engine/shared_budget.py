@@ -63,7 +63,7 @@ async def start_shared_budget(shared: SharedLimiter, budget_id: str, limit_usd: 
     """Open the run's budget: its limit and what the dataset's earlier runs paid (called by the flow)."""
     budget_key, deadlines = _keys(shared, budget_id)
     try:
-        async with shared.redis.pipeline(transaction=True) as pipe:
+        async with (await shared.connection()).pipeline(transaction=True) as pipe:
             pipe.delete(budget_key, deadlines)
             pipe.hset(budget_key, mapping={"limit": repr(limit_usd), "spent": repr(spent_usd)})
             pipe.expire(budget_key, 604800)
@@ -80,7 +80,7 @@ class SharedBudget(Budget):
         self.shared = shared
         self.budget_id = budget_id
         self.lease_ttl_s = lease_ttl_s
-        self._script = shared.redis.register_script(_SCRIPT)
+        self._script: Any = None
         self._spent_delta = 0.0
         self._reserved_delta = 0.0
         self._keeper: asyncio.Task[None] | None = None
@@ -90,6 +90,8 @@ class SharedBudget(Budget):
         self._spent_delta = self._reserved_delta = 0.0
         argv: list[Any] = [self.shared.process_id, self.lease_ttl_s, worst, spent, reserved]
         try:
+            if self._script is None:
+                self._script = (await self.shared.connection()).register_script(_SCRIPT)
             reply = await self._script(keys=_keys(self.shared, self.budget_id), args=argv)
         except Exception as exc:
             raise SharedLimiterUnavailable(self.shared.url, exc) from exc

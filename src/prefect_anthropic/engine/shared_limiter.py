@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from .errors import FatalAPIError
 from .limiter import RateLimits, Reservation
@@ -207,14 +208,32 @@ class SharedLimiterUnavailable(FatalAPIError):
 
 def redact_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     if parts.password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+async def redis_url_from_block(name: str) -> str:
+    """The URL (password included: never log it) of a prefect-redis `RedisDatabase` block, read from the
+    Prefect API as a block document: prefect-redis itself need not be installed."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        document = await client.read_block_document_by_name(
+            name, block_type_slug="redis-database", include_secrets=True
+        )
+    data = document.data
+
+    def plain(value: Any) -> str:
+        return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value or "")
+
+    username, password = plain(data.get("username")), plain(data.get("password"))
+    auth = f"{quote(username, safe='')}:{quote(password, safe='')}@" if username or password else ""
+    scheme = "rediss" if data.get("ssl") else "redis"
+    return f"{scheme}://{auth}{data.get('host') or 'localhost'}:{data.get('port') or 6379}/{data.get('db') or 0}"
 
 
 def account_digest(api_key: str) -> str:
@@ -235,25 +254,30 @@ class SharedLimiter:
 
     def __init__(
         self,
-        url: str,
+        url: str | None,
         api_key: str,
         *,
+        block_name: str | None = None,
         max_in_flight: int = 0,
         lease_ttl_s: float = 15.0,
         burst_seconds: float = 0.5,
         timeout_s: float = 5.0,
     ) -> None:
-        import redis.asyncio as redis
-
-        self.url = url
+        if not url and not block_name:
+            raise ValueError("a shared limiter needs a Redis URL or a RedisDatabase block name")
+        #: For messages: the URL without its password (or the block's name until it is read).
+        self.url = redact_url(url) if url else f"RedisDatabase block {block_name!r}"
+        self._url = url
+        self.block_name = block_name
+        self.timeout_s = timeout_s
         self.account = account_digest(api_key)
         self.max_in_flight = max_in_flight
         self.lease_ttl_s = lease_ttl_s
         self.burst_seconds = burst_seconds
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = SharedStats()
-        self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._script = self.redis.register_script(_SCRIPT)
+        self._redis: Any = None
+        self._script: Any = None
         self._classes: dict[str, SharedRateLimiter] = {}
         self._keeper: asyncio.Task[None] | None = None
         self.error: SharedLimiterUnavailable | None = None
@@ -268,10 +292,28 @@ class SharedLimiter:
         # One hash tag per account: on Redis Cluster every key of an account lives on one node.
         return ":".join((KEY_PREFIX, "{" + self.account + "}", *parts))
 
+    async def connection(self) -> Any:
+        """The Redis client (a block is read, on this machine, the first time)."""
+        if self._redis is None:
+            import redis.asyncio as redis
+
+            url = self._url
+            if url is None:
+                try:
+                    url = await redis_url_from_block(self.block_name or "")
+                except Exception as exc:
+                    raise SharedLimiterUnavailable(self.url, exc) from exc
+                self.url = redact_url(url)
+            self._redis = redis.Redis.from_url(
+                url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+            )
+            self._script = self._redis.register_script(_SCRIPT)
+        return self._redis
+
     async def check(self) -> None:
         """Raise SharedLimiterUnavailable unless Redis answers (called before anything is sent)."""
         try:
-            await self.redis.ping()
+            await (await self.connection()).ping()
         except Exception as exc:  # redis raises its own ConnectionError, OSError, TimeoutError
             raise SharedLimiterUnavailable(self.url, exc) from exc
 
@@ -308,6 +350,7 @@ class SharedLimiter:
             *args,
         ]
         keys = [self.key("limits", limiter.limit_class), self.key("slots"), self.key("processes")]
+        await self.connection()
         self.stats.round_trips += 1
         self._last_call = time.monotonic()
         started = time.perf_counter()
@@ -381,8 +424,9 @@ class SharedLimiter:
                 if limiter.has_pending() or self._releases:
                     with contextlib.suppress(SharedLimiterUnavailable):
                         await limiter.flush()
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
 
 
 def _value(amount: float | Callable[[], float]) -> float:
