@@ -41,7 +41,8 @@ def worker_env() -> dict:
 @contextlib.contextmanager
 def process_workers(pool: str, names: list[str]):
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    log = open(os.environ.get("WORKER_LOG", os.devnull), "ab")  # noqa: SIM115
+    quiet = {"stdout": log, "stderr": log}
     workers = [subprocess.Popen([*command, "--name", name], env=worker_env(), **quiet) for name in names]
     try:
         yield workers
@@ -74,33 +75,38 @@ async def test_a_run_through_a_work_pool_with_two_workers_and_a_budget(
     from prefect_anthropic.flows import spent_in
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    emu = start_emulator(seed=14, latency_ms=300, requests_per_minute=600, burst_seconds=1)
+    emu = start_emulator(seed=14, latency_ms=500, requests_per_minute=600, burst_seconds=1)
     requests = write_requests(tmp_path / "requests.jsonl", 40)
-    out = tmp_path / "out"
     pool = f"anthropic-test-{uuid.uuid4().hex[:6]}"
+    options = {"shard_size": 10, "max_parallel_shards": 4, "work_pool": pool}
     with process_workers(pool, ["worker-a", "worker-b"]):
         await wait_for_pool(pool)
+        settings = ClientSettings(base_url=emu.base_url, limiter_url=redis_url, requests_per_minute=600)
+        summary = await generate_dataset(str(requests), str(tmp_path / "out"), settings=settings, **options)
+        assert set(summary["shards_by_worker"]) == {"worker-a", "worker-b"}, summary["shards_by_worker"]
+        assert sum(summary["shards_by_worker"].values()) == 4
+        frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
+        assert len(frame) == 40 and frame["line"].is_unique and (frame["status"] == "succeeded").all()
+        ledger = emu.stats()
+        assert ledger["duplicate_billed_requests"] == 0 and ledger["responses_by_status"].get("429", 0) == 0
+        assert spent_in(str(tmp_path / "out")) == pytest.approx(ledger["cost_usd"], abs=1e-6)  # billed once each
+        assert KEY not in json.dumps(summary) and KEY not in (tmp_path / "out" / "results.jsonl").read_text()
+
+        # A budget, on the same pool: 4 shards on two workers spend one budget kept in Redis, never more.
+        out, paid_before = tmp_path / "budgeted", ledger["cost_usd"]
         for budget in (0.01, 1.0):
-            settings = ClientSettings(
-                base_url=emu.base_url, limiter_url=redis_url, requests_per_minute=600, max_cost_usd=budget
-            )
-            summary = await generate_dataset(
-                str(requests), str(out), settings=settings, shard_size=5, max_parallel_shards=8, work_pool=pool
-            )
-            if budget == 0.01:  # 8 shards on two workers, one budget in Redis: never more than it
+            settings = ClientSettings(base_url=emu.base_url, limiter_url=redis_url, max_cost_usd=budget)
+            summary = await generate_dataset(str(requests), str(out), settings=settings, **options)
+            if budget == 0.01:
                 assert summary["stopped_by_budget"] is True
-                assert 0 < emu.stats()["cost_usd"] <= 0.01
-                frame = pd.read_parquet(out / "results.parquet")
-                assert (frame["error_type"] == "budget_exhausted").sum() > 0
-    # The same command with a higher budget resumes: the shards left run on both workers.
+                assert 0 < emu.stats()["cost_usd"] - paid_before <= 0.01
+                assert (pd.read_parquet(out / "results.parquet")["error_type"] == "budget_exhausted").sum() > 0
+    # The same command with a higher budget resumes and finishes; nothing is paid twice.
     assert summary["stopped_by_budget"] is False
-    assert set(summary["shards_by_worker"]) == {"worker-a", "worker-b"}, summary["shards_by_worker"]
     frame = pd.read_parquet(out / "results.parquet")
     assert len(frame) == 40 and frame["line"].is_unique and (frame["status"] == "succeeded").all()
     ledger = emu.stats()
-    assert ledger["duplicate_billed_requests"] == 0 and ledger["responses_by_status"].get("429", 0) == 0
-    assert spent_in(str(out)) == pytest.approx(ledger["cost_usd"], abs=1e-6)  # every request billed once
-    assert KEY not in json.dumps(summary) and KEY not in (out / "results.jsonl").read_text()
+    assert spent_in(str(out)) == pytest.approx(ledger["cost_usd"] - paid_before, abs=1e-6)
 
 
 async def test_a_worker_that_does_not_see_the_output_directory_refuses_the_shard(start_emulator, tmp_path):

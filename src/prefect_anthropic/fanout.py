@@ -114,8 +114,11 @@ async def run_shard_flow(
             requests_path, shard, work_dir, settings, client_block, credentials_block
         )
     finally:
+        try:
+            await asyncio.wait_for(close_shared_clients(), 30)
+        except asyncio.TimeoutError:
+            get_run_logger().warning("Closing the client took more than 30 s; the shard's results are saved.")
         heart.cancel()
-        await close_shared_clients()
     _worker_file(work_dir, shard).write_text(json.dumps({"worker": worker_name(), "shard": shard.index}))
     return summary
 

@@ -84,6 +84,7 @@ class SharedBudget(Budget):
         self._spent_delta = 0.0
         self._reserved_delta = 0.0
         self._keeper: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def _call(self, worst: float) -> list[str]:
         spent, reserved = self._spent_delta, self._reserved_delta
@@ -126,7 +127,7 @@ class SharedBudget(Budget):
     async def _keep(self) -> None:
         """Send settlements no reservation carried, and renew this process's hold on its reservations."""
         last = time.monotonic()
-        while True:
+        while not self._closing:
             await asyncio.sleep(0.2)
             pending = self._spent_delta or self._reserved_delta
             if pending or time.monotonic() - last > self.lease_ttl_s / 3:
@@ -135,10 +136,10 @@ class SharedBudget(Budget):
                 last = time.monotonic()
 
     async def aclose(self) -> None:
+        self._closing = True  # asked to stop, not cancelled mid-call (see SharedLimiter.aclose)
         if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._keeper, 1.0 + self.shared.timeout_s)
         if self._spent_delta or self._reserved_delta:
             with contextlib.suppress(SharedLimiterUnavailable):
                 await self._call(0.0)

@@ -285,6 +285,7 @@ class SharedLimiter:
         self.held = 0  # shared slots this process holds
         self.slots_free = 1  # as the last reply said
         self._last_call = time.monotonic()
+        self._closing = False
         self.slot_gate = asyncio.Lock()
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
 
@@ -366,7 +367,7 @@ class SharedLimiter:
 
     async def _keep(self) -> None:
         """Send what is pending when no request has carried it for a while, and renew this process's leases."""
-        while self.error is None:
+        while self.error is None and not self._closing:
             await asyncio.sleep(_FLUSH_INTERVAL_S)
             idle = time.monotonic() - self._last_call
             due = [lim for lim in self._classes.values() if lim.has_pending()]
@@ -415,10 +416,12 @@ class SharedLimiter:
             await asyncio.wait_for(waiter, timeout)
 
     async def aclose(self) -> None:
+        # The keeper is asked to stop, not cancelled: a Redis call cancelled half-way can leave redis-py's
+        # connection hanging (seen: a shard's process that never ended).
+        self._closing = True
         if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._keeper, 1.0 + self.timeout_s)
         if self.error is None:
             for limiter in self._classes.values():
                 if limiter.has_pending() or self._releases:
@@ -426,7 +429,7 @@ class SharedLimiter:
                         await limiter.flush()
         if self._redis is not None:
             with contextlib.suppress(Exception):
-                await self._redis.aclose()
+                await asyncio.wait_for(self._redis.aclose(), self.timeout_s)
 
 
 def _value(amount: float | Callable[[], float]) -> float:
