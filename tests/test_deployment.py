@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import pandas as pd
 import pytest
 
 from conftest import write_requests
+from prefect_anthropic.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prefect(*args: str, env: dict, timeout: float = 120, cwd: Path = ROOT) -> subprocess.CompletedProcess:

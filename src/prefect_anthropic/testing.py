@@ -10,13 +10,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from .emulator.server import free_port
+
 __all__ = ["free_port", "redis_server"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ from .app import create_app
 from .config import EmulatorConfig
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now (for a server about to start)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -75,7 +76,7 @@ def emulator_in_thread(config: EmulatorConfig | None = None, **options) -> Itera
     """Start an emulator on a free port in a background thread; yield it with its base URL."""
     config = replace(config or EmulatorConfig(port=0), **options)
     if not config.port:
-        config = replace(config, port=_free_port(config.host))
+        config = replace(config, port=free_port(config.host))
     uv_config = _uvicorn_config(config)
     uv_config.loop = "asyncio"  # a thread's event loop: leave the process-wide policy alone
     server = uvicorn.Server(uv_config)
@@ -98,7 +99,7 @@ def emulator_process(config: EmulatorConfig | None = None, **options) -> Iterato
     """Start an emulator as a child process on a free port; yield it with its base URL."""
     config = replace(config or EmulatorConfig(port=0), **options)
     if not config.port:
-        config = replace(config, port=_free_port(config.host))
+        config = replace(config, port=free_port(config.host))
     command = [sys.executable, "-m", "prefect_anthropic.cli", "emulator", *config.to_args()]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base_url = f"http://{config.host}:{config.port}"

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import orjson
@@ -348,9 +348,7 @@ class AnthropicClient:
                     request.info or request.model, item.body, request.estimated_input, cached_tokens_expected
                 )
             except SharedLimiterUnavailable as error:  # a shared budget that cannot be asked: send nothing
-                if self.fatal_error is None:
-                    self.fatal_error = error
-                raise
+                self._stop_for(error)
             if committed is None:
                 return self._budget_record(item, request.info, attempt - 1, request.estimated_input, request.errors)
             await request.window.acquire()  # how many of this class may be out at once: it adapts to overload
@@ -422,9 +420,7 @@ class AnthropicClient:
             )
         except SharedLimiterUnavailable as error:  # never fall open: without the shared limits, send nothing
             self._budget_refund(committed)
-            if self.fatal_error is None:
-                self.fatal_error = error
-            raise
+            self._stop_for(error)
         try:
             return await self._exchange_and_settle(request, attempt, committed, reservation)
         finally:
@@ -480,9 +476,7 @@ class AnthropicClient:
         limiter.refund(reservation)
         self._budget_refund(committed)
         if isinstance(error, FatalAPIError):
-            if self.fatal_error is None:
-                self.fatal_error = error
-            raise error
+            self._stop_for(error)
         if status == 429:
             self.stats.rate_limited += 1
             self.stats.ramp_limited += error.error_code == "ramp_limit_exceeded"
@@ -546,6 +540,12 @@ class AnthropicClient:
             "concurrency_min": min(max(1, int(w.minimum_seen)) for w in self._windows.values()),
             "concurrency_final": min(w.size for w in self._windows.values()),
         }
+
+    def _stop_for(self, error: FatalAPIError) -> NoReturn:
+        """The run must stop: the first fatal error is the one every later send raises."""
+        if self.fatal_error is None:
+            self.fatal_error = error
+        raise error
 
     def _stopping_now(self) -> bool:
         return self.fatal_error is not None or self.stopping

@@ -131,7 +131,7 @@ class Limiter(Protocol):
 
 _MAX_NAP_S = 0.25
 # Header name stem -> bucket attribute.
-_HEADER_BUCKETS = {"requests": "requests", "input-tokens": "input", "output-tokens": "output"}
+HEADER_BUCKETS = {"requests": "requests", "input-tokens": "input", "output-tokens": "output"}
 
 
 class RateLimiter:
@@ -245,7 +245,7 @@ class RateLimiter:
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Reconcile with the server's view: its limits (never exceed them) and what it says remains."""
         now = self._clock()
-        for stem, attr in _HEADER_BUCKETS.items():
+        for stem, attr in HEADER_BUCKETS.items():
             limit_text = headers.get(f"anthropic-ratelimit-{stem}-limit")
             if limit_text is None:
                 continue

@@ -55,13 +55,13 @@ return {ok, tostring(spent), tostring(reserved), tostring(limit)}
 """
 
 
-def _keys(shared: SharedLimiter, budget_id: str) -> list[str]:
+def _keys(budget_id: str) -> list[str]:
     return [f"{KEY_PREFIX}:budget:{budget_id}", f"{KEY_PREFIX}:budget:{budget_id}:processes"]
 
 
 async def start_shared_budget(shared: SharedLimiter, budget_id: str, limit_usd: float, spent_usd: float) -> None:
     """Open the run's budget: its limit and what the dataset's earlier runs paid (called by the flow)."""
-    budget_key, deadlines = _keys(shared, budget_id)
+    budget_key, deadlines = _keys(budget_id)
     try:
         async with (await shared.connection()).pipeline(transaction=True) as pipe:
             pipe.delete(budget_key, deadlines)
@@ -93,7 +93,7 @@ class SharedBudget(Budget):
         try:
             if self._script is None:
                 self._script = (await self.shared.connection()).register_script(_SCRIPT)
-            reply = await self._script(keys=_keys(self.shared, self.budget_id), args=argv)
+            reply = await self._script(keys=_keys(self.budget_id), args=argv)
         except Exception as exc:
             raise SharedLimiterUnavailable(self.shared.url, exc) from exc
         values = [part.decode() if isinstance(part, bytes) else str(part) for part in reply]

@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from .errors import FatalAPIError
-from .limiter import RateLimits, Reservation
+from .limiter import HEADER_BUCKETS, RateLimits, Reservation
 
 __all__ = ["SharedLimiter", "SharedLimiterUnavailable", "SharedRateLimiter", "account_digest", "redact_url"]
 
@@ -189,7 +189,6 @@ return {admitted, tostring(wait), limits[1], limits[2], limits[3], tostring(math
   tostring(cap - held)}
 """
 
-_HEADER_STEMS = ("requests", "input-tokens", "output-tokens")
 _FLUSH_INTERVAL_S = 0.1  # what no request carried for this long is sent on its own
 _FULL_RETRY_S = (0.02, 0.2)  # when every shared slot is taken: first and longest wait between asks
 
@@ -532,7 +531,7 @@ class SharedRateLimiter:
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         values: list[str] = []
         for part in ("limit", "remaining"):
-            for stem in _HEADER_STEMS:
+            for stem in HEADER_BUCKETS:
                 text = headers.get(f"anthropic-ratelimit-{stem}-{part}", "")
                 try:
                     values.append(repr(float(text)) if text and math.isfinite(float(text)) else "")
