@@ -21,6 +21,7 @@ from prefect_anthropic.engine.client import auth_headers
 from prefect_anthropic.estimate import estimate_file, format_estimate
 from prefect_anthropic.models import (
     MODELS_FILE_ENV,
+    TODAY_ENV,
     ModelsFileError,
     Usage,
     cost_usd,
@@ -87,7 +88,8 @@ def test_facts_not_found_stay_unknown_and_retirements_are_kept():
     assert lookup_model("claude-mythos-5-2").prices is None  # every fact NF
     assert lookup_model("claude-sonnet-5-5").min_cacheable_tokens is None
     assert lookup_model("claude-opus-5").min_cacheable_tokens == 512
-    assert lookup_model("claude-opus-4-1").is_retired()
+    assert lookup_model("claude-opus-4-1").is_retired(today=dt.date(2026, 8, 5))
+    assert not lookup_model("claude-opus-4-1").is_retired(today=dt.date(2026, 8, 4))
     assert not lookup_model("claude-sonnet-4-5").is_retired(today=dt.date(2026, 11, 29))
     assert lookup_model("claude-opus-4-5").rate_limit_class == lookup_model("claude-opus-4-8").rate_limit_class
 
@@ -241,7 +243,8 @@ def test_fast_mode_and_us_inference_priced_with_their_multipliers(sdk, emulator)
     assert emulator.stats()["cost_usd"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_retired_models_are_404(sdk):
+def test_retired_models_are_404(sdk, monkeypatch):
+    monkeypatch.setenv(TODAY_ENV, "2026-12-02")  # Opus 4.1 retired on 2026-08-05
     with pytest.raises(anthropic.NotFoundError):
         sdk.messages.create(model="claude-opus-4-1", max_tokens=5, messages=USER)
 

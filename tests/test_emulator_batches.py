@@ -33,7 +33,7 @@ def batch_client(start_emulator):
 
 
 def test_batch_runs_to_completion_with_results_in_any_order(batch_client):
-    invalid = {"custom_id": "bad-1", "params": {"model": "claude-sonnet-4-5", "messages": []}}
+    invalid = {"custom_id": "bad-1", "params": {"model": "claude-sonnet-4-6", "messages": []}}
     created = batch_client.post("/v1/messages/batches", json={"requests": [*requests(20), invalid]}).json()
     assert created["id"].startswith("msgbatch_") and created["type"] == "message_batch"
     assert created["processing_status"] == "in_progress"

@@ -28,12 +28,12 @@ def test_requests_bucket_rejects_then_refills(start_emulator):
 
 def test_limits_are_per_key_and_per_model_class(start_emulator):
     emu = start_emulator(requests_per_minute=60, burst_seconds=1)  # capacity 1
-    opus = {**message_body(), "model": "claude-opus-4-5"}
+    opus = {**message_body(), "model": "claude-opus-4-7"}
     assert post(emu, opus).status_code == 200
     assert post(emu, opus).status_code == 429
     assert post(emu, opus, key="other-key").status_code == 200
     assert post(emu, {**message_body(), "model": "claude-haiku-4-5"}).status_code == 200
-    # Opus 4.5 and Opus 4.6 share one class bucket.
+    # Opus 4.7 and Opus 4.6 share one class bucket.
     assert post(emu, {**message_body(), "model": "claude-opus-4-6"}).status_code == 429
 
 

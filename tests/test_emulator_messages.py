@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from conftest import HEADERS, MODEL, message_body
+from prefect_anthropic.models import TODAY_ENV
 
 
 def test_message_has_the_real_shape_and_echoes_the_last_user_message(http):
@@ -141,7 +142,8 @@ def test_malformed_json_is_a_400(http):
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
 
 
-def test_unknown_and_retired_models_are_404(http):
+def test_unknown_and_retired_models_are_404(http, monkeypatch):
+    monkeypatch.setenv(TODAY_ENV, "2026-12-02")  # Sonnet 3.5 and Sonnet 4 were retired before
     for model in ("claude-nonexistent-9", "claude-3-5-sonnet-20240620", "claude-sonnet-4-0"):
         response = http.post("/v1/messages", json={**message_body(), "model": model})
         assert response.status_code == 404

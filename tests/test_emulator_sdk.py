@@ -8,6 +8,7 @@ import anthropic
 import pytest
 
 from conftest import MODEL
+from prefect_anthropic.models import TODAY_ENV
 
 
 @pytest.fixture
@@ -54,7 +55,8 @@ def test_sdk_sees_rate_limit_error_with_retry_after(start_emulator):
     assert int(caught.value.response.headers["retry-after"]) >= 1
 
 
-def test_sdk_error_classes_match_statuses(start_emulator):
+def test_sdk_error_classes_match_statuses(start_emulator, monkeypatch):
+    monkeypatch.setenv(TODAY_ENV, "2026-12-02")  # Sonnet 3.5 was retired on 2025-10-22
     emu = start_emulator(api_key="only-this-key")
     client = anthropic.Anthropic(api_key="wrong", base_url=emu.base_url, max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):

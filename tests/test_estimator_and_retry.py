@@ -66,7 +66,8 @@ def test_retry_delay_honours_retry_after_then_backs_off_with_jitter():
     for n, delay in enumerate(delays):
         base = min(0.5 * 2**n, 8)
         assert 0.75 * base <= delay <= base
-    assert policy.delay(0, {"retry-after": "120"}, rng) <= 0.5  # over 60 s: ignored, as the SDK does
+    assert policy.delay(0, {"retry-after": "120"}, rng) == 120  # any positive retry-after, as the SDK 2.x
+    assert policy.delay(0, {"retry-after": "0"}, rng) <= 0.5  # not positive: the backoff
 
 
 def test_retry_after_as_http_date():

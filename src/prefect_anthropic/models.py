@@ -37,6 +37,7 @@ __all__ = [
     "UnknownModelError",
     "Usage",
     "cost_usd",
+    "current_date",
     "lookup_model",
     "model_table",
     "request_limit_class",
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 MODELS_FILE_ENV = "PREFECT_ANTHROPIC_MODELS_FILE"
+TODAY_ENV = "PREFECT_ANTHROPIC_TODAY"
 #: What a model may reject on any API version (the `rejects` field).
 REJECTABLE = frozenset(
     {
@@ -107,7 +109,20 @@ class ModelInfo:
         return self.limit_class or self.id
 
     def is_retired(self, today: dt.date | None = None) -> bool:
-        return self.retired_on is not None and (today or dt.date.today()) >= self.retired_on
+        return self.retired_on is not None and (today or current_date()) >= self.retired_on
+
+
+def current_date() -> dt.date:
+    """Today, where the model table's dates are concerned (retirements): the one clock the client, the
+    pre-flight check, `estimate` and the emulator read. PREFECT_ANTHROPIC_TODAY=YYYY-MM-DD sets it, to check
+    a run against a date to come (or to pin it in tests)."""
+    pinned = os.environ.get(TODAY_ENV, "").strip()
+    if not pinned:
+        return dt.date.today()
+    try:
+        return dt.date.fromisoformat(pinned)
+    except ValueError:
+        raise ValueError(f"{TODAY_ENV} must be a date YYYY-MM-DD, got {pinned!r}") from None
 
 
 class UnknownModelError(LookupError):

@@ -35,13 +35,15 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """`max_attempts` counts the first try; the backoff is min(initial * 2^n, max) s less up to 25% jitter."""
+    """`max_attempts` counts the first try; the backoff is min(initial * 2^n, max) s less up to 25% jitter.
+
+    A positive `retry-after-ms` or `retry-after` is honoured whatever its length, as the official SDK (2.x)
+    does: the server knows when it will take the request again, and retrying sooner only buys another 429.
+    """
 
     max_attempts: int = 5
     initial_delay_s: float = 0.5
     max_delay_s: float = 8.0
-    #: The longest retry-after honoured as is (the SDK's rule); longer ones fall back to the backoff.
-    max_retry_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -61,7 +63,7 @@ class RetryPolicy:
     ) -> float:
         if headers is not None:
             after = retry_after_seconds(headers)
-            if after is not None and 0 < after <= self.max_retry_after_s:
+            if after is not None and after > 0:
                 return after
         base = min(self.initial_delay_s * 2.0**retries_so_far, self.max_delay_s)
         return base * (1.0 - 0.25 * (rng or random).random())
