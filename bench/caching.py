@@ -38,7 +38,7 @@ def items():
 
 async def run(base_url: str, warm: bool):
     records = []
-    async with AnthropicClient("bench-key", base_url=base_url, max_concurrency=50, warm_cache=warm) as client:
+    async with AnthropicClient("bench-key", base_url=base_url, max_concurrency=50, use_caching=warm) as client:
         await run_requests(client, items(), on_record=records.append)
     return records, client.stats
 

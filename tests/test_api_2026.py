@@ -147,7 +147,7 @@ def test_tiers_adopt_the_server_for_buckets_without_published_numbers():
 
 async def test_a_bucket_without_numbers_adopts_the_servers_limits(start_emulator):
     emu = start_emulator(requests_per_minute=3_000, input_tokens_per_minute=900_000)
-    client = ClientSettings(base_url=emu.base_url, tier="build").build_client("k")
+    client = AnthropicClient("k", ClientSettings(base_url=emu.base_url, tier="build"))
     body = {"model": "claude-sonnet-5-5", "max_tokens": 10, "messages": USER}
     async with client:
         await run_requests(client, [RequestItem(line=i, custom_id=str(i), body=body) for i in range(1, 4)])

@@ -14,13 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pandas as pd
 import pytest
 
 from conftest import write_requests
 from prefect_anthropic.cli import main
 from prefect_anthropic.engine import RequestItem
-from prefect_anthropic.engine.budget import Budget, worst_case_cost
+from prefect_anthropic.engine.budget import Budget, journaled_spending, max_input_tokens, worst_case_cost
 from prefect_anthropic.flows import generate_dataset, spent_in
 from prefect_anthropic.settings import ClientSettings
 
@@ -94,14 +95,39 @@ def test_a_killed_runs_lock_never_blocks_the_next(start_emulator, tmp_path):
 
 def test_the_worst_case_bounds_the_real_cost():
     body = {"model": "claude-sonnet-5-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]}
-    assert worst_case_cost("claude-sonnet-5-5", body, 100) == pytest.approx((141 * 2.0 + 1000 * 10.0) / 1e6)
+    # A token is at least a byte: the request's bytes (plus what the API adds) bound its input tokens.
+    tokens = len(orjson.dumps(body)) + 256
+    assert max_input_tokens(body) == tokens
+    assert worst_case_cost("claude-sonnet-5-5", body) == pytest.approx((tokens * 2.0 + 1000 * 10.0) / 1e6)
     fast = {**body, "model": "claude-opus-5-5", "speed": "fast"}
-    assert worst_case_cost("claude-opus-5-5", fast, 100) == pytest.approx(2 * (141 * 4.0 + 1000 * 20.0) / 1e6)
-    assert worst_case_cost("claude-mythos-5-2", body, 100) is None
+    tokens = len(orjson.dumps(fast)) + 256
+    assert worst_case_cost("claude-opus-5-5", fast) == pytest.approx(2 * (tokens * 4.0 + 1000 * 20.0) / 1e6)
+    # A breakpoint: every input token may be a cache write (dearer than input), never a cheap read.
+    cached = {**body, "system": [{"type": "text", "text": "policy " * 50, "cache_control": {"type": "ephemeral"}}]}
+    tokens = len(orjson.dumps(cached)) + 256
+    assert worst_case_cost("claude-sonnet-5-5", cached) == pytest.approx((tokens * 2.5 + 1000 * 10.0) / 1e6)
+    assert worst_case_cost("claude-mythos-5-2", body) is None
+
+
+def test_an_attempt_that_does_not_fit_waits_for_those_in_flight_and_the_budget_stops_when_none_can_fit():
     budget = Budget(1.0)
-    assert budget.reserve(0.6) and not budget.reserve(0.5) and budget.exhausted
-    budget.settle(0.6, 0.1)
-    assert budget.spent_usd == pytest.approx(0.1) and budget.reserved_usd == pytest.approx(0.0)
+    first = budget.reserve(0.6)
+    assert first is not None and budget.reserve(0.5) is None and not budget.exhausted  # waits: 0.6 may settle low
+    budget.settle(0.6, 0.1, first)
+    assert budget.spent_usd == pytest.approx(0.1) and budget.reserved_usd == 0.0 and budget.holding == 0
+    assert budget.reserve(0.5) is not None
+    assert budget.reserve(0.95) is None and budget.exhausted  # 0.1 spent + 0.95 > 1 whatever settles
+    assert budget.reserve(0.01) is None  # exhausted: nothing more is sent
+
+
+def test_the_journal_counts_what_a_killed_run_had_in_flight(tmp_path):
+    budget = Budget.for_dataset(1.0, tmp_path / "spending")
+    settled, refunded, in_flight = budget.reserve(0.2), budget.reserve(0.3), budget.reserve(0.25)
+    budget.settle(0.2, 0.05, settled)
+    budget.refund(0.3, refunded)
+    # The process dies here: the third attempt may have been billed, so the next run counts its worst case.
+    assert in_flight is not None and journaled_spending(tmp_path / "spending") == pytest.approx(0.05 + 0.25)
+    assert Budget.for_dataset(1.0, tmp_path / "spending").spent_usd == pytest.approx(0.30)
 
 
 def test_a_budget_run_under_faults_and_repairs_stays_within_it_then_resumes(start_emulator, tmp_path):
@@ -199,7 +225,7 @@ def test_the_terminal_shows_the_bar_on_its_own_line_with_cost_and_eta_and_logs_a
     command = cli_command(requests, tmp_path / "out", emu.base_url, "--requests-per-minute", "1200")
     command.remove("--no-progress")
     leader, follower = pty.openpty()
-    env = cli_env(TERM="xterm-256color", COLUMNS="100", LINES="40")
+    env = cli_env(TERM="xterm-256color", COLUMNS="80", LINES="40")
     process = subprocess.Popen(command, env=env, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
     os.close(follower)
     output = b""
@@ -222,8 +248,9 @@ def test_the_terminal_shows_the_bar_on_its_own_line_with_cost_and_eta_and_logs_a
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode("utf-8", "replace"))
     lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
     bar_lines = [line for line in lines if "requests" in line and "ETA" in line]
-    money_lines = [line for line in lines if "spent" in line and "projected" in line and "$" in line]
+    money_lines = [line for line in lines if line.startswith("$") and "req/min" in line]
     assert bar_lines and money_lines
+    assert all(len(line) <= 80 for line in bar_lines + money_lines)  # two lines of an 80-column terminal
     assert any(re.search(r"ETA \d+ (s|min)", line) for line in bar_lines)
     assert any("/1,200 req/min" in line for line in money_lines)  # requests/min against the limit
     warnings = [line for line in lines if "No price for claude-mythos-5-2" in line]

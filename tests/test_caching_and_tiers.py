@@ -78,7 +78,7 @@ def items_for(prefix: int, count: int, start: int = 1, **options):
 
 
 async def test_an_expired_prefix_is_warmed_again(emulator):
-    async with AnthropicClient("k", base_url=emulator.base_url, warm_cache=True, max_concurrency=10) as client:
+    async with AnthropicClient("k", base_url=emulator.base_url, use_caching=True, max_concurrency=10) as client:
         first = []
         await run_requests(client, items_for(1, 8), on_record=first.append)
         assert client.stats.prewarm_requests == 1
@@ -92,7 +92,7 @@ async def test_an_expired_prefix_is_warmed_again(emulator):
 
 
 async def test_warnings_short_prefix_too_many_breakpoints_and_no_reads(emulator):
-    async with AnthropicClient("k", base_url=emulator.base_url, warm_cache=True) as client:
+    async with AnthropicClient("k", base_url=emulator.base_url, use_caching=True) as client:
         await run_requests(client, items_for(2, 3, words=60))  # ~100 tokens: far below 1,024
         assert client.stats.prewarm_requests == 0
         assert any("shorter than the model's minimum cacheable length" in w for w in client.warnings)
@@ -142,7 +142,7 @@ def test_tier_presets_and_overrides():
 
 async def test_tier_auto_adopts_the_servers_limits(start_emulator):
     emu = start_emulator(requests_per_minute=3000, input_tokens_per_minute=900_000)
-    client = ClientSettings(base_url=emu.base_url, tier="auto").build_client("k")
+    client = AnthropicClient("k", ClientSettings(base_url=emu.base_url, tier="auto"))
     async with client:
         await run_requests(client, items_for(4, 3, words=30))
         limits = client.limits_in_force()["sonnet-4"]
@@ -150,7 +150,7 @@ async def test_tier_auto_adopts_the_servers_limits(start_emulator):
     assert limits.output_tokens_per_minute == 8_000  # not reported by this server: Tier 1's stays
 
     # One of two machines on the same account takes half of what the server reports.
-    half = ClientSettings(base_url=emu.base_url, tier="auto", limit_share=0.5).build_client("k")
+    half = AnthropicClient("k", ClientSettings(base_url=emu.base_url, tier="auto", limit_share=0.5))
     async with half:
         await run_requests(half, items_for(4, 2, words=30))
     assert half.limits_in_force()["sonnet-4"].requests_per_minute == 1500

@@ -97,7 +97,7 @@ async def test_faults_outlasting_max_attempts_end_as_error_rows(start_emulator):
 
 async def test_dropped_and_stalled_responses_are_retried(start_emulator):
     emu = start_emulator(seed=9, drop_rate=0.2, stall_rate=0.1, stall_s=3)
-    progress, _, client = await run(emu, items(60), retry=RetryPolicy(8, 0.01, 0.05), timeout=0.5, max_concurrency=10)
+    progress, _, client = await run(emu, items(60), retry=RetryPolicy(8, 0.01, 0.05), timeout_s=0.5, max_concurrency=10)
     assert progress.succeeded == 60
     assert client.stats.connection_errors > 0
 

@@ -201,18 +201,42 @@ async def test_a_shared_budget_is_one_budget_for_every_process(redis_url):
     try:
         await start_shared_budget(first, "run-1", 1.0, 0.25)  # $0.25 paid by earlier runs of the dataset
         a, b = SharedBudget(first, "run-1", 1.0), SharedBudget(second, "run-1", 1.0)
-        assert await a.areserve(0.5)
-        assert not await b.areserve(0.5)  # 0.25 spent + 0.5 held by the other process: 0.5 more does not fit
-        assert b.exhausted
-        a.settle(0.5, 0.1)  # the request cost less than its worst case
+        entry = await a.areserve(0.5)
+        assert entry is not None
+        # 0.25 spent + 0.5 held by the other process: 0.5 more waits until that settles.
+        waiting = asyncio.create_task(b.areserve(0.5))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        a.settle(0.5, 0.1, entry)  # the request cost less than its worst case
+        assert await asyncio.wait_for(waiting, 5) is not None
+        assert b.spent_usd == pytest.approx(0.35) and b.reserved_usd == pytest.approx(0.5)
+        assert await b.areserve(0.7) is None and b.exhausted  # 0.35 + 0.7 > 1, whatever settles
         await a.aclose()
-        c = SharedBudget(second, "run-1", 1.0)
-        assert await c.areserve(0.6)
-        assert c.spent_usd == pytest.approx(0.35) and c.reserved_usd == pytest.approx(0.6)
-        await c.aclose()
+        await b.aclose()
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_dead_process_holds_count_as_spent_never_as_given_back(redis_url):
+    from prefect_anthropic.engine.shared_budget import SharedBudget, start_shared_budget
+
+    key = fresh_account()
+    dying, living = SharedLimiter(redis_url, key), SharedLimiter(redis_url, key)
+    try:
+        await start_shared_budget(living, "run-2", 1.0, 0.0)
+        doomed = SharedBudget(dying, "run-2", 1.0, lease_ttl_s=0.5)
+        assert await doomed.areserve(0.4) is not None  # sent, maybe billed; then the process is killed
+        doomed._closing = True  # its keeper stops renewing, as a killed process's would
+        await asyncio.sleep(1.0)
+        survivor = SharedBudget(living, "run-2", 1.0)
+        assert await survivor.areserve(0.5) is not None
+        assert survivor.spent_usd == pytest.approx(0.4)  # the dead hold became spending
+        assert await survivor.areserve(0.7) is None and survivor.exhausted  # 0.4 + 0.7 > 1
+        await survivor.aclose()
+    finally:
+        await dying.aclose()
+        await living.aclose()
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -1,7 +1,7 @@
 """prefect-anthropic: Anthropic Messages API requests in, a dataset out, at the account's rate limits."""
 
 from .blocks import AnthropicClientConfig, AnthropicCredentials
-from .settings import ClientSettings
+from .settings import ClientSettings, RunOptions
 
 __version__ = "0.1.0"
 
@@ -9,6 +9,7 @@ __all__ = [
     "AnthropicClientConfig",
     "AnthropicCredentials",
     "ClientSettings",
+    "RunOptions",
     "generate_dataset",
     "generate_dataset_from_table",
 ]

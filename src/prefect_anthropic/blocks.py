@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect.blocks.core import Block
-from pydantic import Field, HttpUrl, SecretStr
+from pydantic import Field, HttpUrl, SecretStr, model_validator
 
 from .engine import AnthropicClient
-from .engine.client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL
-from .settings import ClientSettings, api_key_from_env, shared_client
+from .settings import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL, ClientSettings, MissingAPIKeyError, api_key_from_env
 
-__all__ = ["AnthropicClientConfig", "AnthropicCredentials"]
+__all__ = ["AnthropicClientConfig", "AnthropicCredentials", "resolve_settings"]
 
 _LOGO = HttpUrl("https://upload.wikimedia.org/wikipedia/commons/7/78/Anthropic_logo.svg")
 _DOCS = HttpUrl("https://github.com/prefect-anthropic/prefect-anthropic#configuration")
@@ -40,19 +41,20 @@ class AnthropicCredentials(Block):
 
 
 class AnthropicClientConfig(Block):
-    """Rate limits and concurrency for Anthropic requests; builds the rate-limited client.
+    """Credentials and every client setting (`ClientSettings`: tier or explicit limits, concurrency,
+    attempts, caching, budget, shared limiter...); builds the rate-limited client.
 
-    Limits come from a usage tier preset (1-4, start, build, scale, or auto to adopt the server's) or
-    explicitly; explicit limits win. Every task of a process that gets its client from the same
-    configuration shares one set of limiters, so shards running side by side stay within the limits.
+    Settings given to a run explicitly are laid over the block's; the block's credentials give the base
+    URL and API version unless its settings name them.
 
     Example:
-        Load a saved configuration and build its client:
+        Load a saved configuration and open its client:
         ```python
         from prefect_anthropic import AnthropicClientConfig
 
         config = AnthropicClientConfig.load("BLOCK_NAME")
-        client = config.get_client()
+        async with config.get_client() as client:
+            ...
         ```
     """
 
@@ -61,71 +63,65 @@ class AnthropicClientConfig(Block):
     _documentation_url = _DOCS
 
     credentials: AnthropicCredentials = Field(default=..., description="Credentials to send requests with.")
-    tier: str | None = Field(default=None, description="Usage tier preset: 1, 2, 3, 4, start, build, scale or auto.")
-    requests_per_minute: float | None = Field(default=None, description="Requests per minute (overrides the tier).")
-    input_tokens_per_minute: float | None = Field(
-        default=None, description="Input tokens per minute (overrides the tier)."
-    )
-    output_tokens_per_minute: float | None = Field(
-        default=None, description="Output tokens per minute (overrides the tier)."
-    )
-    max_concurrency: int = Field(default=50, description="Most requests in flight at once.")
-    max_attempts: int = Field(default=5, description="Attempts per request, the first included.")
-    timeout_s: float = Field(default=600.0, description="Timeout of one HTTP request, in seconds.")
-    anthropic_version: str | None = Field(
-        default=None, description="API version, overriding the credentials' (2023-06-01 or 2026-10-21)."
-    )
-    drop_unsupported_params: bool = Field(
-        default=False, description="Send lines without the sampling parameters their model or API version rejects."
-    )
-    models_file: str | None = Field(
-        default=None, description="A TOML file adding or overriding model table entries, readable by the workers."
-    )
-    limiter_url: str | None = Field(
-        default=None,
-        description="redis://HOST:PORT/DB: one set of limits for every process and machine on the account "
-        "(Redis password from PREFECT_ANTHROPIC_REDIS_PASSWORD).",
-    )
-    limiter_block: str | None = Field(
-        default=None, description="Instead of limiter_url: a prefect-redis RedisDatabase block by name."
-    )
-    shared_max_concurrency: int | None = Field(
-        default=None, description="With limiter_url: most requests in flight across every process."
+    settings: ClientSettings = Field(
+        default_factory=ClientSettings,
+        description="How requests are sent: limits, concurrency, attempts, caching, budget (no secrets).",
     )
 
-    def settings(self) -> ClientSettings:
-        """The configuration without the key: safe to pass as a parameter or log."""
-        return ClientSettings(
-            base_url=self.credentials.base_url,
-            anthropic_version=self.anthropic_version or self.credentials.anthropic_version,
-            drop_unsupported_params=self.drop_unsupported_params,
-            models_file=self.models_file,
-            tier=self.tier,
-            requests_per_minute=self.requests_per_minute,
-            input_tokens_per_minute=self.input_tokens_per_minute,
-            output_tokens_per_minute=self.output_tokens_per_minute,
-            max_concurrency=self.max_concurrency,
-            max_attempts=self.max_attempts,
-            timeout_s=self.timeout_s,
-            limiter_url=self.limiter_url,
-            limiter_block=self.limiter_block,
-            shared_max_concurrency=self.shared_max_concurrency,
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_given_flat(cls, data: Any) -> Any:
+        """`AnthropicClientConfig(credentials=..., tier="2")` and blocks saved before settings were one field:
+        the settings' fields given beside `credentials` go into `settings`."""
+        if not isinstance(data, dict):
+            return data
+        flat = {name: data[name] for name in ClientSettings.model_fields if name in data}
+        if not flat:
+            return data
+        rest = {key: value for key, value in data.items() if key not in flat}
+        nested = rest.get("settings")
+        if isinstance(nested, ClientSettings):
+            rest["settings"] = nested.with_options(**flat)
+        else:
+            rest["settings"] = {**(nested or {}), **flat}
+        return rest
+
+    def client_settings(self, explicit: ClientSettings | None = None) -> ClientSettings:
+        """The block's settings with `explicit`'s set fields over them; the credentials fill in the endpoint."""
+        settings = explicit.merged_over(self.settings) if explicit is not None else self.settings
+        return settings.filled_from(
+            base_url=self.credentials.base_url, anthropic_version=self.credentials.anthropic_version
         )
 
-    def get_client(self) -> AnthropicClient:
-        """The shared rate-limited client for this configuration (call it inside the running event loop)."""
-        return shared_client(self.settings(), self.credentials.api_key.get_secret_value())
+    def get_client(self, **options: Any) -> AnthropicClient:
+        """A new rate-limited client for this configuration, `options` over the block's settings (open it with
+        `async with`; clients of one account in a process share its limiters and connections)."""
+        settings = self.client_settings(ClientSettings(**options)) if options else self.client_settings()
+        return AnthropicClient(self.credentials.api_key.get_secret_value(), settings)
 
 
-async def resolve_api_key(client_block: str | None = None, credentials_block: str | None = None) -> str:
-    """The API key, from a saved client config or credentials block by name, else ANTHROPIC_API_KEY.
-
-    Only names travel as parameters; the key itself is read here, where the client is built.
-    """
+async def resolve_settings(
+    explicit: ClientSettings | None = None,
+    client_block: str | None = None,
+    credentials_block: str | None = None,
+) -> tuple[ClientSettings, str]:
+    """The settings a run uses and its API key: a client block's settings with the explicit ones over them
+    (or the explicit ones alone), the endpoint from the credentials; the key from the client block, the
+    credentials block, or ANTHROPIC_API_KEY. Only block names travel as parameters; the key is read here."""
+    settings = explicit if explicit is not None else ClientSettings()
     if client_block:
         config: AnthropicClientConfig = await AnthropicClientConfig.aload(client_block)
-        return config.credentials.api_key.get_secret_value()
+        return config.client_settings(explicit), config.credentials.api_key.get_secret_value()
     if credentials_block:
         credentials: AnthropicCredentials = await AnthropicCredentials.aload(credentials_block)
-        return credentials.api_key.get_secret_value()
-    return api_key_from_env()
+        settings = settings.filled_from(base_url=credentials.base_url, anthropic_version=credentials.anthropic_version)
+        return settings, credentials.api_key.get_secret_value()
+    return settings, api_key_from_env()
+
+
+def require_key(api_key: str) -> str:
+    if not api_key:
+        raise MissingAPIKeyError(
+            "No Anthropic API key: set ANTHROPIC_API_KEY, pass --api-key, or name an AnthropicCredentials block."
+        )
+    return api_key

@@ -11,13 +11,11 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .emulator.config import EmulatorConfig
 from .formatting import money, number
-from .models import MODELS_FILE_ENV
-from .request_rules import API_VERSION_2023, API_VERSION_2026, API_VERSIONS
-from .settings import API_KEY_ENV, BASE_URL_ENV, LIMITER_PASSWORD_ENV, LIMITER_URL_ENV
+from .settings import API_KEY_ENV, ClientSettings, RunOptions, add_arguments, explicit_options
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -29,95 +27,18 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    from .tiers import TIER_NAMES
-
-    group = parser.add_argument_group("API and limits")
-    group.add_argument("--base-url", default=os.environ.get(BASE_URL_ENV), help=f"API base URL (env {BASE_URL_ENV}).")
+    """Every ClientSettings field as a flag (see settings.py), the key, and the blocks to take them from."""
+    group = parser.add_argument_group("API, limits and requests (laid over a client block's settings)")
     group.add_argument("--api-key", default=None, help=f"API key (default: env {API_KEY_ENV}).")
-    group.add_argument("--tier", choices=TIER_NAMES, type=str.lower, help="Usage tier preset, or auto.")
-    group.add_argument("--requests-per-minute", type=float, help="Requests per minute (overrides the tier).")
-    group.add_argument("--input-tokens-per-minute", type=float, help="Input tokens per minute.")
-    group.add_argument("--output-tokens-per-minute", type=float, help="Output tokens per minute.")
-    group.add_argument(
-        "--limit-share", type=float, default=1.0,
-        help="Share of the account's limits for this run (e.g. 0.25 on each of four machines; default 1).",
-    )  # fmt: skip
-    group.add_argument(
-        "--anthropic-version", choices=API_VERSIONS, default=API_VERSION_2023,
-        help=f"API version (default {API_VERSION_2023}; {API_VERSION_2026} rejects sampling parameters).",
-    )  # fmt: skip
-    group.add_argument(
-        "--models-file", default=os.environ.get(MODELS_FILE_ENV),
-        help=f"TOML file adding or overriding model table entries (env {MODELS_FILE_ENV}).",
-    )  # fmt: skip
-    group.add_argument(
-        "--drop-unsupported-params", action="store_true",
-        help="Send lines without the sampling parameters their model or API version rejects (default: error rows).",
-    )  # fmt: skip
-    group.add_argument("--max-concurrency", type=int, default=50, help="Most requests in flight (default 50).")
-    group.add_argument("--max-attempts", type=int, default=5, help="Attempts per request (default 5).")
-    group.add_argument(
-        "--give-up-after", type=float, default=300.0,
-        help="Stop (resumable, exit 2) when nothing succeeded for this many seconds while requests kept "
-        "failing with retryable errors (default 300).",
-    )  # fmt: skip
-    group.add_argument(
-        "--fixed-concurrency", action="store_true",
-        help="Keep --max-concurrency requests in flight whatever the answers (default: adapt to overload).",
-    )  # fmt: skip
-    group.add_argument("--timeout", type=float, default=600.0, help="Seconds per HTTP request (default 600).")
-    group.add_argument(
-        "--limiter-url", default=os.environ.get(LIMITER_URL_ENV),
-        help="redis://HOST:PORT/DB: one set of limits for every process and machine using this Redis "
-        f"(env {LIMITER_URL_ENV}; password from env {LIMITER_PASSWORD_ENV}).",
-    )  # fmt: skip
-    group.add_argument(
-        "--limiter-block",
-        help="Instead of --limiter-url: a prefect-redis RedisDatabase block by name (its password stays in it).",
-    )  # fmt: skip
-    group.add_argument(
-        "--shared-max-concurrency", type=int,
-        help="With --limiter-url: most requests in flight across all processes on the account.",
-    )  # fmt: skip
+    add_arguments(group, ClientSettings)
+    blocks = parser.add_argument_group("Prefect blocks")
+    blocks.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block (settings and key).")
+    blocks.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
 
 
-def _settings(args: argparse.Namespace):
-    from .schema import load_schema
-    from .settings import ClientSettings
-
-    values: dict[str, Any] = {
-        "tier": args.tier,
-        "requests_per_minute": args.requests_per_minute,
-        "input_tokens_per_minute": args.input_tokens_per_minute,
-        "output_tokens_per_minute": args.output_tokens_per_minute,
-        "max_concurrency": args.max_concurrency,
-        "limit_share": args.limit_share,
-        "max_attempts": args.max_attempts,
-        "timeout_s": args.timeout,
-        "give_up_after_s": args.give_up_after,
-        "adaptive_concurrency": not args.fixed_concurrency,
-        "anthropic_version": args.anthropic_version,
-        "drop_unsupported_params": args.drop_unsupported_params,
-        "models_file": args.models_file,
-        "limiter_url": args.limiter_url,
-        "limiter_block": args.limiter_block,
-        "shared_max_concurrency": args.shared_max_concurrency,
-    }
-    if args.base_url:
-        values["base_url"] = args.base_url
-    if getattr(args, "include_request", False):
-        values["include_request"] = True
-    if getattr(args, "use_caching", False):
-        values["use_caching"] = True
-    if getattr(args, "auto_cache", False):
-        values["auto_cache"] = True
-    if getattr(args, "schema", None):
-        values["output_schema"] = load_schema(args.schema).full
-    if getattr(args, "validation_retries", None) is not None:
-        values["validation_retries"] = args.validation_retries
-    if getattr(args, "max_cost_usd", None) is not None:
-        values["max_cost_usd"] = args.max_cost_usd
-    return ClientSettings(**values)
+def _settings(args: argparse.Namespace) -> ClientSettings:
+    """The settings the command line set explicitly: only the flags typed (a block's fill in the rest)."""
+    return ClientSettings(**explicit_options(args, ClientSettings))
 
 
 def _console_handlers() -> list[Any]:
@@ -144,6 +65,7 @@ def _progress_bar(enabled: bool) -> Iterator[None]:
         return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
+    from rich.table import Column
     from rich.text import Text
 
     class RunBar(Progress):
@@ -153,12 +75,12 @@ def _progress_bar(enabled: bool) -> Iterator[None]:
 
         def get_renderables(self):
             yield self.make_tasks_table(self.tasks)
-            yield Text(self.details, overflow="fold")
+            yield Text(self.details, overflow="ellipsis", no_wrap=True)
 
     bar = RunBar(
-        BarColumn(bar_width=30),
+        BarColumn(bar_width=16),
         TextColumn("{task.percentage:>5.1f}%"),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis")),
         console=Console(stderr=True),
         transient=False,
     )
@@ -185,33 +107,34 @@ def _progress_bar(enabled: bool) -> Iterator[None]:
 def run_flow(
     requests_path: str,
     output_dir: str,
-    settings,
+    settings: ClientSettings,
+    options: RunOptions | None = None,
     *,
     client_block: str | None = None,
     credentials_block: str | None = None,
-    shard_size: int = 5000,
-    max_parallel_shards: int = 4,
     original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
-    shard_retries: int = 3,
-    shard_retry_delay_s: float = 10.0,
-    mode: Literal["realtime", "batch"] = "realtime",
-    batch_retry: Literal["none", "batch", "realtime"] = "none",
-    batch_poll_interval_s: float = 30.0,
     show_progress: bool = True,
     input_table: str | None = None,
     input_columns: list[str] | None = None,
-    work_pool: str | None = None,
+    with_prefect: bool = True,
 ) -> int:
     """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
     from prefect.exceptions import ObjectNotFound
 
     from .engine import FatalAPIError, RunStopped
     from .fanout import OutputDirectoryNotShared
-    from .flows import generate_dataset
+    from .pipeline import SHUTDOWN
     from .run_lock import OutputDirectoryLocked
     from .settings import MissingAPIKeyError
-    from .tasks import SHUTDOWN
+
+    options = options or RunOptions()
+    run_fields: dict[str, Any] = {
+        "input_table": input_table,
+        "input_columns": input_columns,
+        "original_layout_path": original_layout_path,
+        "parquet_beside_original": parquet_beside_original,
+    }
 
     def on_interrupt(signum, frame) -> None:
         if SHUTDOWN.is_set():
@@ -223,27 +146,21 @@ def run_flow(
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
         with _progress_bar(show_progress):
-            summary = asyncio.run(
-                generate_dataset(
+            if with_prefect:
+                from .flows import generate_dataset
+
+                flow_run = generate_dataset(
                     requests_path=str(requests_path),
                     output_dir=str(output_dir),
                     settings=settings,
                     client_block=client_block,
                     credentials_block=credentials_block,
-                    shard_size=shard_size,
-                    max_parallel_shards=max_parallel_shards,
-                    original_layout_path=original_layout_path,
-                    parquet_beside_original=parquet_beside_original,
-                    shard_retries=shard_retries,
-                    shard_retry_delay_s=shard_retry_delay_s,
-                    mode=mode,
-                    batch_retry=batch_retry,
-                    batch_poll_interval_s=batch_poll_interval_s,
-                    input_table=input_table,
-                    input_columns=input_columns,
-                    work_pool=work_pool,
+                    **options.model_dump(),
+                    **run_fields,
                 )
-            )
+            else:
+                flow_run = _without_prefect(str(requests_path), str(output_dir), settings, options, run_fields)
+            summary = asyncio.run(flow_run)
     except FatalAPIError as error:
         print(f"error: the run stopped: {error}", file=sys.stderr)
         return EXIT_STOPPED
@@ -278,6 +195,15 @@ def run_flow(
     return EXIT_OK if summary["failed"] == 0 else EXIT_SOME_FAILED
 
 
+async def _without_prefect(
+    requests_path: str, output_dir: str, settings: ClientSettings, options: RunOptions, run_fields: dict[str, Any]
+) -> dict[str, Any]:
+    from .pipeline import run_dataset
+    from .settings import api_key_from_env
+
+    return await run_dataset(requests_path, output_dir, settings, api_key_from_env(), options, **run_fields)
+
+
 @contextlib.contextmanager
 def _prefect_log_level(verbose: bool) -> Iterator[None]:
     """Prefect's banners and per-task lines only with --verbose; warnings and errors always."""
@@ -296,7 +222,8 @@ def _run(args: argparse.Namespace) -> int:
         # The key goes into this process's environment, never into a flow parameter.
         os.environ[API_KEY_ENV] = args.api_key
     try:
-        settings = _settings(args)  # a schema the API cannot take stops here: nothing is sent
+        settings = _settings(args)
+        RunOptions(**explicit_options(args, RunOptions))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
@@ -332,19 +259,12 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
         requests_path,
         args.output_dir,
         settings,
+        RunOptions(**explicit_options(args, RunOptions)),
         input_table=input_table,
         input_columns=columns,
-        work_pool=args.work_pool,
         client_block=args.client_block,
         credentials_block=args.credentials_block,
-        shard_size=args.shard_size,
-        max_parallel_shards=args.max_parallel_shards,
         original_layout_path=args.original_layout,
-        shard_retries=args.shard_retries,
-        shard_retry_delay_s=args.shard_retry_delay,
-        mode=args.mode,
-        batch_retry=args.batch_retry,
-        batch_poll_interval_s=args.batch_poll_interval,
         show_progress=not args.no_progress,
     )
 
@@ -354,7 +274,9 @@ def _cancel_batches(args: argparse.Namespace) -> int:
 
     if args.api_key:
         os.environ[API_KEY_ENV] = args.api_key
-    canceled = asyncio.run(cancel_batches(args.output_dir, _settings(args), args.client_block, args.credentials_block))
+    canceled = asyncio.run(
+        cancel_batches(args.output_dir, _settings(args), args.client_block, args.credentials_block)
+    )
     print(f"canceled {len(canceled)} batches: {' '.join(canceled) or '-'}", file=sys.stderr)
     print("run the same `run --mode batch` command again to collect what finished", file=sys.stderr)
     return EXIT_OK
@@ -365,9 +287,11 @@ def _estimate(args: argparse.Namespace) -> int:
     from .estimate import estimate_file, format_estimate
     from .settings import MissingAPIKeyError
 
+    if args.api_key:
+        os.environ[API_KEY_ENV] = args.api_key
     try:
-        settings = _settings(args)  # a bad schema or models file: exit 2
-        exact = asyncio.run(_exact_input_tokens(args, settings)) if args.exact else None
+        settings, api_key = _resolved(args)  # a bad schema or models file: exit 2
+        exact = asyncio.run(_exact_input_tokens(args.requests, settings, api_key)) if args.exact else None
         result = estimate_file(args.requests, settings, exact_input_tokens=exact)
     except (FileNotFoundError, ValueError, FatalAPIError, MissingAPIKeyError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -379,28 +303,38 @@ def _estimate(args: argparse.Namespace) -> int:
     return EXIT_OK if not result["rejected_lines"] else EXIT_SOME_FAILED
 
 
-async def _exact_input_tokens(args: argparse.Namespace, settings: Any) -> dict[int, int]:
+def _resolved(args: argparse.Namespace) -> tuple[ClientSettings, str]:
+    """The explicit settings over a block's, and the key (a block is read only when one is named)."""
+    from .settings import api_key_from_env
+
+    settings = _settings(args)
+    if not (args.client_block or args.credentials_block):
+        return settings, api_key_from_env()
+    from .blocks import resolve_settings
+
+    return asyncio.run(resolve_settings(settings, args.client_block, args.credentials_block))
+
+
+async def _exact_input_tokens(requests: str, settings: ClientSettings, api_key: str) -> dict[int, int]:
     from .estimate import prepared_requests
     from .settings import MissingAPIKeyError
     from .token_count import count_input_tokens
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
     if not api_key:
         raise MissingAPIKeyError(f"estimate --exact asks the API: set {API_KEY_ENV} or pass --api-key")
-    items = (item for item, problem in prepared_requests(args.requests, settings) if problem is None)
+    items = (item for item, problem in prepared_requests(requests, settings) if problem is None)
     return await count_input_tokens(
         items,
-        args.requests,
+        requests,
         api_key=api_key,
-        base_url=settings.base_url,
-        api_version=settings.anthropic_version,
+        base_url=settings.api_base_url,
+        api_version=settings.api_version,
         tier=settings.tier,
     )
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .emulator import emulator_in_thread
-    from .settings import ClientSettings
 
     output_dir = Path(args.output_dir)
     requests = Path(args.requests or EXAMPLES / "requests.jsonl")
@@ -433,7 +367,7 @@ def _demo(args: argparse.Namespace) -> int:
         os.environ.setdefault(API_KEY_ENV, "sk-ant-fake-demo-key-for-the-emulator")
         settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200, max_concurrency=20)
         with _prefect_log_level(verbose=False):
-            code = run_flow(str(requests), str(output_dir), settings, shard_size=50)
+            code = run_flow(str(requests), str(output_dir), settings, RunOptions(shard_size=50))
         stats = emulator.stats()
     print(
         f"The emulator billed {stats['billed_requests']} requests (${stats['cost_usd']:.4f}); "
@@ -476,47 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--columns", help="Comma-separated table columns to keep in the outputs (default: all).")
     run.add_argument("--output-dir", required=True, help="Directory for results.parquet/.jsonl and summary.json.")
     _add_client_arguments(run)
-    run.add_argument("--shard-size", type=int, default=5000, help="Lines per shard task (default 5000).")
-    run.add_argument("--max-parallel-shards", type=int, default=4, help="Shards running at once (default 4).")
-    run.add_argument("--shard-retries", type=int, default=3, help="Retries of a shard with retryable failures.")
-    run.add_argument(
-        "--work-pool",
-        help="Run each shard as a flow run on this Prefect work pool: any `prefect worker start --pool NAME`, on "
-        "any machine, takes shards. The output directory and request file must be on storage they all share.",
-    )
-    run.add_argument(
-        "--shard-retry-delay", type=float, default=10.0, help="Backoff base between shard retries, seconds."
-    )
-    run.add_argument("--use-caching", action="store_true", help="Warm shared cached prefixes before fanning out.")
-    run.add_argument(
-        "--auto-cache", action="store_true", help="Add a cache breakpoint to a long system prompt requests share."
-    )
-    run.add_argument(
-        "--mode", choices=("realtime", "batch"), default="realtime",
-        help="realtime: the Messages API at the rate limits; batch: the Message Batches API at half the price.",
-    )  # fmt: skip
-    run.add_argument(
-        "--batch-retry", choices=("none", "batch", "realtime"), default="none",
-        help="Batch mode: send expired or server-failed requests again in a follow-up batch or in real time.",
-    )  # fmt: skip
-    run.add_argument("--batch-poll-interval", type=float, default=30.0, help="Batch mode: longest poll interval, s.")
-    run.add_argument(
-        "--schema", metavar="FILE",
-        help="JSON Schema every reply must match (structured outputs); its fields become the typed `parsed` column.",
-    )  # fmt: skip
-    run.add_argument(
-        "--validation-retries", type=int, default=2,
-        help="Times a reply that does not match --schema is asked for again, the error fed back (default 2).",
-    )  # fmt: skip
-    run.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block.")
-    run.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
+    add_arguments(run.add_argument_group("shards and mode"), RunOptions)
     run.add_argument("--original-layout", metavar="PATH", help="Also write the original script's JSONL layout.")
-    run.add_argument("--include-request", action="store_true", help="Keep each request body in the results.")
-    run.add_argument(
-        "--max-cost-usd", type=float,
-        help="Hard spending limit in dollars for the dataset (earlier runs of the output directory count); "
-        "exit code 3 when it stops the run.",
-    )  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="No progress bar.")
     run.add_argument("--verbose", action="store_true", help="Prefect's own log lines and banners too.")
     run.set_defaults(handler=_run)
@@ -524,14 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel-batches", help="Cancel the unfinished batches of a batch-mode run.")
     cancel.add_argument("--output-dir", required=True, help="The run's output directory.")
     _add_client_arguments(cancel)
-    cancel.add_argument("--client-block", help="Name of a saved AnthropicClientConfig block.")
-    cancel.add_argument("--credentials-block", help="Name of a saved AnthropicCredentials block.")
     cancel.set_defaults(handler=_cancel_batches)
 
     estimate = commands.add_parser("estimate", help="Count, price and time a request file without any API call.")
     estimate.add_argument("requests", help="JSONL file of Messages API requests.")
     _add_client_arguments(estimate)
-    estimate.add_argument("--schema", metavar="FILE", help="JSON Schema sent with every request (counted as input).")
     estimate.add_argument(
         "--exact", action="store_true",
         help="Count input tokens with the API's free count_tokens endpoint (within its own rate limit; "
@@ -559,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     # on two cores their start-ups share the CPU: Prefect's 20 s is not enough for four (measured: none of
     # four started). Waiting longer costs nothing when one start is quick.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a flag argparse refused (it printed why), or --help: nothing was sent
+        return stop.code if isinstance(stop.code, int) else EXIT_STOPPED
+    return int(args.handler(args))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def prepared_requests(
         raise FileNotFoundError(f"requests file not found: {path}")
     if settings.models_file:
         use_models_file(settings.models_file)
-    preflight = Preflight(settings.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
+    preflight = Preflight(settings.api_version, drop_unsupported_params=settings.drop_unsupported_params)
     schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
     for item in iter_requests(path):
         if item.invalid is not None:

@@ -26,11 +26,13 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from .blocks import resolve_api_key
+from .blocks import resolve_settings
+from .engine import AnthropicClient
+from .engine.budget import Budget, SpendingJournal
 from .engine.shared_budget import SharedBudget
 from .inputs import Shard
-from .settings import ClientSettings, close_shared_clients, shared_client
-from .tasks import run_shard, shard_marker_path
+from .pipeline import SHUTDOWN, SPENDING_DIR, DatasetRun, run_shard_requests, shard_marker_path
+from .settings import ClientSettings
 
 __all__ = ["OutputDirectoryNotShared", "mark_shared_directory", "run_shard_flow", "run_shards_on_pool"]
 
@@ -88,7 +90,7 @@ def _worker_file(work_dir: str, shard: Shard) -> Path:
     return Path(work_dir) / f"shard-{shard.index:05d}.worker.json"
 
 
-@flow(name=SHARD_FLOW_NAME, flow_run_name="shard-{shard.index}", validate_parameters=True)
+@flow(name=SHARD_FLOW_NAME, flow_run_name="shard-{shard.index:05d}", validate_parameters=True)
 async def run_shard_flow(
     requests_path: str,
     shard: Shard,
@@ -99,25 +101,25 @@ async def run_shard_flow(
     directory_id: str = "",
     budget_id: str | None = None,
 ) -> dict[str, Any]:
-    """One shard on a worker: the same task as in one process, resuming from the shard's results file."""
-    check_shared_directory(Path(work_dir).parent, directory_id)
+    """One shard on a worker, with a client of its own: the same steps as in one process, resuming from the
+    shard's results file."""
+    output_dir = Path(work_dir).parent
+    check_shared_directory(output_dir, directory_id)
     if not Path(requests_path).exists():
         raise OutputDirectoryNotShared(f"worker {worker_name()} does not see the request file {requests_path}")
-    client = shared_client(settings, await resolve_api_key(client_block, credentials_block))
-    await client.check_limiter()
-    if budget_id is not None and client.shared_limiter is not None and settings.max_cost_usd is not None:
-        # The run's budget, spent together with every other shard's process (the task gets this client).
-        client.budget = SharedBudget(client.shared_limiter, budget_id, settings.max_cost_usd)
+    settings, api_key = await resolve_settings(settings, client_block, credentials_block)
+    journal = SpendingJournal(output_dir / SPENDING_DIR)
+    budget = (
+        SharedBudget.connect(settings, api_key, budget_id, settings.max_cost_usd, journal=journal)
+        if budget_id is not None and settings.max_cost_usd is not None
+        else Budget(None, journal=journal)
+    )
     heart = asyncio.create_task(_beat(_heartbeat_file(work_dir, shard)))
     try:
-        summary: dict[str, Any] = await run_shard(
-            requests_path, shard, work_dir, settings, client_block, credentials_block
-        )
+        async with AnthropicClient(api_key, settings, budget=budget) as client:
+            await client.check_limiter()
+            summary = await run_shard_requests(client, requests_path, shard, work_dir, stop=SHUTDOWN)
     finally:
-        try:
-            await asyncio.wait_for(close_shared_clients(), 30)
-        except asyncio.TimeoutError:
-            get_run_logger().warning("Closing the client took more than 30 s; the shard's results are saved.")
         heart.cancel()
     _worker_file(work_dir, shard).write_text(json.dumps({"worker": worker_name(), "shard": shard.index}))
     return summary
@@ -144,19 +146,11 @@ async def ensure_shard_deployment(work_pool: str) -> str:
 
 
 async def run_shards_on_pool(
-    work_pool: str,
-    requests_path: str,
-    shards: list[Shard],
-    output_dir: str,
-    work_dir: str,
-    settings: ClientSettings,
+    run: DatasetRun,
     client_block: str | None,
     credentials_block: str | None,
     *,
-    max_parallel_shards: int,
-    shard_retries: int,
     budget_id: str | None = None,
-    heartbeat_timeout_s: float = 60.0,
     on_shard_done: Any = None,
 ) -> dict[str, int]:
     """Run every shard not finished yet as a child flow run on the pool; the shards each worker ran."""
@@ -164,26 +158,30 @@ async def run_shards_on_pool(
     from prefect.deployments.flow_runs import arun_deployment
 
     logger = get_run_logger()
-    if settings.limiter_url is None and settings.limiter_block is None:
+    options = run.options
+    work_pool = options.work_pool
+    assert work_pool is not None and run.plan is not None
+    if not run.settings.shares_limits:
         logger.warning(
             "--work-pool without --limiter-url: each worker process keeps its own rate limits, so together "
             "they may send more than the account allows. Give them a shared Redis with --limiter-url."
         )
-    directory_id = mark_shared_directory(output_dir)
+    directory_id = mark_shared_directory(run.output_dir)
     deployment = await ensure_shard_deployment(work_pool)
-    requests_path = str(Path(requests_path).resolve())
-    work_dir = str(Path(work_dir).resolve())
-    gate = asyncio.Semaphore(max_parallel_shards)
+    work_dir = str(Path(run.work_dir).resolve())
+    gate = asyncio.Semaphore(options.max_parallel_shards)
     ran: Counter[str] = Counter()
+    shard_retries = options.shard_retries
     parameters = {
-        "requests_path": requests_path,
+        "requests_path": str(Path(run.requests_path).resolve()),
         "work_dir": work_dir,
-        "settings": settings,
+        "settings": run.settings,
         "client_block": client_block,
         "credentials_block": credentials_block,
         "directory_id": directory_id,
         "budget_id": budget_id,
     }
+    heartbeat_timeout_s = options.shard_heartbeat_timeout_s
 
     async def one(shard: Shard, client: Any) -> None:
         async with gate:
@@ -215,7 +213,7 @@ async def run_shards_on_pool(
             on_shard_done(shard)
 
     async with get_client() as client:
-        await asyncio.gather(*(one(shard, client) for shard in shards))
+        await asyncio.gather(*(one(shard, client) for shard in run.plan.shards))
     return dict(ran)
 
 

@@ -114,6 +114,11 @@ class Shard:
     #: Digest of the shard's bytes and position: a shard's results are never mistaken for another's.
     digest: str = ""
 
+    @property
+    def lines(self) -> str:
+        """Its lines, for names and messages: `lines 201-300`."""
+        return f"lines {self.first_line:,}-{self.first_line + self.line_count - 1:,}".replace(",", "")
+
 
 def iter_requests(
     path: str | os.PathLike[str], start: int = 0, end: int | None = None, first_line: int = 1

@@ -1,4 +1,8 @@
-"""Progress of a whole run, summed over its shards, for the CLI's bar and the Prefect progress artifact."""
+"""Progress of a whole run, for the CLI's bar and the Prefect progress artifact.
+
+It is built from the records themselves as shards write them, so it adds up across shard retries and
+resumed shards: a line counts once however many attempts it took, and every dollar paid counts.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .engine.limiter import RateLimits
-from .engine.runner import Progress
+from .engine.records import ResultRecord
+from .engine.results_file import LineSet
 from .formatting import duration, money, number
 
 __all__ = ["RunProgress", "listeners"]
@@ -17,63 +22,96 @@ __all__ = ["RunProgress", "listeners"]
 class RunProgress:
     total_requests: int
     started: float = field(default_factory=time.monotonic)
-    shards: dict[int, Progress] = field(default_factory=dict)
-    #: Lines finished in earlier runs (skipped shards or lines), counted as done.
-    already_done: dict[int, int] = field(default_factory=dict)
+    #: Lines answered in this run: succeeded, and failed (their last answer an error).
+    succeeded_lines: LineSet = field(default_factory=LineSet)
+    failed_lines: LineSet = field(default_factory=LineSet)
+    #: Lines sent at least once in this run (never-sent lines, such as invalid ones, are not).
+    sent_lines: LineSet = field(default_factory=LineSet)
+    #: Lines answered by earlier runs of the dataset (skipped now).
+    earlier_lines: LineSet = field(default_factory=LineSet)
+    #: Lines of whole shards finished by earlier runs, by shard.
+    earlier_shards: dict[int, int] = field(default_factory=dict)
+    #: Dollars of this run's answers (every attempt paid for, repairs included).
+    answered_cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    #: Requests in flight, by shard (as the shards last reported).
+    in_flight_by_shard: dict[int, int] = field(default_factory=dict)
     #: The limits in force, by limit class (the client's), for the ETA.
     limits: Callable[[], dict[str, RateLimits]] | None = None
     #: What the client waits on now (a backoff, a pause), if anything.
     waiting: Callable[[], str | None] | None = None
     #: The concurrency window in force.
     concurrency: Callable[[], int] | None = None
+    #: Dollars paid for what is not a row (cache pre-warm requests).
+    extra_cost_usd: Callable[[], float] | None = None
 
-    def update(self, shard_index: int, progress: Progress) -> None:
-        self.shards[shard_index] = progress
+    def _changed(self) -> None:
         for listener in listeners:
             listener(self)
+
+    def record(self, record: ResultRecord) -> None:
+        """A shard wrote a record (an answer, an error row, a line the budget did not let go)."""
+        line = record.line
+        if record.succeeded:
+            self.succeeded_lines.add(line)
+            self.failed_lines.discard(line)
+        else:
+            self.failed_lines.add(line)
+        if record.attempts:
+            self.sent_lines.add(line)
+        self.answered_cost_usd += record.cost_usd or 0.0
+        self.input_tokens += record.input_tokens + record.cache_creation_input_tokens + record.cache_read_input_tokens
+        self.output_tokens += record.output_tokens
+
+    def skipped(self, line: int) -> None:
+        """A shard skipped a line an earlier run (or an earlier attempt of this run) answered."""
+        if line not in self.succeeded_lines and line not in self.failed_lines:
+            self.earlier_lines.add(line)
 
     def mark_done(self, shard_index: int, lines: int) -> None:
-        self.already_done[shard_index] = lines
-        for listener in listeners:
-            listener(self)
+        """A whole shard finished before (or on another machine): its lines are done."""
+        self.earlier_shards[shard_index] = lines
+        self._changed()
 
-    @property
-    def done(self) -> int:
-        return sum(p.done + p.skipped for p in self.shards.values()) + sum(self.already_done.values())
-
-    @property
-    def failed(self) -> int:
-        return sum(p.failed for p in self.shards.values())
-
-    @property
-    def in_flight(self) -> int:
-        return sum(p.in_flight for p in self.shards.values())
+    def report(self, shard_index: int, in_flight: int) -> None:
+        self.in_flight_by_shard[shard_index] = in_flight
+        self._changed()
 
     @property
     def cost_usd(self) -> float:
-        return sum(p.cost_usd for p in self.shards.values())
+        return self.answered_cost_usd + (self.extra_cost_usd() if self.extra_cost_usd is not None else 0.0)
 
     @property
-    def output_tokens(self) -> int:
-        return sum(p.output_tokens for p in self.shards.values())
+    def sent(self) -> int:
+        """Lines sent at least once in this run."""
+        return len(self.sent_lines)
+
+    @property
+    def done(self) -> int:
+        answered = len(self.succeeded_lines) + len(self.failed_lines)
+        return answered + len(self.earlier_lines) + sum(self.earlier_shards.values())
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_lines)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.in_flight_by_shard.values())
 
     @property
     def percent(self) -> float:
         return 100.0 * min(self.done, self.total_requests) / self.total_requests if self.total_requests else 100.0
 
-    @property
-    def sent(self) -> int:
-        """Requests answered in this run (lines skipped as done before are not)."""
-        return sum(p.done for p in self.shards.values())
-
-    def _per_request(self, attribute: str) -> float | None:
-        sent = self.sent
-        return sum(getattr(p, attribute) for p in self.shards.values()) / sent if sent else None
+    def _per_request(self, total: float) -> float | None:
+        answered = len(self.succeeded_lines) + len(self.failed_lines)
+        return total / answered if answered else None
 
     @property
     def projected_cost_usd(self) -> float | None:
         """What the whole run will have cost, at the cost per request seen so far."""
-        per_request = self._per_request("cost_usd")
+        per_request = self._per_request(self.answered_cost_usd)
         if per_request is None:
             return None
         return self.cost_usd + per_request * max(0, self.total_requests - self.done)
@@ -86,7 +124,7 @@ class RunProgress:
             return 0.0
         minutes: list[float] = []
         limits = self.limits() if self.limits is not None else {}
-        per_input, per_output = self._per_request("input_tokens"), self._per_request("output_tokens")
+        per_input, per_output = self._per_request(self.input_tokens), self._per_request(self.output_tokens)
         for limit in limits.values():
             if limit.requests_per_minute:
                 minutes.append(remaining / limit.requests_per_minute)
@@ -106,7 +144,8 @@ class RunProgress:
     @property
     def requests_per_minute(self) -> float:
         elapsed = self.elapsed_s
-        return 60.0 * self.sent / elapsed if elapsed > 0 else 0.0
+        answered = len(self.succeeded_lines) + len(self.failed_lines)
+        return 60.0 * answered / elapsed if elapsed > 0 else 0.0
 
     @property
     def dollars_per_minute(self) -> float:
@@ -119,18 +158,22 @@ class RunProgress:
         return f"/{number(sum(rpm))}" if rpm else ""
 
     def headline(self) -> str:
+        """The bar's line (after a 16-character bar and the percentage: about 55 characters are left)."""
         waiting = self.waiting() if self.waiting is not None else None
         return f"{number(self.done)}/{number(self.total_requests)} requests, {number(self.failed)} failed | " + (
             waiting if waiting else f"ETA {duration(self.eta_s())}"
         )
 
     def details(self) -> str:
+        """The line under the bar, within 80 columns: spent of the projected total, $/min, requests/min
+        against the limit, in flight (and the concurrency window only while overload holds it down)."""
         projected = self.projected_cost_usd
+        window = self.concurrency() if self.concurrency is not None else None
+        held = f", window {number(window)}" if window is not None and window < self.in_flight + 1 else ""
         return (
-            f"{money(self.cost_usd)} spent, ~{money(projected) if projected is not None else '?'} projected, "
+            f"{money(self.cost_usd)} of ~{money(projected) if projected is not None else '?'} | "
             f"{money(self.dollars_per_minute)}/min | {number(self.requests_per_minute)}"
-            f"{self._rate_limit_text()} req/min | {number(self.in_flight)} in flight"
-            + (f" (window {number(self.concurrency())})" if self.concurrency is not None else "")
+            f"{self._rate_limit_text()} req/min | {number(self.in_flight)} in flight{held}"
         )
 
     def describe(self) -> str:

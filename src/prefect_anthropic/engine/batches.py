@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import orjson
 
-from .client import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL, auth_headers
+from ..settings import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL, ClientSettings
+from .account import auth_headers
 from .errors import APIStatusError, FatalAPIError
 from .records import RequestItem, ResultRecord, record_from_message
 from .retry import RetryPolicy
@@ -107,6 +108,16 @@ class BatchAPI:
                 "content-type": "application/json",
             },
             timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    @classmethod
+    def for_settings(cls, api_key: str, settings: ClientSettings) -> BatchAPI:
+        return cls(
+            api_key,
+            base_url=settings.api_base_url,
+            anthropic_version=settings.api_version,
+            retry=RetryPolicy(max_attempts=max(settings.max_attempts, 5)),
+            timeout=settings.timeout_s,
         )
 
     async def __aenter__(self) -> BatchAPI:

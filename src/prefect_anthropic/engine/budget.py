@@ -1,52 +1,83 @@
-"""A hard spending limit: never pay more than asked.
+"""A hard spending limit: never pay more than asked, whatever fails on the way.
 
-Before a request is sent, its worst case is reserved: the estimated input (with a margin for the
-estimate's error) at the right price, cache-aware, plus `max_tokens` of output, with every multiplier of
-the model table (long context, fast mode, US-only inference, batch). A reply settles the reservation to
-its real cost; an error answer that is not billed (429, 5xx) gives it back; an answer lost on the way (a
-dropped connection) keeps it, as it may have been billed. A request whose reservation would cross the
-limit is not sent: the budget is exhausted and every request after it becomes a `budget_exhausted` row,
-so the same command with a higher limit resumes from there.
+Before each attempt is sent, its worst case is reserved: a bound on its input tokens that no tokenizer can
+exceed (the bytes of the request as sent: a token is at least one byte; an image counts as the most an
+image can cost), every input token at the dearest price it could be billed at (a cache write where the
+request has a breakpoint), `max_tokens` of output, and every multiplier of the model table (long context,
+fast mode, US-only inference, batch). A reply settles the reservation to its real cost; an error answer
+that is not billed (429, 5xx before any output) gives it back; anything else (a connection lost after
+the request was sent, a stream cut or ended by an error event, a task cancelled) keeps it, as the request
+may have been billed. An attempt that does not fit waits while attempts in flight hold reservations
+(they usually settle for less); when it cannot fit even if they settle at nothing, the budget is
+exhausted: nothing more is sent, and every request after it becomes a `budget_exhausted` row, so the same
+command with a higher limit resumes from there.
+
+Every reservation and settlement is appended to a journal in the output directory before the attempt is
+sent, so a run that is killed, and the next run of the same dataset, know what may have been paid: a
+reservation without its settlement counts as spent at its worst case.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from ..formatting import money
 from ..models import ModelInfo, Usage, cost_usd
 from .caching import cached_prefix
 from .records import RequestItem, ResultRecord
 
-__all__ = ["Budget", "worst_case_cost"]
+__all__ = ["Budget", "SpendingJournal", "journaled_spending", "max_input_tokens", "worst_case_cost"]
 
-#: The input estimate may be low before the estimator has learned the model's ratio: reserve this much more.
-_INPUT_MARGIN = 1.25
+#: The most one image can cost, in tokens (an image is scaled down to fit; high-resolution models included).
+_IMAGE_TOKENS = 5_000
+#: Tokens the API may add to a request beyond its bytes: turn markers, the system prompt of tool use or of
+#: structured outputs.
+_ADDED_TOKENS = 256
+_ADDED_TOKENS_WITH_TOOLS = 2_048
+
+
+def _images(body: Any) -> Iterator[dict[str, Any]]:
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "image":
+                source = block.get("source")
+                if isinstance(source, dict) and isinstance(source.get("data"), str):
+                    yield source
+
+
+def max_input_tokens(body: dict[str, Any], payload_bytes: int | None = None) -> int:
+    """A bound on the input tokens of a request: its bytes as sent (base64 images at the most an image
+    costs), plus what the API adds."""
+    size = payload_bytes if payload_bytes is not None else len(orjson.dumps(body))
+    for source in _images(body):
+        size += _IMAGE_TOKENS - len(source["data"])
+    tooled = bool(body.get("tools") or body.get("output_config") or body.get("output_format"))
+    return max(1, size) + (_ADDED_TOKENS_WITH_TOOLS if tooled else _ADDED_TOKENS)
 
 
 def worst_case_cost(
-    info: ModelInfo | str,
-    body: dict[str, Any],
-    estimated_input_tokens: int,
-    *,
-    warm_tokens: int = 0,
-    batch: bool = False,
+    info: ModelInfo | str, body: dict[str, Any], *, payload_bytes: int | None = None, batch: bool = False
 ) -> float | None:
     """The most a request can cost (None when the model table cannot price it)."""
-    input_tokens = math.ceil(estimated_input_tokens * _INPUT_MARGIN) + 16
-    read = min(warm_tokens, input_tokens)
-    rest = input_tokens - read
+    input_tokens = max_input_tokens(body, payload_bytes)
     prefix = cached_prefix(body)
-    one_hour = prefix is not None and math.isclose(prefix.ttl_s, 3600.0)
+    one_hour = prefix is not None and prefix.ttl_s >= 3600.0
     max_tokens = body.get("max_tokens")
     usage = Usage(
         # A request with a cache breakpoint may write its whole prompt to the cache: price it as a write.
-        input_tokens=0 if prefix is not None else rest,
-        cache_creation_input_tokens=rest if prefix is not None else 0,
-        cache_creation_1h_input_tokens=rest if one_hour else 0,
-        cache_read_input_tokens=read,
+        input_tokens=0 if prefix is not None else input_tokens,
+        cache_creation_input_tokens=input_tokens if prefix is not None else 0,
+        cache_creation_1h_input_tokens=input_tokens if one_hour else 0,
         output_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0,
         speed=body.get("speed"),
         inference_geo=body.get("inference_geo"),
@@ -54,44 +85,140 @@ def worst_case_cost(
     return cost_usd(info, usage, batch=batch)
 
 
+class SpendingJournal:
+    """Append-only record of one client's reservations and settlements: `{"r": id, "usd": worst}` before an
+    attempt is sent, `{"s": id, "usd": actual}` when its cost is known (0 for an answer not billed)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = Path(directory) / f"{uuid.uuid4().hex}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the client's life
+
+    def reserve(self, entry: int, usd: float) -> None:
+        self._write({"r": entry, "usd": usd})
+
+    def settle(self, entry: int, usd: float) -> None:
+        self._write({"s": entry, "usd": usd})
+
+    def _write(self, data: dict[str, Any]) -> None:
+        # Handed to the OS before the attempt is sent: a killed process's reservations survive it.
+        self._handle.write(orjson.dumps(data) + b"\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+
+
+def journaled_spending(directory: str | os.PathLike[str]) -> float | None:
+    """What the journals in `directory` say was (or may have been) paid: settled costs, and the worst case
+    of every reservation never settled (its process was killed with the request in flight). None when
+    there is no journal."""
+    paths = sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []
+    if not paths:
+        return None
+    total = 0.0
+    for path in paths:
+        reserved: dict[int, float] = {}
+        with open(path, "rb") as handle:
+            for raw in handle:
+                try:
+                    entry = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue  # a torn last line
+                if "r" in entry:
+                    reserved[entry["r"]] = float(entry["usd"])
+                elif "s" in entry:
+                    reserved.pop(entry["s"], None)
+                    total += float(entry["usd"])
+        total += sum(reserved.values())
+    return total
+
+
 @dataclass
 class Budget:
-    """Dollars this run may still commit: `limit_usd` less what is spent (earlier runs of the same output
-    included) and what is reserved by requests in flight."""
+    """Dollars this run may still commit: `limit_usd` less what is spent (earlier runs of the same dataset
+    included) and what is reserved by attempts in flight. Without a limit it only keeps the journal."""
 
-    limit_usd: float
+    limit_usd: float | None
     spent_usd: float = 0.0
     reserved_usd: float = 0.0
     exhausted: bool = False
-    #: Reservations held for batches in flight, by batch id (settled when their results are downloaded).
-    holds: dict[str, float] = field(default_factory=dict)
+    journal: SpendingJournal | None = None
+    #: Reservations of batch requests in flight, by line: (worst case, journal entry), settled from results.
+    holds: dict[int, tuple[float, int]] = field(default_factory=dict)
+    #: Reservations not settled yet.
+    holding: int = 0
+    _settled: asyncio.Event | None = field(default=None, repr=False)
+    _entries: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
-    def reserve(self, worst_usd: float) -> bool:
-        """Take `worst_usd` from the budget; False (and the budget is exhausted) when it does not fit."""
-        if self.exhausted or self.spent_usd + self.reserved_usd + worst_usd > self.limit_usd:
-            self.exhausted = True
-            return False
+    @classmethod
+    def for_dataset(cls, limit_usd: float | None, journal_dir: str | os.PathLike[str]) -> Budget:
+        """The budget of a dataset's run: what its earlier runs paid is spent already; this run's journal."""
+        earlier = journaled_spending(journal_dir) or 0.0
+        return cls(limit_usd, spent_usd=earlier, journal=SpendingJournal(journal_dir))
+
+    def reserve(self, worst_usd: float) -> int | None:
+        """Take `worst_usd` now: the reservation's number (its journal entry), or None when it does not fit now
+        (and the budget is exhausted when it would not fit even with nothing in flight)."""
+        if self.exhausted:
+            return None
+        limit = self.limit_usd
+        if limit is not None and self.spent_usd + self.reserved_usd + worst_usd > limit:
+            if self.holding == 0 or self.spent_usd + worst_usd > limit:
+                self.exhausted = True
+            return None
         self.reserved_usd += worst_usd
-        return True
+        self.holding += 1
+        return self._entry(worst_usd)
 
-    async def areserve(self, worst_usd: float) -> bool:
-        """`reserve`, awaitable (a shared budget asks Redis)."""
-        return self.reserve(worst_usd)
+    def _entry(self, worst_usd: float) -> int:
+        entry = next(self._entries)
+        if self.journal is not None:
+            self.journal.reserve(entry, worst_usd)
+        return entry
+
+    async def areserve(self, worst_usd: float) -> int | None:
+        """`reserve`, waiting while attempts in flight hold the room it needs; None when exhausted."""
+        while True:
+            entry = self.reserve(worst_usd)
+            if entry is not None or self.exhausted:
+                return entry
+            if self._settled is None:
+                self._settled = asyncio.Event()
+            self._settled.clear()
+            await self._settled.wait()
+
+    def _release(self, reserved_usd: float) -> None:
+        self.holding -= 1
+        self.reserved_usd = self.reserved_usd - reserved_usd if self.holding else 0.0  # no float dust left
+        if self._settled is not None:
+            self._settled.set()
+
+    def settle(self, reserved_usd: float, actual_usd: float | None, entry: int | None = None) -> None:
+        """The attempt was answered (or may have been billed): its real cost, or the reservation, is spent."""
+        spent = reserved_usd if actual_usd is None else actual_usd
+        self.spent_usd += spent
+        if self.journal is not None and entry is not None:
+            self.journal.settle(entry, spent)
+        self._release(reserved_usd)
+
+    def refund(self, reserved_usd: float, entry: int | None = None) -> None:
+        """The attempt was not billed (an error answer, or never sent): give its reservation back."""
+        if self.journal is not None and entry is not None:
+            self.journal.settle(entry, 0.0)
+        self._release(reserved_usd)
 
     async def aclose(self) -> None:
-        """Nothing to send: this budget is this process's."""
-
-    def settle(self, reserved_usd: float, actual_usd: float | None) -> None:
-        """The request was answered (or may have been billed): its real cost, or the reservation, is spent."""
-        self.reserved_usd -= reserved_usd
-        self.spent_usd += reserved_usd if actual_usd is None else actual_usd
-
-    def refund(self, reserved_usd: float) -> None:
-        """The request was not billed (an error answer): give its reservation back."""
-        self.reserved_usd -= reserved_usd
+        if self.journal is not None:
+            self.journal.close()
 
     @property
-    def remaining_usd(self) -> float:
+    def remaining_usd(self) -> float | None:
+        if self.limit_usd is None:
+            return None
         return max(0.0, self.limit_usd - self.spent_usd - self.reserved_usd)
 
     def exhausted_record(self, item: RequestItem, why: str | None = None, **fields: Any) -> ResultRecord:

@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import random
-import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -23,31 +20,28 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 import orjson
 
-from ..models import ModelInfo, Usage, lookup_model, request_limit_class, unpriced_reason
-from ..request_rules import API_VERSION_2023, API_VERSION_2026, FAST_MODE_BETA
+from ..models import ModelInfo, Usage, lookup_model, unpriced_reason, use_models_file
+from ..request_rules import FAST_MODE_BETA
 from ..schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
-from .adaptive import AdaptiveWindow, CircuitBreaker
+from ..settings import API_KEY_ENV, DEFAULT_BASE_URL, ClientSettings, MissingAPIKeyError
+from .account import Account, LimitsForClass, auth_headers
+from .adaptive import AdaptiveWindow
 from .budget import Budget, worst_case_cost
 from .caching import AutoCache, PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError, RunStopped, ServiceUnavailableError
 from .estimator import InputTokenEstimator, OutputTokenEstimator
-from .limiter import Limiter, RateLimiter, RateLimits, Reservation
+from .limiter import Limiter, RateLimits, Reservation
 from .preflight import Preflight
 from .records import RequestItem, ResultRecord, record_from_message, validate_record
 from .retry import RetryPolicy, retry_after_seconds
 from .shared_limiter import SharedLimiter, SharedLimiterUnavailable
 from .streaming import accumulate, needs_streaming
 
-__all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "ClientStats"]
+__all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "ClientStats", "auth_headers"]
 
-DEFAULT_BASE_URL = "https://api.anthropic.com"
-DEFAULT_ANTHROPIC_VERSION = API_VERSION_2023
-
-LimitsForClass = Callable[[str], RateLimits]
 T = TypeVar("T")
 #: Answers that say the other side is full: the concurrency window shrinks.
 _OVERLOAD_STATUSES = frozenset({503, 529})
-_CONNECTIONS_PER_LANE = 2
 logger = logging.getLogger(__name__)
 
 
@@ -70,146 +64,111 @@ class ClientStats:
     validation_repairs: int = 0
 
 
-def rate_limit_class(model: str) -> str:
-    return request_limit_class(model)
-
-
-def auth_headers(api_key: str, anthropic_version: str) -> dict[str, str]:
-    """The key as the official SDKs send it: `x-api-key` before API version 2026-10-21, a bearer token
-    from it on (the SDK 2.x way)."""
-    if anthropic_version >= API_VERSION_2026:
-        return {"authorization": f"Bearer {api_key}"}
-    return {"x-api-key": api_key}
-
-
 class AnthropicClient:
     """Sends Messages API requests as fast as the account's limits allow and no faster.
 
-    `limits` is either one `RateLimits` for every model class or a function from a limit class ("opus-4",
-    "sonnet-5-5", ...) to its limits, as Anthropic limits each class separately. One client is meant
-    to be shared by everything that sends on the same account in a process: its limiters and its
-    concurrency cap then hold for all of them together.
+    Reads everything it does from a `ClientSettings` (options given as keywords are laid over it, like the
+    SDK's `with_options`). Clients of one account in a process share its limiters, concurrency and
+    connections (`Account`), never each other's budget, statistics or lifetime: whoever opens a client
+    closes it (`async with`).
+
+    `limits` (one `RateLimits` for every class, or a function of the limit class), `retry`, the
+    estimators, `seed` and `burst_seconds` replace what the settings would give, for tests and benchmarks.
+    `budget` is the run's (a dataset's journaled budget, or one shared through Redis); by default one is made
+    from `max_cost_usd`.
     """
 
     def __init__(
         self,
         api_key: str,
+        settings: ClientSettings | None = None,
         *,
-        base_url: str = DEFAULT_BASE_URL,
-        anthropic_version: str = DEFAULT_ANTHROPIC_VERSION,
-        limits: RateLimits | LimitsForClass = RateLimits(),
-        adopt_server_limits: bool | Callable[[str], bool] = False,
-        server_limit_share: float = 1.0,
-        max_concurrency: int = 50,
-        retry: RetryPolicy = RetryPolicy(),
-        timeout: float | httpx.Timeout = 600.0,
-        burst_seconds: float = 0.5,
-        include_request: bool = False,
+        budget: Budget | None = None,
+        limits: RateLimits | LimitsForClass | None = None,
+        retry: RetryPolicy | None = None,
         input_estimator: InputTokenEstimator | None = None,
         output_estimator: OutputTokenEstimator | None = None,
-        warm_cache: bool = False,
-        auto_cache: bool = False,
-        drop_unsupported_params: bool = False,
-        output_schema: OutputSchema | None = None,
-        validation_retries: int = 2,
-        max_cost_usd: float | None = None,
-        adaptive_concurrency: bool = True,
-        give_up_after_s: float = 300.0,
         seed: int | None = None,
-        limiter_url: str | None = None,
-        limiter_block: str | None = None,
-        shared_max_concurrency: int | None = None,
+        burst_seconds: float = 0.5,
+        **options: Any,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        self.base_url = base_url.rstrip("/")
-        self.anthropic_version = anthropic_version
-        self._limits: LimitsForClass = limits if callable(limits) else _same_for_every_class(limits)
-        adopt = adopt_server_limits
-        self._adopts: Callable[[str], bool] = adopt if callable(adopt) else _same_for_every_class(adopt)
-        self.preflight = Preflight(anthropic_version, drop_unsupported_params=drop_unsupported_params)
+        if not api_key:
+            raise MissingAPIKeyError(
+                f"No Anthropic API key: set {API_KEY_ENV}, pass --api-key, or name an AnthropicCredentials block."
+            )
+        settings = settings or ClientSettings()
+        self.settings = settings = settings.with_options(**options) if options else settings
+        if settings.models_file:
+            use_models_file(settings.models_file)
+        self._api_key = api_key
+        self._account: Account | None = None
+        self._account_options: dict[str, Any] = {
+            "limits": _same_for_every_class(limits) if isinstance(limits, RateLimits) else limits,
+            "burst_seconds": burst_seconds,
+            "input_estimator": input_estimator,
+            "output_estimator": output_estimator,
+        }
+        self.base_url = settings.api_base_url
+        self.anthropic_version = settings.api_version
+        self.max_concurrency = settings.max_concurrency
+        self.preflight = Preflight(self.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
         #: Every request asks for replies matching it (a line's own format wins); replies are validated.
-        self.output_schema = output_schema
-        self.validation_retries = validation_retries
-        self.adaptive_concurrency = adaptive_concurrency
-        self.give_up_after_s = give_up_after_s
-        self._windows: dict[str, AdaptiveWindow] = {}
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._waiting: tuple[str, float] | None = None
-        #: A hard spending limit (None: no limit); the flow starts it from what earlier runs spent.
-        self.budget: Budget | None = Budget(max_cost_usd) if max_cost_usd is not None else None
+        self.output_schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
+        self.validation_retries = settings.validation_retries
+        self.retry = retry or RetryPolicy(max_attempts=settings.max_attempts)
+        self.include_request = settings.include_request
+        #: This run's spending: a hard limit when `max_cost_usd` is set, and the journal of what was paid.
+        self.budget: Budget | None = budget
+        if budget is None and settings.max_cost_usd is not None:
+            self.budget = Budget(settings.max_cost_usd)
         self._line_schemas: dict[bytes, OutputSchema | None] = {}
-        self.server_limit_share = server_limit_share
-        self.burst_seconds = burst_seconds
-        self.max_concurrency = max_concurrency
-        self.retry = retry
-        self.include_request = include_request
-        self.input_estimator = input_estimator or InputTokenEstimator()
-        self.output_estimator = output_estimator or OutputTokenEstimator()
+        self._waiting: tuple[str, float] | None = None
         self.stats = ClientStats()
         self.fatal_error: FatalAPIError | None = None
-        self.warmer = PrefixWarmer() if warm_cache or auto_cache else None
-        self.auto_cache = AutoCache() if auto_cache else None
+        self.warmer = PrefixWarmer() if settings.use_caching or settings.auto_cache else None
+        self.auto_cache = AutoCache() if settings.auto_cache else None
         self.stopping = False
+        self._closed = False
         #: Models answered but not priced by the model table, with the reason (rows get cost_usd null).
         self.unpriced_models: dict[str, str] = {}
-        self._limiters: dict[str, Limiter] = {}
-        #: Limits shared with every process on the account through Redis (None: this process's own).
-        self.shared_limiter = (
-            SharedLimiter(
-                limiter_url,
-                api_key,
-                block_name=limiter_block,
-                max_in_flight=shared_max_concurrency or 0,
-                burst_seconds=burst_seconds,
-            )
-            if limiter_url or limiter_block
-            else None
-        )
-        self._slots = asyncio.Semaphore(max_concurrency)
         self._rng = random.Random(seed)
-        if not isinstance(timeout, httpx.Timeout):
-            timeout = httpx.Timeout(timeout, connect=min(5.0, timeout))
-        headers = {
-            **auth_headers(api_key, anthropic_version),
-            "anthropic-version": anthropic_version,
-            "content-type": "application/json",
-        }
-        # httpcore's pool scans every connection for every queued request (cost ~ connections x queue),
-        # which caps one pool of 100 connections near 300 requests/s on our 2-core machines. Pools of two
-        # connections ("lanes") keep each scan short (measured: 1,500 requests/s); a request holds one
-        # lane place while in flight, so no lane ever queues.
-        lane_count = math.ceil(max_concurrency / _CONNECTIONS_PER_LANE)
-        tls = ssl.create_default_context()  # one context for every lane: loading CA roots costs ~25 ms
-        self._lanes = [
-            httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=headers,
-                timeout=timeout,
-                verify=tls,
-                limits=httpx.Limits(
-                    max_connections=_CONNECTIONS_PER_LANE, max_keepalive_connections=_CONNECTIONS_PER_LANE
-                ),
-            )
-            for _ in range(lane_count)
-        ]
-        self._free_lanes: deque[httpx.AsyncClient] = deque(
-            lane for _ in range(_CONNECTIONS_PER_LANE) for lane in self._lanes
-        )
+
+    @property
+    def account(self) -> Account:
+        """The account's shared state in this event loop (taken on first use, given back by `aclose`)."""
+        if self._account is None:
+            if self._closed:
+                raise RuntimeError("the client is closed")
+            self._account = Account.acquire(self._api_key, self.settings, **self._account_options)
+        return self._account
 
     async def __aenter__(self) -> AnthropicClient:
+        self.account  # noqa: B018 - taken now, in the loop that will use it
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self.budget is not None:
             await self.budget.aclose()
-        if self.shared_limiter is not None:
-            await self.shared_limiter.aclose()
-        for lane in self._lanes:
-            await lane.aclose()
+        if self._account is not None:
+            await self._account.release()  # kept: what it learned stays readable after the run
+
+    @property
+    def shared_limiter(self) -> SharedLimiter | None:
+        return self.account.shared_limiter
+
+    @property
+    def input_estimator(self) -> InputTokenEstimator:
+        return self.account.input_estimator
+
+    @property
+    def output_estimator(self) -> OutputTokenEstimator:
+        return self.account.output_estimator
 
     async def check_limiter(self) -> None:
         """Raise SharedLimiterUnavailable when the shared limiter's Redis does not answer."""
@@ -217,28 +176,17 @@ class AnthropicClient:
             await self.shared_limiter.check()
 
     def limiter(self, model: str, speed: Any = None) -> Limiter:
-        """The limiter of the bucket a request draws from: its model's limit class (fast mode apart)."""
-        cls = request_limit_class(model, speed)
-        limiter = self._limiters.get(cls)
-        if limiter is None and self.shared_limiter is not None:
-            limiter = self._limiters[cls] = self.shared_limiter.for_class(
-                cls, self._limits(cls), adopt_server_limits=self._adopts(cls)
-            )
-        elif limiter is None:
-            limiter = self._limiters[cls] = RateLimiter(
-                self._limits(cls),
-                burst_seconds=self.burst_seconds,
-                adopt_server_limits=self._adopts(cls),
-                server_limit_share=self.server_limit_share,
-            )
-        return limiter
+        return self.account.limiter(model, speed)
+
+    def window(self, model: str, speed: Any = None) -> AdaptiveWindow:
+        return self.account.window(model, speed)
 
     def limits_in_force(self) -> dict[str, RateLimits]:
-        return {cls: limiter.limits for cls, limiter in self._limiters.items()}
+        return {cls: limiter.limits for cls, limiter in self.account.limiters.items()}
 
     @property
     def in_flight(self) -> int:
-        return self.max_concurrency - self._slots._value
+        return self.account.in_flight
 
     def stop_admitting(self) -> None:
         """Send nothing new: requests waiting for a slot or the limiter raise RunStopped instead."""
@@ -260,6 +208,8 @@ class AnthropicClient:
 
     async def send(self, item: RequestItem) -> ResultRecord:
         """Send one request, with retries; raise FatalAPIError when the run must stop."""
+        if self._closed:
+            raise RuntimeError("the client is closed: open a new one (async with AnthropicClient(...))")
         if item.invalid is not None:
             return ResultRecord.for_invalid_line(item)
         checked = self.preflight(item)  # a line the API would reject is an error row, never sent
@@ -344,19 +294,19 @@ class AnthropicClient:
         while attempt < self.retry.max_attempts:
             attempt += 1
             try:
-                committed = await self._commit_budget(
-                    request.info or request.model, item.body, request.estimated_input, cached_tokens_expected
-                )
+                commit = await self._commit_budget(request)
             except SharedLimiterUnavailable as error:  # a shared budget that cannot be asked: send nothing
                 self._stop_for(error)
-            if committed is None:
+            if commit is None:
                 return self._budget_record(item, request.info, attempt - 1, request.estimated_input, request.errors)
-            await request.window.acquire()  # how many of this class may be out at once: it adapts to overload
             try:
-                async with self._slots:
-                    outcome = await self._attempt(request, attempt, committed)
-            finally:
-                request.window.release()
+                outcome = await self._attempt(request, attempt, commit)
+            except BaseException:
+                # Cancelled or stopped before an answer: sent or not, it may have been billed unless it never
+                # left (the attempt refunds what it knows was not sent).
+                if not commit.done:
+                    self._budget_settle(commit, None)
+                raise
             if isinstance(outcome, ResultRecord):
                 return outcome
             failure = outcome
@@ -407,41 +357,51 @@ class AnthropicClient:
             window=self.window(model, body.get("speed")),
         )
 
-    async def _attempt(self, request: _Request, attempt: int, committed: float) -> ResultRecord | _Failure:
-        """One HTTP attempt, holding a concurrency slot: wait for the limiter, send, and settle the limiter,
-        the budget, the window and the breaker by what came back."""
-        limiter = request.limiter
-        if self._stopping_now():
-            self._budget_refund(committed)
-            self._raise_if_stopped()
+    async def _attempt(self, request: _Request, attempt: int, commit: _Commit) -> ResultRecord | _Failure:
+        """One HTTP attempt: a place in the class's window and a slot, then the limiter; send, and settle the
+        limiter, the budget, the window and the breaker by what came back."""
+        await request.window.acquire()  # how many of this class may be out at once: it adapts to overload
         try:
-            reservation = await limiter.acquire(
-                request.charged_input, lambda: self.output_estimator.reserve(request.model, request.max_tokens)
-            )
-        except SharedLimiterUnavailable as error:  # never fall open: without the shared limits, send nothing
-            self._budget_refund(committed)
-            self._stop_for(error)
-        try:
-            return await self._exchange_and_settle(request, attempt, committed, reservation)
+            async with self.account.slots:
+                limiter = request.limiter
+                if self._stopping_now():
+                    self._budget_refund(commit)
+                    self._raise_if_stopped()
+                try:
+                    reservation = await limiter.acquire(
+                        request.charged_input, lambda: self.output_estimator.reserve(request.model, request.max_tokens)
+                    )
+                except SharedLimiterUnavailable as error:  # never fall open: without the shared limits, send nothing
+                    self._budget_refund(commit)
+                    self._stop_for(error)
+                except BaseException:
+                    self._budget_refund(commit)  # never sent
+                    raise
+                try:
+                    return await self._exchange_and_settle(request, attempt, commit, reservation)
+                finally:
+                    limiter.release(reservation)
         finally:
-            limiter.release(reservation)
+            request.window.release()
 
     async def _exchange_and_settle(
-        self, request: _Request, attempt: int, committed: float, reservation: Reservation
+        self, request: _Request, attempt: int, commit: _Commit, reservation: Reservation
     ) -> ResultRecord | _Failure:
         limiter, window, errors = request.limiter, request.window, request.errors
         if self._stopping_now():
             limiter.refund(reservation)
-            self._budget_refund(committed)
+            self._budget_refund(commit)
             self._raise_if_stopped()
         started = time.monotonic()
         self.stats.http_requests += 1
         self.stats.streamed_requests += request.streaming
         try:
-            status, headers, answer = await self._exchange(request.payload, request.headers, request.streaming)
+            status, headers, answer, streamed = await self._exchange(
+                request.payload, request.headers, request.streaming
+            )
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             # The server may have processed it: keep the reservations, as it may have been charged.
-            self._budget_settle(committed, None)
+            self._budget_settle(commit, None)
             self.stats.connection_errors += 1
             kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
             errors.append(f"{kind}: {exc!r}")
@@ -453,7 +413,7 @@ class AnthropicClient:
         if status == 200:
             if isinstance(answer, dict):
                 window.on_success(latency)
-                self._breaker(window).on_success()
+                self.account.breaker(window).on_success()
                 record = self._succeeded(
                     request.item,
                     answer,
@@ -466,15 +426,19 @@ class AnthropicClient:
                     errors,
                     headers.get("request-id"),
                 )
-                self._budget_settle(committed, record.cost_usd)
+                self._budget_settle(commit, record.cost_usd)
                 return record
-            self._budget_settle(committed, None)  # answered, so billed, but unreadable
+            self._budget_settle(commit, None)  # answered, so billed, but unreadable
             errors.append("invalid_response: the 200 response body is not a JSON object")
             return _Failure(APIStatusError(status, "invalid_response", "unparseable 200 response body"))
         error = APIStatusError.from_body(status, answer, headers.get("request-id"))
         errors.append(str(error))
         limiter.refund(reservation)
-        self._budget_refund(committed)
+        if streamed:
+            # An `error` event after the stream began: the work had started, so it may have been billed.
+            self._budget_settle(commit, None)
+        else:
+            self._budget_refund(commit)
         if isinstance(error, FatalAPIError):
             self._stop_for(error)
         if status == 429:
@@ -491,29 +455,14 @@ class AnthropicClient:
         self._note_failure(window, f"{status} {error.error_type}")
         return _Failure(error, dict(headers))
 
-    def window(self, model: str, speed: Any = None) -> AdaptiveWindow:
-        """The concurrency window of the request's limit class."""
-        cls = request_limit_class(model, speed)
-        window = self._windows.get(cls)
-        if window is None:
-            window = self._windows[cls] = AdaptiveWindow(self.max_concurrency, adaptive=self.adaptive_concurrency)
-            window.name = cls
-        return window
-
-    def _breaker(self, window: AdaptiveWindow) -> CircuitBreaker:
-        breaker = self._breakers.get(window.name)
-        if breaker is None:
-            breaker = self._breakers[window.name] = CircuitBreaker(self.give_up_after_s)
-        return breaker
-
     def _note_failure(self, window: AdaptiveWindow, status: str) -> None:
         """A retryable failure; when nothing of the class has succeeded for too long, the run gives up."""
-        breaker = self._breaker(window)
+        breaker = self.account.breaker(window)
         if breaker.on_failure(status) and self.fatal_error is None:
             self.fatal_error = ServiceUnavailableError(
                 0,
                 "service_unavailable",
-                f"no request to the {window.name} models succeeded for {self.give_up_after_s:,.0f} s; the API "
+                f"no request to the {window.name} models succeeded for {breaker.give_up_after_s:,.0f} s; the API "
                 f"answered {breaker.describe()}",
             )
             logger.error("%s", self.fatal_error)
@@ -526,7 +475,8 @@ class AnthropicClient:
         now = time.monotonic()
         if self._waiting is not None and self._waiting[1] > now:
             return f"waiting: {self._waiting[0]}, retry in {self._waiting[1] - now:,.0f} s"
-        paused = [(cls, lim.paused_until) for cls, lim in self._limiters.items() if lim.paused_until > now]
+        limiters = self.account.limiters.items() if self._account is not None else ()
+        paused = [(cls, lim.paused_until) for cls, lim in limiters if lim.paused_until > now]
         if paused:
             cls, until = max(paused, key=lambda p: p[1])
             return f"waiting: {cls} paused by a 429, retry in {until - now:,.0f} s"
@@ -534,11 +484,12 @@ class AnthropicClient:
 
     def concurrency(self) -> dict[str, int]:
         """The lowest window and the final one over the limit classes."""
-        if not self._windows:
+        windows = self.account.windows if self._account is not None else {}
+        if not windows:
             return {"concurrency_min": self.max_concurrency, "concurrency_final": self.max_concurrency}
         return {
-            "concurrency_min": min(max(1, int(w.minimum_seen)) for w in self._windows.values()),
-            "concurrency_final": min(w.size for w in self._windows.values()),
+            "concurrency_min": min(max(1, int(w.minimum_seen)) for w in windows.values()),
+            "concurrency_final": min(w.size for w in windows.values()),
         }
 
     def _stop_for(self, error: FatalAPIError) -> NoReturn:
@@ -550,25 +501,29 @@ class AnthropicClient:
     def _stopping_now(self) -> bool:
         return self.fatal_error is not None or self.stopping
 
-    async def _commit_budget(
-        self, info: ModelInfo | str, body: dict[str, Any], estimated_input: int, warm_tokens: int
-    ) -> float | None:
-        """Reserve the request's worst case in the budget: the dollars committed (0 without a budget), or
-        None when it does not fit (or cannot be priced: a budget cannot be kept for an unpriced model)."""
+    async def _commit_budget(self, request: _Request) -> _Commit | None:
+        """Reserve the attempt's worst case in the budget (waiting while attempts in flight hold the room);
+        None when it cannot fit (or cannot be priced: a budget cannot be kept for an unpriced model)."""
         if self.budget is None:
-            return 0.0
-        worst = worst_case_cost(info, body, estimated_input, warm_tokens=warm_tokens)
-        if worst is None or not await self.budget.areserve(worst):
-            return None
-        return worst
+            return _Commit(0.0, None)
+        info = request.info or request.model
+        worst = worst_case_cost(info, request.item.body, payload_bytes=len(request.payload))
+        if worst is None:
+            if self.budget.limit_usd is not None:
+                return None
+            worst = 0.0  # no limit to keep: the journal records what it really cost
+        entry = await self.budget.areserve(worst)
+        return None if entry is None else _Commit(worst, entry)
 
-    def _budget_settle(self, committed: float, actual: float | None) -> None:
-        if self.budget is not None:
-            self.budget.settle(committed, actual)
+    def _budget_settle(self, commit: _Commit, actual: float | None) -> None:
+        if self.budget is not None and commit.entry is not None and not commit.done:
+            commit.done = True
+            self.budget.settle(commit.usd, actual, commit.entry)
 
-    def _budget_refund(self, committed: float) -> None:
-        if self.budget is not None:
-            self.budget.refund(committed)
+    def _budget_refund(self, commit: _Commit) -> None:
+        if self.budget is not None and commit.entry is not None and not commit.done:
+            commit.done = True
+            self.budget.refund(commit.usd, commit.entry)
 
     def _budget_record(
         self, item: RequestItem, info: ModelInfo | None, attempts: int, estimated_input: int, errors: list[str]
@@ -588,20 +543,22 @@ class AnthropicClient:
 
     async def _exchange(
         self, payload: bytes, headers: dict[str, str] | None, streaming: bool
-    ) -> tuple[int, httpx.Headers, Any]:
-        """Send one request: (status, headers, the parsed body: a Message, an error envelope or text)."""
-        lane = self._free_lanes.popleft()  # never empty: callers hold one of max_concurrency slots
+    ) -> tuple[int, httpx.Headers, Any, bool]:
+        """Send one request: (status, headers, the parsed body: a Message, an error envelope or text, and
+        whether a stream had begun)."""
+        account = self.account
+        lane = account.take_lane()
         try:
             if not streaming:
                 response = await lane.post("/v1/messages", content=payload, headers=headers)
-                return response.status_code, response.headers, _parsed_body(response.content)
+                return response.status_code, response.headers, _parsed_body(response.content), False
             async with lane.stream("POST", "/v1/messages", content=payload, headers=headers) as response:
                 if response.status_code != 200:
-                    return response.status_code, response.headers, _parsed_body(await response.aread())
+                    return response.status_code, response.headers, _parsed_body(await response.aread()), False
                 status, answer = await accumulate(response)
-                return status, response.headers, answer
+                return status, response.headers, answer, True
         finally:
-            self._free_lanes.append(lane)
+            account.give_lane(lane)
 
     def _succeeded(
         self,
@@ -667,6 +624,15 @@ class _Request:
     window: AdaptiveWindow
     #: Every error met on the way (the original script's output lists them).
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Commit:
+    """An attempt's reservation in the budget: its worst case and journal entry, settled once."""
+
+    usd: float
+    entry: int | None
+    done: bool = False
 
 
 @dataclass

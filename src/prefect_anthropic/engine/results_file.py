@@ -35,6 +35,12 @@ class LineSet:
             self._bits[byte] |= 1 << bit
             self.count += 1
 
+    def discard(self, line: int) -> None:
+        byte, bit = divmod(line, 8)
+        if byte < len(self._bits) and self._bits[byte] & (1 << bit):
+            self._bits[byte] &= ~(1 << bit) & 0xFF
+            self.count -= 1
+
     def __contains__(self, line: int) -> bool:
         byte, bit = divmod(line, 8)
         return byte < len(self._bits) and bool(self._bits[byte] & (1 << bit))

@@ -91,6 +91,7 @@ async def run_requests(
     *,
     writer: ResultsWriter | None = None,
     on_record: Callable[[ResultRecord], None] | None = None,
+    on_skip: Callable[[RequestItem], None] | None = None,
     already_succeeded: LineSet | Mapping[int, str] | None = None,
     on_progress: ProgressCallback | None = None,
     progress_interval_s: float = 1.0,
@@ -142,6 +143,8 @@ async def run_requests(
         async for item in _aiter(items):
             if already_succeeded is not None and done_before(already_succeeded, item):
                 progress.skipped += 1
+                if on_skip is not None:
+                    on_skip(item)
                 continue
             await window.acquire()
             if client.fatal_error is not None or client.stopping or (stop is not None and stop.is_set()):

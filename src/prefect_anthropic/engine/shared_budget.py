@@ -1,10 +1,11 @@
 """A budget several processes spend together, kept in Redis beside the shared limits.
 
 The flow that starts a run writes the limit and what the dataset's earlier runs paid; every shard process
-(on any worker) reserves a request's worst case with one atomic script before sending it, and settles it
+(on any worker) reserves an attempt's worst case with one atomic script before sending it, and settles it
 to the real cost afterwards (settlements ride on the next reservation, or a background flush). Reservations
-are held per process, with a deadline the process renews: a process that dies stops holding budget after
-`lease_ttl_s` (what it had in flight may have been billed; its results file says what was).
+are held per process, with a deadline the process renews. A process that dies with attempts in flight may
+have been billed for them: when its deadline passes, what it held is counted as spent, never given back.
+Each process also keeps its own journal (see `budget`), so the next run of the dataset knows the same.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import contextlib
 import time
 from typing import Any
 
-from .budget import Budget
+from ..settings import ClientSettings
+from .budget import Budget, SpendingJournal
 from .shared_limiter import KEY_PREFIX, SharedLimiter, SharedLimiterUnavailable
 
 __all__ = ["SharedBudget", "start_shared_budget"]
 
 # KEYS: 1 the budget (hash: limit, spent, r:<process> reserved), 2 process deadlines (sorted set)
-# ARGV: 1 process, 2 lease ttl s, 3 worst case to reserve (0: none), 4 spent to add, 5 reserved to add
+# ARGV: 1 process, 2 lease ttl s, 3 worst case to reserve (0: none), 4 spent to add, 5 reserved to add,
+#       6 this process holds nothing now (1/0)
 # Returns: reserved (1/0), spent, reserved by all, limit
 _SCRIPT = """
 local t = redis.call('TIME')
@@ -28,18 +31,24 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local budget, deadlines, pid = KEYS[1], KEYS[2], ARGV[1]
 redis.call('ZADD', deadlines, now + tonumber(ARGV[2]), pid)
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now)) do
+  local held = tonumber(redis.call('HGET', budget, 'r:' .. dead) or '0')
+  if held > 0 then redis.call('HINCRBYFLOAT', budget, 'spent', held) end
   redis.call('HDEL', budget, 'r:' .. dead)
   redis.call('ZREM', deadlines, dead)
 end
 if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBYFLOAT', budget, 'spent', ARGV[4]) end
-if tonumber(ARGV[5]) ~= 0 then redis.call('HINCRBYFLOAT', budget, 'r:' .. pid, ARGV[5]) end
+if ARGV[6] == '1' then
+  redis.call('HDEL', budget, 'r:' .. pid)
+elseif tonumber(ARGV[5]) ~= 0 then
+  redis.call('HINCRBYFLOAT', budget, 'r:' .. pid, ARGV[5])
+end
 local limit, spent, reserved = nil, 0, 0
 local raw = redis.call('HGETALL', budget)
 for k = 1, #raw, 2 do
   local name, value = raw[k], tonumber(raw[k + 1])
   if name == 'limit' then limit = value
   elseif name == 'spent' then spent = value
-  elseif string.sub(name, 1, 2) == 'r:' then reserved = reserved + math.max(0, value) end
+  elseif string.sub(name, 1, 2) == 'r:' and value > 1e-9 then reserved = reserved + value end
 end
 if limit == nil then return {'-1', '0', '0', '0'} end
 local worst = tonumber(ARGV[3])
@@ -53,6 +62,9 @@ redis.call('EXPIRE', budget, 604800)
 redis.call('EXPIRE', deadlines, 604800)
 return {ok, tostring(spent), tostring(reserved), tostring(limit)}
 """
+
+#: Waits between two asks while other processes' reservations hold the room an attempt needs.
+_WAIT_S = (0.05, 0.5)
 
 
 def _keys(budget_id: str) -> list[str]:
@@ -75,9 +87,19 @@ async def start_shared_budget(shared: SharedLimiter, budget_id: str, limit_usd: 
 class SharedBudget(Budget):
     """`Budget` whose spending and reservations are every process's of the run."""
 
-    def __init__(self, shared: SharedLimiter, budget_id: str, limit_usd: float, *, lease_ttl_s: float = 60.0):
-        super().__init__(limit_usd)
+    def __init__(
+        self,
+        shared: SharedLimiter,
+        budget_id: str,
+        limit_usd: float,
+        *,
+        journal: SpendingJournal | None = None,
+        lease_ttl_s: float = 60.0,
+        owns_connection: bool = False,
+    ) -> None:
+        super().__init__(limit_usd, journal=journal)
         self.shared = shared
+        self._owns_connection = owns_connection
         self.budget_id = budget_id
         self.lease_ttl_s = lease_ttl_s
         self._script: Any = None
@@ -86,10 +108,24 @@ class SharedBudget(Budget):
         self._keeper: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def _call(self, worst: float) -> list[str]:
+    @classmethod
+    def connect(
+        cls,
+        settings: ClientSettings,
+        api_key: str,
+        budget_id: str,
+        limit_usd: float,
+        *,
+        journal: SpendingJournal | None = None,
+    ) -> SharedBudget:
+        """The run's budget through a Redis connection of its own (the one the settings' limiter names)."""
+        shared = SharedLimiter(settings.redis_url, api_key, block_name=settings.limiter_block)
+        return cls(shared, budget_id, limit_usd, journal=journal, owns_connection=True)
+
+    async def _call(self, worst: float) -> bool:
         spent, reserved = self._spent_delta, self._reserved_delta
         self._spent_delta = self._reserved_delta = 0.0
-        argv: list[Any] = [self.shared.process_id, self.lease_ttl_s, worst, spent, reserved]
+        argv: list[Any] = [self.shared.process_id, self.lease_ttl_s, worst, spent, reserved, int(self.holding == 0)]
         try:
             if self._script is None:
                 self._script = (await self.shared.connection()).register_script(_SCRIPT)
@@ -102,27 +138,43 @@ class SharedBudget(Budget):
                 self.shared.url, RuntimeError(f"the run's budget {self.budget_id} is not in Redis (expired?)")
             )
         self.spent_usd, self.reserved_usd = float(values[1]), float(values[2])
-        return values
+        return values[0] == "1"
 
-    async def areserve(self, worst_usd: float) -> bool:
-        if self._keeper is None:
-            self._keeper = asyncio.create_task(self._keep())
-        if self.exhausted:
-            return False
-        if (await self._call(worst_usd))[0] != "1":
-            self.exhausted = True
-            return False
-        return True
-
-    def reserve(self, worst_usd: float) -> bool:
+    def reserve(self, worst_usd: float) -> int | None:
         raise TypeError("a shared budget is reserved with `await areserve(...)`")
 
-    def settle(self, reserved_usd: float, actual_usd: float | None) -> None:
-        self._reserved_delta -= reserved_usd
-        self._spent_delta += reserved_usd if actual_usd is None else actual_usd
+    async def areserve(self, worst_usd: float) -> int | None:
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep())
+        delay = _WAIT_S[0]
+        while not self.exhausted:
+            # Counted before the call: another call of this process made meanwhile must not say "I hold
+            # nothing" and clear this reservation in Redis.
+            self.holding += 1
+            if await self._call(worst_usd):
+                return self._entry(worst_usd)
+            self.holding -= 1
+            assert self.limit_usd is not None
+            if self.spent_usd + worst_usd > self.limit_usd:
+                self.exhausted = True  # not even with every process's attempts settled at nothing
+                break
+            await asyncio.sleep(delay)  # reservations in flight (here or elsewhere) hold the room: they settle
+            delay = min(delay * 2, _WAIT_S[1])
+        return None
 
-    def refund(self, reserved_usd: float) -> None:
+    def settle(self, reserved_usd: float, actual_usd: float | None, entry: int | None = None) -> None:
+        spent = reserved_usd if actual_usd is None else actual_usd
         self._reserved_delta -= reserved_usd
+        self._spent_delta += spent
+        if self.journal is not None and entry is not None:
+            self.journal.settle(entry, spent)
+        self.holding -= 1
+
+    def refund(self, reserved_usd: float, entry: int | None = None) -> None:
+        self._reserved_delta -= reserved_usd
+        if self.journal is not None and entry is not None:
+            self.journal.settle(entry, 0.0)
+        self.holding -= 1
 
     async def _keep(self) -> None:
         """Send settlements no reservation carried, and renew this process's hold on its reservations."""
@@ -143,3 +195,6 @@ class SharedBudget(Budget):
         if self._spent_delta or self._reserved_delta:
             with contextlib.suppress(SharedLimiterUnavailable):
                 await self._call(0.0)
+        if self._owns_connection:
+            await self.shared.aclose()
+        await super().aclose()

@@ -1,0 +1,400 @@
+"""A dataset run, step by step and free of Prefect: input -> shards -> client -> shard results -> merge.
+
+`open_run` takes the output directory (one run at a time), opens the run's client and budget, and yields a
+`DatasetRun` that does each step: plan the shards, run a shard (resumable), merge the shards into
+results.parquet and results.jsonl, write the summary. The Prefect flow (`flows.generate_dataset`) runs the
+shards as retried tasks; `run_dataset` runs the same steps with plain asyncio (the drop-in script, when no
+Prefect server is configured). Tasks find their run's client here, by the run's key (`RUNS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .corrections import save_token_corrections
+from .engine import AnthropicClient, FatalAPIError, ResultsWriter, RunStopped, read_records, run_requests
+from .engine.budget import Budget, journaled_spending
+from .engine.records import RequestItem, ResultRecord
+from .engine.results_file import succeeded_requests
+from .inputs import Shard, ShardPlan, iter_requests, plan_shards
+from .outputs import DatasetTotals, merge_results
+from .progress import RunProgress
+from .run_lock import hold_output_directory
+from .schema import OutputSchema
+from .settings import ClientSettings, RunOptions
+
+__all__ = [
+    "RUNS",
+    "SHUTDOWN",
+    "DatasetRun",
+    "ShardIncomplete",
+    "open_run",
+    "run_dataset",
+    "run_shard_requests",
+    "spent_in",
+]
+
+logger = logging.getLogger("prefect_anthropic")
+
+SUMMARY_FILE = "summary.json"
+SPENDING_DIR = ".spending"
+
+#: Error types that another attempt cannot fix: a shard holding only these counts as finished.
+PERMANENT_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "invalid_request_error",
+        "not_found_error",
+        "request_too_large",
+        "refusal",
+        "validation_error",
+        "budget_exhausted",
+    }
+)
+
+#: The runs of this process, by key: a shard task finds its run's client and progress here.
+RUNS: dict[str, DatasetRun] = {}
+#: Set by the CLI on Ctrl-C: shards stop admitting requests, save what finishes, and end resumable.
+SHUTDOWN = threading.Event()
+
+
+class ShardIncomplete(RuntimeError):
+    """Some requests of the shard failed with errors worth retrying: the shard is retried and resumes."""
+
+
+def shard_results_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
+    return Path(work_dir) / f"shard-{shard.index:05d}.jsonl"
+
+
+def shard_marker_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
+    """Named by the shard's content digest: an edited or extended shard runs again, resuming line by line
+    (each record carries its request's digest), so only new or changed requests are sent."""
+    return Path(work_dir) / f"shard-{shard.index:05d}-{shard.digest}.done.json"
+
+
+def mark_shard_done(work_dir: str | os.PathLike[str], shard: Shard, summary: dict[str, Any]) -> None:
+    marker = shard_marker_path(work_dir, shard)
+    partial = marker.with_suffix(".partial")
+    partial.write_text(json.dumps(summary))
+    os.replace(partial, marker)
+
+
+def spent_in(output_dir: str | os.PathLike[str]) -> float:
+    """Dollars the dataset in `output_dir` paid, or may have paid, over all its runs: its spending journals;
+    for a dataset written before journals, what its results files record."""
+    journaled = journaled_spending(Path(output_dir) / SPENDING_DIR)
+    if journaled is not None:
+        return journaled
+    total = 0.0
+    for path in sorted(Path(output_dir).glob(".shards-*/shard-*.jsonl")):
+        total += sum(record.get("cost_usd") or 0.0 for record in read_records(path))
+    return total
+
+
+def check_paths(requests_path: str, output_dir: str) -> None:
+    source = Path(requests_path)
+    if not source.is_file():
+        raise FileNotFoundError(f"requests file not found: {source}")
+    target = Path(output_dir)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"output directory is not writable: {target} ({exc.strerror or exc})") from exc
+
+
+async def run_shard_requests(
+    client: AnthropicClient,
+    requests_path: str,
+    shard: Shard,
+    work_dir: str,
+    *,
+    progress: RunProgress | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Send the shard's requests that have no final answer yet; a small summary of the shard.
+
+    Raises ShardIncomplete when requests failed with errors worth retrying (a retry resumes with them).
+    """
+    marker = shard_marker_path(work_dir, shard)
+    if marker.exists():
+        summary: dict[str, Any] = json.loads(marker.read_text())
+        if progress is not None:
+            progress.mark_done(shard.index, summary["requests"])
+        logger.info("Shard %d already finished in an earlier run; not sent again.", shard.index)
+        return summary
+    results_path = shard_results_path(work_dir, shard)
+    done = succeeded_requests(results_path)
+    if len(done):
+        logger.info("Shard %d resumes: %d requests already answered.", shard.index, len(done))
+
+    def on_record(record: ResultRecord) -> None:
+        if progress is not None:
+            progress.record(record)
+
+    def on_skip(item: RequestItem) -> None:
+        if progress is not None:
+            progress.skipped(item.line)
+
+    with ResultsWriter(results_path) as writer:
+        outcome = await run_requests(
+            client,
+            iter_requests(requests_path, shard.start, shard.end, shard.first_line),
+            writer=writer,
+            already_succeeded=done,
+            on_record=on_record,
+            on_skip=on_skip,
+            on_progress=(lambda p: progress.report(shard.index, p.in_flight)) if progress is not None else None,
+            stop=stop,
+        )
+    retryable = {kind: n for kind, n in outcome.errors_by_type.items() if kind not in PERMANENT_ERRORS}
+    if retryable:
+        raise ShardIncomplete(
+            f"shard {shard.index}: {sum(retryable.values())} requests failed with retryable errors {retryable}; "
+            "a retry resumes with them"
+        )
+    summary = {
+        "shard": shard.index,
+        "requests": outcome.done + outcome.skipped,
+        "sent": outcome.done,
+        "failed_permanently": outcome.failed,
+    }
+    if outcome.errors_by_type.get("budget_exhausted"):
+        return summary  # not done: a later run with a higher budget sends the rest
+    mark_shard_done(work_dir, shard, summary)
+    logger.info(
+        "Shard %d done: %d sent, %d skipped, %d failed permanently.",
+        shard.index,
+        outcome.done,
+        outcome.skipped,
+        outcome.failed,
+    )
+    return summary
+
+
+@dataclass
+class DatasetRun:
+    """One run of a request file into a dataset: its options, client and progress, and its steps."""
+
+    requests_path: str
+    output_dir: str
+    settings: ClientSettings
+    options: RunOptions
+    client: AnthropicClient
+    api_key: str = field(repr=False, default="")
+    input_table: str | None = None
+    input_columns: list[str] | None = None
+    original_layout_path: str | None = None
+    parquet_beside_original: bool = False
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.monotonic)
+    plan: ShardPlan | None = None
+    progress: RunProgress | None = None
+
+    @property
+    def work_dir(self) -> str:
+        return str(Path(self.output_dir) / f".shards-{self.options.shard_size}")
+
+    def plan_shards(self) -> ShardPlan:
+        plan = self.plan = plan_shards(self.requests_path, self.options.shard_size)
+        if plan.lines == 0:
+            raise ValueError(f"requests file is empty: {self.requests_path}")
+        Path(self.work_dir).mkdir(parents=True, exist_ok=True)
+        client = self.client
+        self.progress = RunProgress(
+            total_requests=plan.lines,
+            limits=client.limits_in_force,
+            waiting=lambda: client.waiting,
+            concurrency=lambda: client.concurrency()["concurrency_final"],
+            extra_cost_usd=lambda: client.stats.prewarm_cost_usd,
+        )
+        logger.info(
+            "%s: %d lines in %d shards of up to %d; results in %s",
+            self.requests_path,
+            plan.lines,
+            len(plan.shards),
+            self.options.shard_size,
+            self.output_dir,
+        )
+        return plan
+
+    async def run_shard(self, shard: Shard) -> dict[str, Any]:
+        return await run_shard_requests(
+            self.client, self.requests_path, shard, self.work_dir, progress=self.progress, stop=SHUTDOWN
+        )
+
+    def merge(self) -> DatasetTotals:
+        assert self.plan is not None
+        schema = self.settings.output_schema
+        return merge_results(
+            self.requests_path,
+            self.plan.shards,
+            [shard_results_path(self.work_dir, shard) for shard in self.plan.shards],
+            self.output_dir,
+            original_layout_path=self.original_layout_path,
+            parquet_beside_original=self.parquet_beside_original,
+            output_schema=OutputSchema(schema) if schema is not None else None,
+            input_table=self.input_table,
+            input_columns=self.input_columns,
+        )
+
+    def summary(self, totals: DatasetTotals) -> dict[str, Any]:
+        client, progress = self.client, self.progress
+        assert progress is not None
+        wall_time_s = time.monotonic() - self.started
+        input_total = totals.input_tokens + totals.cache_creation_input_tokens + totals.cache_read_input_tokens
+        stats = client.stats
+        cost = totals.cost_usd + stats.prewarm_cost_usd
+        budget = client.budget
+        sent = progress.sent
+        return {
+            "requests": totals.rows,
+            "succeeded": totals.succeeded,
+            "failed": totals.failed,
+            "failed_by_error_type": dict(totals.errors_by_type),
+            "input_tokens": totals.input_tokens,
+            "output_tokens": totals.output_tokens,
+            "cache_creation_input_tokens": totals.cache_creation_input_tokens,
+            "cache_read_input_tokens": totals.cache_read_input_tokens,
+            "cache_hit_rate": round(totals.cache_read_input_tokens / input_total, 4) if input_total else 0.0,
+            "estimated_input_tokens": totals.estimated_input_tokens,
+            "real_input_tokens": totals.real_input_tokens_of_estimated,
+            "cost_usd": round(cost, 6),
+            "cost_usd_of_rows": round(totals.cost_usd, 6),
+            "cost_usd_without_caching": round(totals.cost_usd_without_cache, 6),
+            "saved_by_caching_usd": round(totals.cost_usd_without_cache - cost, 6),
+            "cost_usd_this_run": round(progress.cost_usd, 6),
+            "cache_prewarm_requests": stats.prewarm_requests,
+            "cache_prewarm_cost_usd": round(stats.prewarm_cost_usd, 6),
+            "warnings": client.warnings + totals.warnings(),
+            "budget_usd": budget.limit_usd if budget is not None else None,
+            "spent_usd_by_dataset": round(budget.spent_usd, 6) if budget is not None else None,
+            "stopped_by_budget": bool(budget is not None and budget.exhausted),
+            "unpriced_models": dict(totals.unpriced_rows),
+            "lines_rejected_before_sending": client.preflight.lines_rejected,
+            "lines_with_dropped_params": client.preflight.lines_with_dropped_params,
+            "ramp_limited_responses": stats.ramp_limited,
+            **client.concurrency(),
+            "streamed_requests": stats.streamed_requests,
+            "validation_repairs": stats.validation_repairs,
+            "wall_time_s": round(wall_time_s, 3),
+            "requests_sent_this_run": sent,
+            "http_requests_this_run": stats.http_requests,
+            "retries": stats.retries,
+            "rate_limited_responses": stats.rate_limited,
+            "achieved_requests_per_minute": round(60.0 * sent / wall_time_s, 1) if wall_time_s > 0 else 0.0,
+            "limits": {cls: limits.as_dict() for cls, limits in client.limits_in_force().items()},
+            "shared_limiter": client.shared_limiter.summary() if client.shared_limiter is not None else None,
+            "settings": self.settings.model_dump(),
+            "options": self.options.model_dump(),
+        }
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        summary_path = Path(self.output_dir) / SUMMARY_FILE
+        partial = summary_path.with_suffix(".partial")
+        partial.write_text(json.dumps(summary, indent=2))
+        os.replace(partial, summary_path)
+
+
+async def _lock_url(settings: ClientSettings) -> str | None:
+    """Where the one-run-per-directory lock is kept across machines: the shared limiter's Redis."""
+    if settings.redis_url is None and settings.limiter_block:
+        from .engine.shared_limiter import redis_url_from_block
+
+        return await redis_url_from_block(settings.limiter_block)
+    return settings.redis_url
+
+
+@contextlib.asynccontextmanager
+async def open_run(
+    requests_path: str,
+    output_dir: str,
+    settings: ClientSettings,
+    api_key: str,
+    options: RunOptions | None = None,
+    **run_fields: Any,
+) -> AsyncIterator[DatasetRun]:
+    """Hold the output directory, open the run's client (with the dataset's budget and spending journal),
+    and yield the run; the client is closed and the learned token corrections are kept at the end."""
+    options = options or RunOptions()
+    check_paths(requests_path, output_dir)
+    with hold_output_directory(output_dir, await _lock_url(settings)):
+        # What earlier runs of the dataset paid (or may have: a killed run's requests in flight) is spent.
+        budget = Budget.for_dataset(settings.max_cost_usd, Path(output_dir) / SPENDING_DIR)
+        if budget.limit_usd is not None:
+            logger.info("Budget $%.4f, $%.4f spent by earlier runs.", budget.limit_usd, budget.spent_usd)
+        async with AnthropicClient(api_key, settings, budget=budget) as client:
+            await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending
+            run = DatasetRun(requests_path, output_dir, settings, options, client, api_key, **run_fields)
+            RUNS[run.key] = run
+            try:
+                yield run
+            finally:
+                RUNS.pop(run.key, None)
+                save_token_corrections(client.input_estimator.learned_ratios())
+
+
+async def run_shard_with_retries(run: DatasetRun, shard: Shard) -> dict[str, Any]:
+    """A shard, retried with exponential backoff while it ends with retryable failures (each try resumes)."""
+    options = run.options
+    for retry in range(options.shard_retries + 1):
+        try:
+            return await run.run_shard(shard)
+        except ShardIncomplete as error:
+            if retry == options.shard_retries:
+                logger.warning("A shard ended with failures after its retries: %s", error)
+                return {"shard": shard.index, "incomplete": str(error)}
+            delay = options.shard_retry_delay_s * 2**retry
+            logger.info("Retrying shard %d in %.0f s: %s", shard.index, delay, error)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def run_dataset(
+    requests_path: str,
+    output_dir: str,
+    settings: ClientSettings,
+    api_key: str,
+    options: RunOptions | None = None,
+    **run_fields: Any,
+) -> dict[str, Any]:
+    """The whole run with plain asyncio, no Prefect: the same steps and outputs as the flow."""
+    options = options or RunOptions()
+    if options.mode != "realtime" or options.work_pool:
+        raise ValueError("batch mode and work pools run through the Prefect flow")
+    async with open_run(requests_path, output_dir, settings, api_key, options, **run_fields) as run:
+        plan = run.plan_shards()
+        gate = asyncio.Semaphore(options.max_parallel_shards)
+
+        async def one(shard: Shard) -> dict[str, Any]:
+            async with gate:
+                return await run_shard_with_retries(run, shard)
+
+        outcomes = await asyncio.gather(*(one(shard) for shard in plan.shards), return_exceptions=True)
+        raise_first_error(outcomes)
+        summary = run.summary(run.merge())
+        run.write_summary(summary)
+        return summary
+
+
+def raise_first_error(outcomes: list[Any]) -> None:
+    """After every shard has ended: what stops the run (a fatal answer, a stop) first, else any error."""
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    for error in errors:
+        if isinstance(error, (FatalAPIError, RunStopped)):
+            raise error
+    if errors:
+        raise errors[0]
