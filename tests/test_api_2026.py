@@ -249,6 +249,30 @@ def test_retired_models_are_404(sdk, monkeypatch):
         sdk.messages.create(model="claude-opus-4-1", max_tokens=5, messages=USER)
 
 
+async def test_one_clock_for_retirements_the_emulator_the_preflight_check_and_estimate(sdk, monkeypatch, tmp_path):
+    """Sonnet 4.5 retired on 2026-11-30: PREFECT_ANTHROPIC_TODAY moves every reader of the table at once."""
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": USER}
+    requests = _lines(tmp_path / "requests.jsonl", [body])
+    monkeypatch.setenv(TODAY_ENV, "2026-11-01")
+    assert sdk.messages.create(**body).usage.output_tokens > 0  # the emulator still serves it
+    assert estimate_file(requests, ClientSettings())["rejected_lines"] == []
+    async with AnthropicClient("k", base_url=str(sdk.base_url)) as client:
+        record = await client.send(RequestItem(line=1, custom_id="a", body=body))
+    assert record.succeeded
+    monkeypatch.setenv(TODAY_ENV, "2026-12-01")
+    with pytest.raises(anthropic.NotFoundError) as error:
+        sdk.messages.create(**body)
+    assert error.value.body["error"]["type"] == "not_found_error"
+    rejected = estimate_file(requests, ClientSettings())["rejected_lines"]
+    assert len(rejected) == 1 and "retired on 2026-11-30" in rejected[0]["error"]
+    async with AnthropicClient("k", base_url=str(sdk.base_url)) as client:
+        record = await client.send(RequestItem(line=1, custom_id="a", body=body))
+    assert record.error_type == "invalid_request" and record.attempts == 0  # never sent
+    monkeypatch.setenv(TODAY_ENV, "the first of december")
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        lookup_model("claude-sonnet-4-5").is_retired()
+
+
 def test_automatic_caching_reads_the_cache_on_the_second_request(sdk):
     long_text = " ".join(f"word{i % 97}" for i in range(3000))
     messages = [{"role": "user", "content": long_text}]

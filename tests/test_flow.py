@@ -146,3 +146,39 @@ async def test_progress_and_summary_artifacts(emulator, tmp_path):
             )
         )[0]
     assert "succeeded" in summary.data
+
+
+async def test_two_datasets_gathered_in_one_flow_share_the_account_not_the_client(start_emulator, tmp_path):
+    """A user's flow generating two datasets at once: one client each (neither closes the other's), one set of
+    limits for the account; both finish without a shard retry."""
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    emu = start_emulator(latency_ms=20)
+    small = write_requests(tmp_path / "small.jsonl", 10)
+    large = write_requests(tmp_path / "large.jsonl", 80, start=100)
+    settings = ClientSettings(base_url=emu.base_url, max_concurrency=8, requests_per_minute=1200)
+
+    @flow(name="two-datasets")
+    async def two_datasets():
+        return await asyncio.gather(
+            generate_dataset(str(small), str(tmp_path / "small"), settings=settings, shard_size=5),
+            generate_dataset(str(large), str(tmp_path / "large"), settings=settings, shard_size=20),
+        )
+
+    state = await two_datasets(return_state=True)
+    first, second = await state.aresult()
+    assert first["succeeded"] == 10 and second["succeeded"] == 80
+    assert emu.stats()["billed_requests"] == 90 and emu.stats()["duplicate_billed_requests"] == 0
+    async with get_client() as client:
+        parent = FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+        datasets = await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+        assert len(datasets) == 2
+        ids = FlowRunFilterId(any_=[run.id for run in datasets])
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
+    shard_runs = [run for run in runs if run.name.startswith("shard-")]
+    assert len(shard_runs) >= 2 + 4 and all(run.run_count == 1 for run in shard_runs)  # no shard was retried
+    assert all(run.state is not None and run.state.is_completed() for run in shard_runs)

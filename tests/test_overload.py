@@ -135,10 +135,10 @@ def test_nothing_gets_through_the_run_gives_up_then_resumes_on_a_healthy_server(
     out = tmp_path / "out"
     base = ["run", str(requests), "--output-dir", str(out), "--api-key", "sk-ant-fake-overload", "--no-progress"]
     started = time.monotonic()
-    assert main([*base, "--base-url", down.base_url, "--give-up-after", "60"]) == 2
-    assert time.monotonic() - started < 120
+    assert main([*base, "--base-url", down.base_url, "--give-up-after", "10"]) == 2
+    assert time.monotonic() - started < 60  # shard retries do not restart the breaker
     error = capsys.readouterr().err
-    assert "succeeded for 60 s" in error and "529 overloaded_error" in error and "Run the same command later" in error
+    assert "succeeded for 10 s" in error and "529 overloaded_error" in error and "Run the same command later" in error
     assert down.stats()["billed_requests"] == 0
 
     healthy = start_emulator()
