@@ -3,7 +3,8 @@
 Same flags, same defaults, same output layout (one JSON array per line: [request, response] or
 [request, response, metadata]; a failed request lists its errors in place of the response), plus a
 Parquet file beside it. Under the hood it runs the prefect-anthropic flow: token buckets for requests,
-input and output tokens per minute, retries, resumable shards.
+input and output tokens per minute, retries, resumable shards. With no Prefect server configured
+(PREFECT_API_URL), it runs the same steps without Prefect, so nothing is paid for starting one.
 
     python api_request_parallel_processor.py \\
         --requests_filepath examples/requests.jsonl \\
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.logging_level)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", logging.getLevelName(max(args.logging_level, 10)))
 
-    from prefect_anthropic.cli import run_flow
+    from prefect_anthropic.cli import prefect_api_configured, run_flow
     from prefect_anthropic.settings import API_KEY_ENV, ClientSettings
 
     requests_path = Path(args.requests_filepath)
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         original_layout_path=str(save_path),
         parquet_beside_original=True,
         show_progress=args.logging_level <= LEVELS["INFO"] and sys.stderr.isatty(),
+        with_prefect=prefect_api_configured(),
     )
 
 

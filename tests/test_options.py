@@ -124,8 +124,9 @@ def uses(client: AnthropicClient, name: str, value: Any) -> bool:
         "output_schema": lambda: client.output_schema is not None and client.output_schema.full == value,
         "validation_retries": lambda: client.validation_retries == value,
         "max_cost_usd": lambda: client.budget is not None and client.budget.limit_usd == value,
-        "requests_per_minute": lambda: client.limiter("claude-sonnet-4-6").limits.requests_per_minute
-        == value * client.settings.limit_share,
+        "requests_per_minute": lambda: (
+            client.limiter("claude-sonnet-4-6").limits.requests_per_minute == value * client.settings.limit_share
+        ),
     }
     return getattr(client.settings, name) == value and checks.get(name, lambda: True)()
 

@@ -146,9 +146,7 @@ async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
     state_path = batch_state_path(run.work_dir, shard)
     state = _read_state(state_path)
     round_ = state["rounds"][-1]
-    items = {
-        batch_custom_id(i): i for i in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line)
-    }
+    items = {batch_custom_id(i): i for i in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line)}
     counts: dict[str, int] = {}
     budget = client.budget
     async with _batch_api(run) as api:

@@ -195,6 +195,22 @@ def run_flow(
     return EXIT_OK if summary["failed"] == 0 else EXIT_SOME_FAILED
 
 
+def prefect_api_configured() -> bool:
+    """Whether a Prefect server is configured (PREFECT_API_URL, in the environment or the active profile):
+    without one a flow run starts a temporary server first, which costs seconds and shows nothing after."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from .models import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    try:
+        profiles = tomllib.loads((home / "profiles.toml").read_text())
+    except (OSError, ValueError):
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    return bool(profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+
+
 async def _without_prefect(
     requests_path: str, output_dir: str, settings: ClientSettings, options: RunOptions, run_fields: dict[str, Any]
 ) -> dict[str, Any]:
@@ -274,9 +290,7 @@ def _cancel_batches(args: argparse.Namespace) -> int:
 
     if args.api_key:
         os.environ[API_KEY_ENV] = args.api_key
-    canceled = asyncio.run(
-        cancel_batches(args.output_dir, _settings(args), args.client_block, args.credentials_block)
-    )
+    canceled = asyncio.run(cancel_batches(args.output_dir, _settings(args), args.client_block, args.credentials_block))
     print(f"canceled {len(canceled)} batches: {' '.join(canceled) or '-'}", file=sys.stderr)
     print("run the same `run --mode batch` command again to collect what finished", file=sys.stderr)
     return EXIT_OK

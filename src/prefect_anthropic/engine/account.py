@@ -11,7 +11,9 @@ what is shared here (limits, concurrency, endpoint...) get separate states.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import math
 import ssl
 from collections import deque
@@ -50,6 +52,7 @@ _SHARED_FIELDS = (
     "shared_max_concurrency",
 )
 _CONNECTIONS_PER_LANE = 2
+logger = logging.getLogger(__name__)
 
 
 def auth_headers(api_key: str, anthropic_version: str) -> dict[str, str]:
@@ -58,6 +61,41 @@ def auth_headers(api_key: str, anthropic_version: str) -> dict[str, str]:
     if anthropic_version >= API_VERSION_2026:
         return {"authorization": f"Bearer {api_key}"}
     return {"x-api-key": api_key}
+
+
+def rate_allowed(limits: RateLimits, input_tokens: float, output_tokens: float) -> float:
+    """Requests a second `limits` allow when a request counts `input_tokens` and `output_tokens`."""
+    rates = [math.inf]
+    if limits.requests_per_minute:
+        rates.append(limits.requests_per_minute / 60)
+    if limits.input_tokens_per_minute and input_tokens >= 1:
+        rates.append(limits.input_tokens_per_minute / 60 / input_tokens)
+    if limits.output_tokens_per_minute and output_tokens >= 1:
+        rates.append(limits.output_tokens_per_minute / 60 / output_tokens)
+    return min(rates)
+
+
+def _allow_open_files(wanted: int) -> None:
+    """One socket per request in flight: raise this process's soft limit on open files towards `wanted`
+    (up to the hard limit), as servers do at start; warn when even the hard limit is lower."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < wanted:
+        logger.warning(
+            "This process may open %d files (ulimit -n), fewer than the %d requests in flight max_concurrency "
+            "allows: lower max_concurrency or raise the limit.",
+            soft,
+            wanted - 256,
+        )
 
 
 class Account:
@@ -87,6 +125,7 @@ class Account:
         self.windows: dict[str, AdaptiveWindow] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.slots = asyncio.Semaphore(settings.max_concurrency)
+        _allow_open_files(settings.max_concurrency + 256)
         redis_url = settings.redis_url
         #: Limits shared with every process on the account through Redis (None: this process's own).
         self.shared_limiter = (
@@ -200,8 +239,13 @@ class Account:
         cls = request_limit_class(model, speed)
         window = self.windows.get(cls)
         if window is None:
+            limiter = self.limiter(model, speed)
             window = self.windows[cls] = AdaptiveWindow(
-                self.max_concurrency, adaptive=self.settings.adaptive_concurrency
+                self.max_concurrency,
+                adaptive=self.settings.adaptive_concurrency,
+                rate_allowed=lambda input_tokens, output_tokens: rate_allowed(
+                    limiter.limits, input_tokens, output_tokens
+                ),
             )
             window.name = cls
         return window

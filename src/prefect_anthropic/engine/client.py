@@ -9,6 +9,7 @@ key, no credit, no permission, the spend cap) stop the client for good: nothing 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import random
@@ -40,6 +41,8 @@ from .streaming import accumulate, needs_streaming
 __all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "ClientStats", "auth_headers"]
 
 T = TypeVar("T")
+#: What to call when the rate limiter lets the current request go (see `AnthropicClient.send`).
+_ON_ADMITTED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("on_admitted", default=None)
 #: Answers that say the other side is full: the concurrency window shrinks.
 _OVERLOAD_STATUSES = frozenset({503, 529})
 logger = logging.getLogger(__name__)
@@ -206,8 +209,16 @@ class AnthropicClient:
     def warnings(self) -> list[str]:
         return list(self.warmer.warnings) if self.warmer is not None else []
 
-    async def send(self, item: RequestItem) -> ResultRecord:
-        """Send one request, with retries; raise FatalAPIError when the run must stop."""
+    async def send(self, item: RequestItem, *, on_admitted: Callable[[], None] | None = None) -> ResultRecord:
+        """Send one request, with retries; raise FatalAPIError when the run must stop. `on_admitted` is called
+        when the rate limiter first lets it go (a caller reading input ahead of the limiter stops there)."""
+        token = _ON_ADMITTED.set(on_admitted)
+        try:
+            return await self._send_item(item)
+        finally:
+            _ON_ADMITTED.reset(token)
+
+    async def _send_item(self, item: RequestItem) -> ResultRecord:
         if self._closed:
             raise RuntimeError("the client is closed: open a new one (async with AnthropicClient(...))")
         if item.invalid is not None:
@@ -377,6 +388,9 @@ class AnthropicClient:
                 except BaseException:
                     self._budget_refund(commit)  # never sent
                     raise
+                admitted = _ON_ADMITTED.get()
+                if admitted is not None:
+                    admitted()
                 try:
                     return await self._exchange_and_settle(request, attempt, commit, reservation)
                 finally:
@@ -412,7 +426,6 @@ class AnthropicClient:
         limiter.observe_headers(headers)
         if status == 200:
             if isinstance(answer, dict):
-                window.on_success(latency)
                 self.account.breaker(window).on_success()
                 record = self._succeeded(
                     request.item,
@@ -427,6 +440,8 @@ class AnthropicClient:
                     headers.get("request-id"),
                 )
                 self._budget_settle(commit, record.cost_usd)
+                charged = record.input_tokens + record.cache_creation_input_tokens
+                window.on_success(latency, charged, record.output_tokens)
                 return record
             self._budget_settle(commit, None)  # answered, so billed, but unreadable
             errors.append("invalid_response: the 200 response body is not a JSON object")

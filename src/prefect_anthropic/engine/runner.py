@@ -97,16 +97,20 @@ async def run_requests(
     progress_interval_s: float = 1.0,
     stop: asyncio.Event | threading.Event | None = None,
     drain_timeout_s: float = 60.0,
+    read_ahead: int = 256,
 ) -> Progress:
     """Send every item not in `already_succeeded`; write each record as it completes.
 
-    At most `client.max_concurrency` requests are pending at once, so memory does not grow with the input.
-    Raises the client's FatalAPIError (after saving what finished) when the run must stop, and RunStopped
-    when `stop` was set.
+    The input is read only as fast as requests are sent: at most `read_ahead` requests wait for the rate
+    limiter (or the budget, a cache warm-up...) at once, and at most `client.max_concurrency` more are in
+    flight, so memory follows what the limits let through, never the size of the input. Raises the
+    client's FatalAPIError (after saving what finished) when the run must stop, and RunStopped when `stop`
+    was set.
     """
     progress = Progress()
     started = time.monotonic()
-    window = asyncio.Semaphore(client.max_concurrency)
+    waiting = asyncio.Semaphore(read_ahead)
+    window = asyncio.Semaphore(client.max_concurrency + read_ahead)
     pending: set[asyncio.Task[None]] = set()
 
     def report() -> None:
@@ -116,11 +120,20 @@ async def run_requests(
             on_progress(progress)
 
     async def one(item: RequestItem) -> None:
+        admitted = False
+
+        def on_admitted() -> None:
+            nonlocal admitted
+            if not admitted:
+                admitted = True
+                waiting.release()  # on its way: the next line of input may be read
+
         try:
-            record = await client.send(item)
+            record = await client.send(item, on_admitted=on_admitted)
         except (FatalAPIError, RunStopped):
             return  # not sent, or the run stops: the dispatcher sees it and ends the run
         finally:
+            on_admitted()
             window.release()
         progress.add(record)
         if writer is not None:
@@ -146,9 +159,11 @@ async def run_requests(
                 if on_skip is not None:
                     on_skip(item)
                 continue
+            await waiting.acquire()
             await window.acquire()
             if client.fatal_error is not None or client.stopping or (stop is not None and stop.is_set()):
                 window.release()
+                waiting.release()
                 stopped = True
                 break
             task = asyncio.create_task(one(item))
