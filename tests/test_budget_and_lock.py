@@ -23,6 +23,7 @@ from prefect_anthropic.cli import main
 from prefect_anthropic.engine import RequestItem
 from prefect_anthropic.engine.budget import Budget, journaled_spending, max_input_tokens, worst_case_cost
 from prefect_anthropic.flows import generate_dataset, spent_in
+from prefect_anthropic.observability import artifact_keys
 from prefect_anthropic.settings import ClientSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -251,8 +252,9 @@ def test_the_terminal_shows_the_bar_on_its_own_line_with_cost_and_eta_and_logs_a
     money_lines = [line for line in lines if line.startswith("$") and "req/min" in line]
     assert bar_lines and money_lines
     assert all(len(line) <= 80 for line in bar_lines + money_lines)  # two lines of an 80-column terminal
-    assert any(re.search(r"ETA \d+ (s|min)", line) for line in bar_lines)
-    assert any("/1,200 req/min" in line for line in money_lines)  # requests/min against the limit
+    assert any(re.search(r"ETA \d+ (s|min)", line) for line in bar_lines), bar_lines[-5:]
+    # Requests/min against the limits: two model classes (Sonnet 4.x and Mythos 5.2), 1,200 each.
+    assert any("/2,400 req/min" in line for line in money_lines), money_lines[-5:]
     warnings = [line for line in lines if "No price for claude-mythos-5-2" in line]
     assert warnings and not any("━" in line or "ETA" in line for line in warnings)  # printed above, not into
     assert not any("Beginning flow run" in line or "Finished in state" in line for line in lines)  # quiet
@@ -268,14 +270,15 @@ async def test_the_failures_artifact_lists_failed_lines(monkeypatch, emulator, t
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake-artifacts")
     requests = write_requests(tmp_path / "requests.jsonl", 5, extra=["{broken", json.dumps({"model": "x"})])
     await generate_dataset(str(requests), str(tmp_path / "out"), settings=ClientSettings(base_url=emulator.base_url))
+    keys = artifact_keys(str(tmp_path / "out"))
     async with get_client() as client:
         artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["anthropic-dataset-failures"])),
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[keys["failures"]])),
             limit=1,
             sort="CREATED_DESC",
         )
         summary = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["anthropic-dataset-summary"])),
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[keys["summary"]])),
             limit=1,
             sort="CREATED_DESC",
         )

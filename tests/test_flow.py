@@ -130,22 +130,25 @@ async def test_saved_blocks_drive_the_run_and_the_key_is_no_parameter(emulator, 
             assert secret.encode() not in path.read_bytes()
 
 
-async def test_progress_and_summary_artifacts(emulator, tmp_path):
+async def test_progress_and_summary_artifacts_have_keys_of_their_dataset(emulator, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from prefect_anthropic.observability import artifact_keys
+
     requests = write_requests(tmp_path / "requests.jsonl", 12)
     await run_flow(emulator, requests, tmp_path / "out", shard_size=5)
+    await run_flow(emulator, requests, tmp_path / "other", shard_size=5)
+    keys, other = artifact_keys(str(tmp_path / "out")), artifact_keys(str(tmp_path / "other"))
+    assert keys["summary"] != other["summary"] and keys["summary"].startswith("anthropic-out-")
     async with get_client() as client:
-        for key in ("anthropic-dataset-progress", "anthropic-dataset-summary", "anthropic-dataset-failures"):
+        for key in (*keys.values(), *other.values()):
             found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            assert found, key
+            assert len(found) == 1, key  # each dataset its own history
         summary = (
-            await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["anthropic-dataset-summary"]))
-            )
+            await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[keys["summary"]])))
         )[0]
-    assert "succeeded" in summary.data
+    assert "12/12 succeeded, 0 failed" in summary.data
 
 
 async def test_two_datasets_gathered_in_one_flow_share_the_account_not_the_client(start_emulator, tmp_path):

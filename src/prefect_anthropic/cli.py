@@ -124,6 +124,7 @@ def run_flow(
 
     from .engine import FatalAPIError, RunStopped
     from .fanout import OutputDirectoryNotShared
+    from .observability import RowsFailed
     from .pipeline import SHUTDOWN
     from .run_lock import OutputDirectoryLocked
     from .settings import MissingAPIKeyError
@@ -161,6 +162,8 @@ def run_flow(
             else:
                 flow_run = _without_prefect(str(requests_path), str(output_dir), settings, options, run_fields)
             summary = asyncio.run(flow_run)
+    except RowsFailed as failed:  # --fail-on-errors: the flow run is Failed; the dataset is written all the same
+        summary = failed.summary
     except FatalAPIError as error:
         print(f"error: the run stopped: {error}", file=sys.stderr)
         return EXIT_STOPPED
@@ -221,16 +224,22 @@ async def _without_prefect(
 
 
 @contextlib.contextmanager
-def _prefect_log_level(verbose: bool) -> Iterator[None]:
-    """Prefect's banners and per-task lines only with --verbose; warnings and errors always."""
-    if verbose:
+def _log_levels(level: str = "INFO", verbose: bool = False) -> Iterator[None]:
+    """Logs at `level` reach the Prefect server; the terminal shows warnings and errors only (Prefect's
+    banners and per-task lines too with --verbose). Quiet terminal, full server logs."""
+    console = level if verbose else "WARNING"
+    # Prefect reads these when it sets up its logging, at import (the CLI imports it after this).
+    os.environ["PREFECT_LOGGING_LEVEL"] = level
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = console
+    handlers = _console_handlers() if "prefect" in sys.modules else []  # already set up: adjust in place
+    levels = [handler.level for handler in handlers]
+    for handler in handlers:
+        handler.setLevel(console)
+    try:
         yield
-        return
-    from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
-
-    # Prefect sets up its logging when the first flow runs, from the settings in force then.
-    with temporary_settings(updates={PREFECT_LOGGING_LEVEL: "WARNING"}):
-        yield
+    finally:
+        for handler, previous in zip(handlers, levels, strict=True):
+            handler.setLevel(previous)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -243,7 +252,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
-    with _prefect_log_level(args.verbose):
+    with _log_levels(args.log_level, args.verbose):
         return _run_flow_from_args(args, settings)
 
 
@@ -380,7 +389,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"Emulator on {emulator.base_url}: 1,200 requests/min, 2% overloaded errors.", file=sys.stderr)
         os.environ.setdefault(API_KEY_ENV, "sk-ant-fake-demo-key-for-the-emulator")
         settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200, max_concurrency=20)
-        with _prefect_log_level(verbose=False):
+        with _log_levels():
             code = run_flow(str(requests), str(output_dir), settings, RunOptions(shard_size=50))
         stats = emulator.stats()
     print(
@@ -427,7 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(run.add_argument_group("shards and mode"), RunOptions)
     run.add_argument("--original-layout", metavar="PATH", help="Also write the original script's JSONL layout.")
     run.add_argument("--no-progress", action="store_true", help="No progress bar.")
-    run.add_argument("--verbose", action="store_true", help="Prefect's own log lines and banners too.")
+    run.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="Level of the log lines the Prefect server gets (default INFO); the terminal shows warnings only.",
+    )  # fmt: skip
+    run.add_argument(
+        "--verbose", action="store_true", help="Show the log lines at --log-level in the terminal too, Prefect's too."
+    )
     run.set_defaults(handler=_run)
 
     cancel = commands.add_parser("cancel-batches", help="Cancel the unfinished batches of a batch-mode run.")

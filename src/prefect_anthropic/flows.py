@@ -31,6 +31,7 @@ from .engine.shared_budget import start_shared_budget
 from .fanout import run_shards_on_pool
 from .formatting import duration, money, number
 from .inputs import Shard
+from .observability import RunEvents, artifact_keys, final_state, forward_logs, state_message
 from .pipeline import (
     DatasetRun,
     ShardIncomplete,
@@ -58,12 +59,13 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     if summary["budget_usd"] is not None:
         cost_line += f"; budget {money(summary['budget_usd'])}"
         cost_line += ", **stopped by the budget**" if summary["stopped_by_budget"] else ""
+    keys = summary.get("artifacts") or {}
     lines = [
-        "# Anthropic dataset run",
+        f"# Anthropic dataset run: {state_message(summary)}",
         "",
         "| | |",
         "|---|---|",
-        f"| requests | {number(summary['requests'])} |",
+        f"| requests | {number(summary['requests'])} (sent in this run: {number(summary['requests_sent_this_run'])}) |",
         f"| succeeded | {number(summary['succeeded'])} |",
         f"| failed | {number(summary['failed'])} |",
         f"| input tokens | {number(summary['input_tokens'])} |",
@@ -87,6 +89,10 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     if summary["failed_by_error_type"]:
         lines += ["", "## Failures by error type", ""]
         lines += [f"- `{kind}`: {number(count)}" for kind, count in sorted(summary["failed_by_error_type"].items())]
+        if "failures" in keys:
+            lines += ["", f"Failed lines: [{keys['failures']}](/artifacts/key/{keys['failures']})."]
+    if "progress" in keys:
+        lines += ["", f"This dataset's runs: [{keys['progress']}](/artifacts/key/{keys['progress']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -106,6 +112,7 @@ async def generate_dataset(
     batch_poll_interval_s: float = _DEFAULTS.batch_poll_interval_s,
     work_pool: str | None = _DEFAULTS.work_pool,
     shard_heartbeat_timeout_s: float = _DEFAULTS.shard_heartbeat_timeout_s,
+    fail_on_errors: bool = _DEFAULTS.fail_on_errors,
     original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
     input_table: str | None = None,
@@ -131,6 +138,8 @@ async def generate_dataset(
             machine, takes shards).
         shard_heartbeat_timeout_s: With a work pool: a running shard whose heartbeat stops this long is taken
             as lost with its worker and run again (it resumes).
+        fail_on_errors: End the flow run Failed (not Completed) when rows failed; either way the state's
+            message says how many.
         original_layout_path: Also write the original script's JSONL layout here.
         parquet_beside_original: Write the Parquet file beside `original_layout_path` (the drop-in script).
         input_table: The table the request file was rendered from (one line per row, see
@@ -147,6 +156,7 @@ async def generate_dataset(
         batch_poll_interval_s=batch_poll_interval_s,
         work_pool=work_pool,
         shard_heartbeat_timeout_s=shard_heartbeat_timeout_s,
+        fail_on_errors=fail_on_errors,
     )
     settings, api_key = await resolve_settings(settings, client_block, credentials_block)
     if options.work_pool and options.mode != "realtime":
@@ -156,18 +166,21 @@ async def generate_dataset(
             "--max-cost-usd with --work-pool needs --limiter-url: the budget is kept in Redis so that every "
             "worker spends from the same one"
         )
-    async with open_run(
-        requests_path,
-        output_dir,
-        settings,
-        api_key,
-        options,
-        input_table=input_table,
-        input_columns=input_columns,
-        original_layout_path=original_layout_path,
-        parquet_beside_original=parquet_beside_original,
-    ) as run:
-        return await _run(run, client_block, credentials_block)
+    with forward_logs():
+        async with open_run(
+            requests_path,
+            output_dir,
+            settings,
+            api_key,
+            options,
+            input_table=input_table,
+            input_columns=input_columns,
+            original_layout_path=original_layout_path,
+            parquet_beside_original=parquet_beside_original,
+        ) as run:
+            summary = await _run(run, client_block, credentials_block)
+    # Completed (or, with fail_on_errors and failed rows, Failed) with a message saying what happened.
+    return final_state(summary, options.fail_on_errors)
 
 
 async def _run(run: DatasetRun, client_block: str | None, credentials_block: str | None) -> dict[str, Any]:
@@ -176,11 +189,14 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
     plan = plan_request_shards(run.key)
     tracker = run.progress
     assert tracker is not None
-    artifact_id = await acreate_progress_artifact(0.0, key="anthropic-dataset-progress", description="Requests done")
+    keys = artifact_keys(run.output_dir)
+    events = RunEvents(run.output_dir)
+    artifact_id = await acreate_progress_artifact(0.0, key=keys["progress"], description=tracker.describe())
 
     async def publish_progress() -> None:
         while True:
             await asyncio.sleep(2.0)
+            events.watch(run.client)
             await aupdate_progress_artifact(artifact_id, tracker.percent, description=tracker.describe())
 
     publisher = asyncio.create_task(publish_progress())
@@ -218,9 +234,11 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
             raise_first_error(await asyncio.gather(*(one_shard(s) for s in plan.shards), return_exceptions=True))
     finally:
         publisher.cancel()
+        events.watch(run.client)
 
     totals = merge_shards(run.key)
     summary = run.summary(totals)
+    summary["artifacts"] = keys
     if options.work_pool:
         # The budget was spent by the workers' processes: their budget_exhausted rows say it stopped them.
         summary["stopped_by_budget"] |= budget_id is not None and bool(totals.errors_by_type.get("budget_exhausted"))
@@ -228,20 +246,14 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
         summary["shards_by_worker"] = shards_by_worker
     run.write_summary(summary)
     await aupdate_progress_artifact(artifact_id, 100.0, description=tracker.describe())
-    await acreate_markdown_artifact(_summary_markdown(summary), key="anthropic-dataset-summary")
+    await acreate_markdown_artifact(_summary_markdown(summary), key=keys["summary"], description=state_message(summary))
     await acreate_table_artifact(
         totals.first_failures or [{"line": None, "custom_id": None, "error_type": "none", "error_message": None}],
-        key="anthropic-dataset-failures",
+        key=keys["failures"],
         description=f"Failed lines: the first {number(len(totals.first_failures))} of {number(totals.failed)}",
     )
-    logger.info(
-        "Done: %s requests, %s succeeded, %s failed, %s, %s",
-        number(summary["requests"]),
-        number(summary["succeeded"]),
-        number(summary["failed"]),
-        money(summary["cost_usd"]),
-        duration(summary["wall_time_s"]),
-    )
+    events.finished(summary)
+    logger.info("Done: %s", state_message(summary))
     return summary
 
 

@@ -326,6 +326,10 @@ class RunOptions(BaseModel):
         description="With a work pool: a running shard whose heartbeat stops this long is taken as lost with its "
         "worker and run again (it resumes).",
     )
+    fail_on_errors: bool = Field(
+        default=False,
+        description="End the flow run Failed when rows failed (default: Completed, its message saying how many).",
+    )
 
 
 # -- the command line, generated from the declarations ----------------------------------------------------

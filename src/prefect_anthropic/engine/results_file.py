@@ -91,11 +91,19 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 #: Errored answers that are final: the request was answered (and paid for, if at all), and sending it again
 #: would not change the answer. A refusal is never retried.
 FINAL_ERROR_TYPES = frozenset({"refusal"})
+#: Client errors worth another try (timeout, conflict, rate limit); every other 4xx answer is the answer.
+_RETRYABLE_CLIENT_ERRORS = frozenset({408, 409, 429})
 
 
 def is_final(record: dict[str, Any]) -> bool:
-    """Whether a record settles its request for good: a success or a final answer such as a refusal."""
-    return record.get("status") == "succeeded" or record.get("error_type") in FINAL_ERROR_TYPES
+    """Whether a record settles its request for good, so that neither a shard retry nor a resumed run sends
+    it again (one row, one answer): a success, a refusal, or an answered 4xx other than 408/409/429 (an
+    invalid request, a model not found). Lines never sent (invalid input, rejected before sending, or not
+    let go by the budget) are checked again instead: it costs nothing, and the settings may have changed."""
+    if record.get("status") == "succeeded" or record.get("error_type") in FINAL_ERROR_TYPES:
+        return True
+    status = record.get("http_status")
+    return isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE_CLIENT_ERRORS
 
 
 def succeeded_lines(path: str | os.PathLike[str]) -> LineSet:
