@@ -123,11 +123,14 @@ def test_an_attempt_that_does_not_fit_waits_for_those_in_flight_and_the_budget_s
 
 def test_the_journal_counts_what_a_killed_run_had_in_flight(tmp_path):
     budget = Budget.for_dataset(1.0, tmp_path / "spending")
-    settled, refunded, in_flight = budget.reserve(0.2), budget.reserve(0.3), budget.reserve(0.25)
+    settled, refunded, in_flight, queued = (budget.reserve(usd) for usd in (0.2, 0.3, 0.25, 0.1))
+    for entry, usd in ((settled, 0.2), (refunded, 0.3), (in_flight, 0.25)):
+        budget.sent(entry, usd)
     budget.settle(0.2, 0.05, settled)
     budget.refund(0.3, refunded)
-    # The process dies here: the third attempt may have been billed, so the next run counts its worst case.
-    assert in_flight is not None and journaled_spending(tmp_path / "spending") == pytest.approx(0.05 + 0.25)
+    # The process dies here: the third attempt may have been billed, so the next run counts its worst case;
+    # the fourth was still waiting for the rate limiter: never sent, never billed.
+    assert queued is not None and journaled_spending(tmp_path / "spending") == pytest.approx(0.05 + 0.25)
     assert Budget.for_dataset(1.0, tmp_path / "spending").spent_usd == pytest.approx(0.30)
 
 

@@ -22,7 +22,7 @@ from prefect.logging import get_run_logger
 
 from .blocks import resolve_settings
 from .engine import ResultsWriter, RunStopped, succeeded_requests
-from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, plan_batches
+from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, line_of_custom_id, plan_batches
 from .engine.budget import worst_case_cost
 from .engine.records import RequestItem, ResultRecord, validate_record
 from .engine.runner import done_before
@@ -108,6 +108,10 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
                 else:
                     valid.append(checked)
         for requests in plan_batches(valid):
+            if budget is not None:
+                for request in requests:
+                    worst, entry = budget.holds[line_of_custom_id(request["custom_id"])]
+                    budget.sent(entry, worst)  # from here on it may be billed, whatever happens to this process
             batch = await api.create(requests)
             round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
             _write_state(state_path, state)  # recorded at once: a restart polls it instead of paying again

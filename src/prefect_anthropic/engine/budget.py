@@ -12,9 +12,10 @@ may have been billed. An attempt that does not fit waits while attempts in fligh
 exhausted: nothing more is sent, and every request after it becomes a `budget_exhausted` row, so the same
 command with a higher limit resumes from there.
 
-Every reservation and settlement is appended to a journal in the output directory before the attempt is
-sent, so a run that is killed, and the next run of the same dataset, know what may have been paid: a
-reservation without its settlement counts as spent at its worst case.
+The moment an attempt is sent, its reservation is appended to a journal in the output directory, and its
+settlement when it is known, so a run that is killed, and the next run of the same dataset, know what may
+have been paid: a sent reservation without its settlement counts as spent at its worst case. (Attempts
+still waiting for the rate limiter when the run dies were never sent, and are not in the journal.)
 """
 
 from __future__ import annotations
@@ -86,19 +87,24 @@ def worst_case_cost(
 
 
 class SpendingJournal:
-    """Append-only record of one client's reservations and settlements: `{"r": id, "usd": worst}` before an
-    attempt is sent, `{"s": id, "usd": actual}` when its cost is known (0 for an answer not billed)."""
+    """Append-only record of one client's attempts: `{"r": id, "usd": worst}` as an attempt is sent,
+    `{"s": id, "usd": actual}` when its cost is known (0 for an answer not billed)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory) / f"{uuid.uuid4().hex}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the client's life
+        self._open: set[int] = set()
 
-    def reserve(self, entry: int, usd: float) -> None:
+    def sent(self, entry: int, usd: float) -> None:
+        self._open.add(entry)
         self._write({"r": entry, "usd": usd})
 
     def settle(self, entry: int, usd: float) -> None:
-        self._write({"s": entry, "usd": usd})
+        """The cost of an attempt that was sent (one never sent left nothing to settle)."""
+        if entry in self._open:
+            self._open.discard(entry)
+            self._write({"s": entry, "usd": usd})
 
     def _write(self, data: dict[str, Any]) -> None:
         # Handed to the OS before the attempt is sent: a killed process's reservations survive it.
@@ -172,13 +178,12 @@ class Budget:
             return None
         self.reserved_usd += worst_usd
         self.holding += 1
-        return self._entry(worst_usd)
+        return next(self._entries)
 
-    def _entry(self, worst_usd: float) -> int:
-        entry = next(self._entries)
+    def sent(self, entry: int, worst_usd: float) -> None:
+        """The reserved attempt is being sent: from now on it may be billed, whatever happens to this process."""
         if self.journal is not None:
-            self.journal.reserve(entry, worst_usd)
-        return entry
+            self.journal.sent(entry, worst_usd)
 
     async def areserve(self, worst_usd: float) -> int | None:
         """`reserve`, waiting while attempts in flight hold the room it needs; None when exhausted."""

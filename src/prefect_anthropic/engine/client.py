@@ -391,6 +391,8 @@ class AnthropicClient:
                 admitted = _ON_ADMITTED.get()
                 if admitted is not None:
                     admitted()
+                if self.budget is not None and commit.entry is not None:
+                    self.budget.sent(commit.entry, commit.usd)
                 try:
                     return await self._exchange_and_settle(request, attempt, commit, reservation)
                 finally:

@@ -152,7 +152,7 @@ class SharedBudget(Budget):
             # nothing" and clear this reservation in Redis.
             self.holding += 1
             if await self._call(worst_usd):
-                return self._entry(worst_usd)
+                return next(self._entries)
             self.holding -= 1
             assert self.limit_usd is not None
             if self.spent_usd + worst_usd > self.limit_usd:
