@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import anthropic
@@ -68,3 +69,35 @@ def test_sdk_error_classes_match_statuses(start_emulator, monkeypatch):
         )
     with pytest.raises(anthropic.BadRequestError):
         client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "system", "content": "a"}])
+
+
+def test_sdk_streams_a_reply_paced_at_the_output_speed(start_emulator):
+    emu = start_emulator(ttft_ms=200, output_tokens_per_second=100)
+    client = anthropic.Anthropic(api_key="sk-ant-fake-sdk-key", base_url=emu.base_url, max_retries=0)
+    words = " ".join(["word"] * 98)
+    started = time.perf_counter()
+    arrivals = []
+    with client.messages.stream(model=MODEL, max_tokens=500, messages=[{"role": "user", "content": words}]) as stream:
+        for _ in stream.text_stream:
+            arrivals.append(time.perf_counter() - started)
+        message = stream.get_final_message()
+    assert message.content[0].text == "echo: " + words and message.usage.output_tokens == 100
+    assert arrivals[0] >= 0.2 and arrivals[-1] - arrivals[0] >= 0.5  # over the 1 s of output, not at once
+    assert time.perf_counter() - started >= 0.2 + 1.0
+
+
+def test_sdk_sees_a_full_gateway_as_a_server_error(start_emulator):
+    emu = start_emulator(capacity=1, capacity_status=503, latency_ms=1000)
+    client = anthropic.Anthropic(api_key="sk-ant-fake-sdk-key", base_url=emu.base_url, max_retries=0)
+
+    def ask(text: str):
+        return client.messages.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": text}])
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(ask, "holds the only place")
+        while emu.stats()["first_arrival_at"] is None:
+            time.sleep(0.01)
+        with pytest.raises(anthropic.InternalServerError) as caught:
+            ask("one too many")
+        assert held.result().content[0].text == "echo: holds the only place"
+    assert caught.value.status_code == 503 and caught.value.body["error"]["type"] == "api_error"

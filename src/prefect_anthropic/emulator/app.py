@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -15,8 +16,24 @@ from starlette.types import Receive, Scope, Send
 from .batches import BatchStore
 from .config import EmulatorConfig
 from .errors import APIError
-from .service import Caller, EmulatedAnthropic, new_id
-from .sse import error_event, stream_events
+from .service import Caller, Completion, EmulatedAnthropic, new_id
+from .sse import error_event, paced_stream
+
+
+class StreamPacing:
+    """How often paced streams write: each write carries the events due by then, none early. Every
+    MIN_TICK_S at most; with many streams at once less often, so that together they write about
+    WRITES_PER_SECOND times a second (one sleep per write) and thousands in flight stay cheap."""
+
+    MIN_TICK_S = 0.05
+    WRITES_PER_SECOND = 5_000
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    @property
+    def tick_s(self) -> float:
+        return max(self.MIN_TICK_S, self.streams / self.WRITES_PER_SECOND)
 
 
 class JSONResponse(Response):
@@ -36,29 +53,61 @@ class DroppedResponse(Response):
 
 
 class EventStreamResponse(Response):
-    """A streamed reply: its events one by one; a dropped connection stops half-way, an injected error
-    replaces the second half with an `error` event."""
+    """A streamed reply from its first token on: the content events when due (paced at the output speed),
+    then, once the output is complete, the closing events. A dropped connection stops half-way, an injected
+    error replaces the second half with an `error` event. The reply is accounted for (`finish`) when its last
+    token is produced or the stream is cut."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: list[bytes], headers: dict[str, str], *, drop: bool, error: bytes | None) -> None:
+    def __init__(
+        self, completion: Completion, headers: dict[str, str], *, error: bytes | None, pacing: StreamPacing
+    ) -> None:
         super().__init__(headers=headers)
         # A stream has no length known in advance: chunked transfer, as the API answers.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self.events = events
-        self.drop = drop
+        self.completion = completion
+        self.stream = paced_stream(completion.message, completion.output_s)
         self.error = error
+        self.pacing = pacing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        cut = len(self.events) // 2 if self.drop or self.error else len(self.events)
-        for event in self.events[:cut]:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        if self.drop:
-            raise ConnectionAbortedError("emulator: connection dropped mid-stream (injected fault)")
-        if self.error is not None:
-            await send({"type": "http.response.body", "body": self.error, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        content, closing = self.stream.content, self.stream.closing
+        cut_short = self.completion.drop_connection or self.error is not None
+        cut = (len(content) + len(closing)) // 2 if cut_short else len(content)
+        self.pacing.streams += 1
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            due_now = await self._send_when_due(send, content[:cut], started)
+            if not cut_short:
+                await asyncio.sleep(max(0.0, started + self.stream.output_s - loop.time()))
+            self.completion.finish()
+            if self.completion.drop_connection:
+                if due_now:
+                    await send({"type": "http.response.body", "body": b"".join(due_now), "more_body": True})
+                raise ConnectionAbortedError("emulator: connection dropped mid-stream (injected fault)")
+            tail = due_now + (closing if self.error is None else [self.error])
+            await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
+        finally:
+            self.pacing.streams -= 1
+            self.completion.finish()
+
+    async def _send_when_due(self, send: Send, events: list[tuple[float, bytes]], started: float) -> list[bytes]:
+        """Send each event once `started` + its due time (seconds on the loop's clock) has come, one sleep
+        per write; return the last ones due, not yet sent."""
+        loop = asyncio.get_running_loop()
+        ready: list[bytes] = []
+        for due, event in events:
+            wait = started + due - loop.time()
+            if wait > 0:
+                if ready:
+                    await send({"type": "http.response.body", "body": b"".join(ready), "more_body": True})
+                    ready = []
+                await asyncio.sleep(max(wait, self.pacing.tick_s))
+            ready.append(event)
+        return ready
 
 
 class _QuietDrops(logging.Filter):
@@ -71,6 +120,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
     config = config or EmulatorConfig()
     api = EmulatedAnthropic(config)
     batches = BatchStore(api)
+    pacing = StreamPacing()
     for name in ("uvicorn.error", "uvicorn"):
         logging.getLogger(name).addFilter(_QuietDrops())
 
@@ -98,10 +148,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         if completion.stream:
             overloaded = error_event(APIError(529, "Overloaded").error_object()) if completion.stream_error else None
             return EventStreamResponse(
-                stream_events(completion.message),
-                {**headers, "cache-control": "no-cache"},
-                drop=completion.drop_connection,
-                error=overloaded,
+                completion, {**headers, "cache-control": "no-cache"}, error=overloaded, pacing=pacing
             )
         if completion.drop_connection:
             return DroppedResponse(orjson.dumps(completion.message), headers=headers, media_type="application/json")

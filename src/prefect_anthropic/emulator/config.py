@@ -34,11 +34,33 @@ class EmulatorConfig:
         "(default: count output tokens as they are produced).",
     )
     capacity: int = _opt(
-        0, "Most requests in flight per key: above it, 529 overloaded_error at once (0 = no capacity limit)."
+        0,
+        "Most requests in flight per key (a stream until its last token): above it, --capacity-status at once "
+        "(0 = no capacity limit).",
     )
-    # Latency.
-    latency_ms: float = _opt(0.0, "Mean response latency in ms.")
-    latency_jitter_ms: float = _opt(0.0, "Uniform jitter around the mean latency, in ms.")
+    capacity_status: int = _opt(
+        529,
+        "Status answered above --capacity: 529 overloaded_error, as the API answers, or 503, as a full gateway "
+        "in front of it would (an api_error envelope, message 'Service Unavailable', no retry-after; real "
+        "gateways' bodies vary, the status is what a client can rely on).",
+        choices=(529, 503),
+    )
+    # Reply time: latency + time to first token (with jitter), then the output at the output speed.
+    latency_ms: float = _opt(0.0, "Fixed delay in ms added before every reply's first token (added to --ttft-ms).")
+    latency_jitter_ms: float = _opt(
+        0.0, "Uniform jitter around the time before the first token (--latency-ms + --ttft-ms), in ms."
+    )
+    ttft_ms: float = _opt(
+        0.0,
+        "Time to first token in ms: a reply's first token (a stream's message_start) comes "
+        "--latency-ms + --ttft-ms after it is admitted.",
+    )
+    output_tokens_per_second: float = _opt(
+        0.0,
+        "Output speed in tokens a second: after its first token a reply takes output tokens / this many "
+        "seconds more; a non-streamed reply is sent complete, a stream's content deltas are paced at it "
+        "(0 = all output at once).",
+    )
     # Faults, each a fraction 0..1 of requests, drawn from a generator seeded by --seed.
     error_rate_429: float = _opt(0.0, "Fraction of requests answered 429 rate_limit_error (with retry-after).")
     error_rate_529: float = _opt(0.0, "Fraction of requests answered 529 overloaded_error.")
@@ -48,7 +70,9 @@ class EmulatorConfig:
     drop_rate: float = _opt(
         0.0, "Fraction of responses whose connection drops mid-body or mid-stream (the work is billed)."
     )
-    stall_rate: float = _opt(0.0, "Fraction of responses that stall for --stall-s before answering.")
+    stall_rate: float = _opt(
+        0.0, "Fraction of replies that stall: their first token comes after --stall-s, not --latency-ms + --ttft-ms."
+    )
     stall_s: float = _opt(30.0, "How long a stalled response stalls, in seconds.")
     fault_retry_after_s: float = _opt(1.0, "retry-after (seconds) sent with an injected 429.")
     ramp_limit_rate: float = _opt(
@@ -85,17 +109,25 @@ class EmulatorConfig:
     seed: int | None = _opt(None, "Seed for the fault and latency generator (reproducible runs).")
     log_level: str = _opt("warning", "Server log level.")
 
+    def __post_init__(self) -> None:
+        if self.capacity_status not in (529, 503):
+            raise ValueError(f"capacity_status must be 529 or 503, not {self.capacity_status}")
+        for name in ("latency_ms", "latency_jitter_ms", "ttft_ms", "output_tokens_per_second"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
                 continue
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            if f.name == "seed":
-                kind = int
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            # Annotations are strings here (postponed evaluation): "float", "int | None", ...
+            kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
+            choices = f.metadata.get("choices")
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"])
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> EmulatorConfig:
@@ -110,7 +142,7 @@ class EmulatorConfig:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
-                args.append(flag)
+                args.append(flag if value else "--no-" + flag[2:])
             else:
                 args += [flag, str(value)]
         return args

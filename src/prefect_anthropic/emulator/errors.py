@@ -14,6 +14,8 @@ ERROR_TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",
+    # Not an answer of the API's own: a full gateway in front of it (--capacity-status 503).
+    503: "api_error",
     504: "timeout_error",
     529: "overloaded_error",
 }

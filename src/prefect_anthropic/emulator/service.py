@@ -10,6 +10,7 @@ import re
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ _FAULT_MESSAGES = {
     429: "Number of requests has exceeded your rate limit. Please try again later.",
     529: "Overloaded",
     500: "Internal server error",
+    503: "Service Unavailable",
     504: "Request timed out before completion",
     409: "Conflict: the request conflicts with another in progress",
     402: "Your credit balance is too low to access the Anthropic API.",
@@ -65,8 +67,13 @@ class Ledger:
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     cost_usd: float = 0.0
+    #: When the first and the last request were billed (their replies produced).
     first_request_at: float | None = None
     last_request_at: float | None = None
+    #: When the first and the last Messages request were admitted (past validation, faults, capacity and
+    #: rate limits): from one to the other, the time a client spent sending.
+    first_arrival_at: float | None = None
+    last_arrival_at: float | None = None
     duplicate_billed_requests: int = 0
     #: Refusals before any output: answered, not billed.
     refused_requests: int = 0
@@ -79,6 +86,12 @@ class Ledger:
     #: The most Messages requests of one key in flight at once.
     max_in_flight: int = 0
     _billed_bodies: set[int] = field(default_factory=set)
+
+    def admit(self) -> None:
+        now = time.time()
+        if self.first_arrival_at is None:
+            self.first_arrival_at = now
+        self.last_arrival_at = now
 
     def bill(self, body_digest: int, model: ModelInfo, usage: Usage, *, batch: bool) -> None:
         now = time.time()
@@ -120,6 +133,8 @@ class Ledger:
             "cost_usd": round(self.cost_usd, 6),
             "first_request_at": self.first_request_at,
             "last_request_at": self.last_request_at,
+            "first_arrival_at": self.first_arrival_at,
+            "last_arrival_at": self.last_arrival_at,
         }
 
 
@@ -142,12 +157,22 @@ class Completion:
 
     message: dict[str, Any]
     usage: Usage
-    latency_s: float
     headers: dict[str, str]
+    #: Seconds from admission to the first token, and from the first token to the last.
+    first_token_s: float
+    output_s: float
     drop_connection: bool = False
     #: Answer as server-sent events; `stream_error` interrupts the stream with an `error` event.
     stream: bool = False
     stream_error: bool = False
+    on_finish: Callable[[], None] | None = field(default=None, repr=False)
+
+    def finish(self) -> None:
+        """Account for the reply once its last token is produced (or its stream is cut): output tokens,
+        billing, its place in flight. Only the first call counts."""
+        on_finish, self.on_finish = self.on_finish, None
+        if on_finish is not None:
+            on_finish()
 
 
 class EmulatedAnthropic:
@@ -221,12 +246,17 @@ class EmulatedAnthropic:
             buckets = self._buckets[scope] = ClassBuckets(self.config, now)
         return buckets
 
-    def _latency(self) -> float:
-        mean = self.config.latency_ms / 1000.0
+    def _time_to_first_token(self) -> float:
+        """--latency-ms + --ttft-ms with --latency-jitter-ms of uniform jitter, in seconds."""
+        mean = (self.config.latency_ms + self.config.ttft_ms) / 1000.0
         jitter = self.config.latency_jitter_ms / 1000.0
         if jitter:
             return max(0.0, mean + self.rng.uniform(-jitter, jitter))
         return mean
+
+    def _output_time(self, output_tokens: int) -> float:
+        speed = self.config.output_tokens_per_second
+        return output_tokens / speed if speed > 0 else 0.0
 
     def _injected_fault(self, parsed: ParsedRequest, key: str, now: float) -> APIError | None:
         match = _DIRECTIVE.search(parsed.last_user_text)
@@ -268,20 +298,34 @@ class EmulatedAnthropic:
         return None
 
     async def create_message(self, caller: Caller, raw: bytes, body: Any) -> Completion:
-        """Validate, fault, rate-limit, cache, wait out the latency and produce a message; raise APIError
-        where the API answers with an error. Above --capacity requests in flight, 529 at once."""
+        """Validate, fault, rate-limit, cache, wait for the reply and produce it; raise APIError where the
+        API answers with an error. Above --capacity requests in flight, --capacity-status at once.
+
+        A non-streamed reply returns complete (after the time to first token and the output time) and
+        accounted for. A streamed one returns at its first token, still in flight: its sender paces the
+        content over `output_s` and calls `finish()` once the last token is produced."""
         key = caller.key
         capacity = self.config.capacity
         if capacity and self._in_flight[key] >= capacity:
-            raise APIError(529, _FAULT_MESSAGES[529])
+            status = self.config.capacity_status
+            raise APIError(status, _FAULT_MESSAGES[status])
         self._in_flight[key] += 1
         self.ledger.max_in_flight = max(self.ledger.max_in_flight, self._in_flight[key])
-        try:
-            return await self._create_message(caller, raw, body)
-        finally:
-            self._in_flight[key] -= 1
+        left = False
 
-    async def _create_message(self, caller: Caller, raw: bytes, body: Any) -> Completion:
+        def leave() -> None:
+            nonlocal left
+            if not left:
+                left = True
+                self._in_flight[key] -= 1
+
+        try:
+            return await self._create_message(caller, raw, body, leave)
+        except BaseException:
+            leave()
+            raise
+
+    async def _create_message(self, caller: Caller, raw: bytes, body: Any, leave: Callable[[], None]) -> Completion:
         key = caller.key
         parsed = parse_request(body, api_version=caller.api_version, beta=caller.beta, models=self.models)
         now = self.now()
@@ -303,8 +347,9 @@ class EmulatedAnthropic:
                 f"(model: {model.id}). For details, refer to: https://docs.claude.com/en/api/rate-limits.",
                 headers=headers,
             )
+        self.ledger.admit()
         stalled = self.config.stall_rate and self.rng.random() < self.config.stall_rate
-        latency = self.config.stall_s if stalled else self._latency()
+        first_token_s = self.config.stall_s if stalled else self._time_to_first_token()
         drop = bool(self.config.drop_rate) and self.rng.random() < self.config.drop_rate
         for bucket, cost in ((buckets.requests, 1.0), (buckets.input, charged_input)):
             if bucket is not None:
@@ -313,32 +358,43 @@ class EmulatedAnthropic:
             buckets.output.take(parsed.max_tokens, now)
 
         refused = bool(self.config.refusal_rate) and self.rng.random() < self.config.refusal_rate
-        message, usage = self.generate(key, parsed, now, ready_at=now + latency, raw=raw, refused=refused)
-        if latency > 0:
-            await asyncio.sleep(latency)
-        done = self.now()
-        if buckets.output is not None:
-            if self.config.reserve_max_tokens:
-                buckets.output.give_back(parsed.max_tokens - usage.output_tokens, done)
+        message, usage = self.generate(key, parsed, now, ready_at=now + first_token_s, raw=raw, refused=refused)
+        error_rate = self.config.stream_error_rate
+        stream_error = parsed.stream and bool(error_rate) and self.rng.random() < error_rate
+
+        def finish() -> None:
+            done = self.now()
+            if buckets.output is not None:
+                if self.config.reserve_max_tokens:
+                    buckets.output.give_back(parsed.max_tokens - usage.output_tokens, done)
+                else:
+                    buckets.output.take(usage.output_tokens, done)
+            if refused:
+                self.ledger.refused_requests += 1  # a refusal before any output is not billed
             else:
-                buckets.output.take(usage.output_tokens, done)
-        if refused:
-            self.ledger.refused_requests += 1  # a refusal before any output is not billed
-        else:
-            self.ledger.bill(body_digest(raw), model, usage, batch=False)
-        stream_error = False
-        if parsed.stream:
-            self.ledger.streamed_requests += 1
-            stream_error = bool(self.config.stream_error_rate) and self.rng.random() < self.config.stream_error_rate
-        return Completion(
+                self.ledger.bill(body_digest(raw), model, usage, batch=False)
+            self.ledger.streamed_requests += parsed.stream
+            leave()
+
+        completion = Completion(
             message,
             usage,
-            latency,
-            buckets.headers(done),
+            {},
+            first_token_s,
+            self._output_time(usage.output_tokens),
             drop_connection=drop,
             stream=parsed.stream,
             stream_error=stream_error,
+            on_finish=finish,
         )
+        # One sleep per reply: a stream is paced from its first token on by its sender.
+        wait = first_token_s if parsed.stream else first_token_s + completion.output_s
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if not parsed.stream:
+            completion.finish()
+        completion.headers = buckets.headers(self.now())
+        return completion
 
     def _reply_text(self, parsed: ParsedRequest, raw: bytes) -> str:
         """`echo: ` and the last user message; with a JSON schema, JSON matching it, drawn from a generator
