@@ -1,7 +1,9 @@
 """Throughput against the limits whatever the replies (issue 19): a matrix of reply times x background 529s x
 the limit that binds, plus a gateway that takes 20 in flight, with the default window and a fixed one.
 
-Replies take as long as Claude's: a time to first token plus output tokens at 50 tokens a second (the
+The client is given the account's limits, as a user gives them (`--requests-per-minute`,
+`--output-tokens-per-minute`); the gateway cells have none. Replies take as long as Claude's: a time to
+first token plus output tokens at 50 tokens a second (the
 emulator's `--ttft-ms` and `--output-tokens-per-second`); every request's reply is cut at `max_tokens`, so
 its length, and its time, are known. The emulator (its own process) enforces the limit over 1-second
 buckets. Throughput is timed at the emulator, from the first request it admitted to the last; the bound
@@ -65,6 +67,15 @@ class Cell:
             options["capacity_status"] = 503 if self.bound_by == "gateway-503" else 529
         return options
 
+    def client_limits(self) -> dict[str, float]:
+        """The account's limits, as a user gives them (--requests-per-minute, --output-tokens-per-minute)."""
+        options = self.emulator_options()
+        return {
+            name: float(options[name])  # type: ignore[arg-type]
+            for name in ("requests_per_minute", "output_tokens_per_minute")
+            if name in options
+        }
+
     def bound(self) -> float:
         """Requests a second the limit (or 20 in flight at the gateway) allows."""
         return 20 / self.reply_s if self.bound_by in ("gateway-503", "capacity-529") else self.rate
@@ -84,7 +95,9 @@ def items(cell: Cell) -> list[RequestItem]:
 async def measure(base_url: str, cell: Cell, fixed: bool) -> dict[str, float]:
     httpx.post(f"{base_url}/_emulator/reset")
     records = []
-    options = {"adaptive_concurrency": False, "max_concurrency": 400} if fixed else {}
+    options: dict[str, object] = {**cell.client_limits()}
+    if fixed:
+        options.update(adaptive_concurrency=False, max_concurrency=400)
     cpu = time.process_time()
     async with AnthropicClient("bench-key", base_url=base_url, **options) as client:
         await run_requests(client, items(cell), on_record=records.append)

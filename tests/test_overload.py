@@ -36,6 +36,13 @@ class Clock:
         return self.now
 
 
+def overloads(window: AdaptiveWindow, count: int) -> None:
+    """`count` attempts sent and answered 529 at once."""
+    for _ in range(count):
+        window.sent()
+        window.on_overload()
+
+
 def request_bound(rpm: float):
     """rate_allowed of a class limited to `rpm` requests a minute."""
     return lambda input_tokens, output_tokens: rpm / 60
@@ -45,7 +52,8 @@ def test_the_window_starts_at_the_ceiling_and_stray_529s_do_not_cut_it():
     window = AdaptiveWindow(6_000, rate_allowed=request_bound(1_200), clock=Clock())
     assert window.size == 6_000  # the limiter sets the pace, not the window
     window.in_flight = 200
-    for n in range(2_000):  # 5% of answers are the API's own busy-hour 529s, at random
+    for n in range(2_000):  # 5% of attempts are answered with the API's own busy-hour 529s, at random
+        window.sent()
         if n % 20 == 7:
             window.on_overload()
         else:
@@ -62,29 +70,25 @@ def test_our_own_overload_shrinks_it_from_what_is_in_flight_not_below_the_need_u
     need = window.needed()
     assert need == pytest.approx(600 / 60 * 2.0 * 1.25 + 4)
     window.in_flight = 120  # a gateway takes fewer: new requests are answered 503 at once
-    for _ in range(10):
-        window.on_overload()
-    assert window.size == 108  # from what is in flight, a tenth less
+    overloads(window, 10)
+    assert window.size == int(119 * 0.9)  # the others in flight, a tenth less
     window.on_success(2.0)
     window.in_flight = 30
     clock.now += 2.5
     window._strikes = 0  # (as after a calm round trip) a new burst, just above what the limits need
-    for _ in range(10):
-        window.on_overload()
+    overloads(window, 10)
     assert window.size == int(need)  # a tenth less than 30 would be below the need: not on one burst
     clock.now += 2.5
     window.in_flight = 29
-    for _ in range(10):
-        window.on_overload()  # a round trip later it still refuses: the overload persists
-    assert window.size == int(29 * 0.9) < need
+    overloads(window, 10)  # a round trip later it still refuses: the overload persists
+    assert window.size == int(29 * 0.9) < need  # from what is in flight, a tenth less
     decreases = window.decreases
-    for _ in range(10):
-        window.on_overload()  # the same round trip: no second decrease
+    overloads(window, 10)  # the same round trip: no second decrease
     assert window.decreases == decreases
     window.in_flight = 1
     for _ in range(60):
         clock.now += 2.5
-        window.on_overload()
+        overloads(window, 1)
     assert window.size == 1 and window.minimum_seen == 1.0  # never below one
 
 
@@ -121,8 +125,7 @@ def test_long_replies_are_not_overload_but_replies_slowing_as_more_are_in_flight
 def test_a_fixed_window_never_moves():
     fixed = AdaptiveWindow(50, adaptive=False)
     fixed.in_flight = 50
-    for _ in range(20):
-        fixed.on_overload()
+    overloads(fixed, 20)
     assert fixed.size == 50
 
 

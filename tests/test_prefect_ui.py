@@ -85,7 +85,7 @@ async def _check_the_server(out, summary, ledger) -> None:
             lambda found: any("Done: 300/303 succeeded" in log.message for log in found),
         )
         messages = [log.message for log in logs]
-        assert any(re.search(r"Shard \d done: \d+ sent", message) for message in messages)  # the package's lines
+        assert any(re.search(r"Shard \d done: \d+ answered", message) for message in messages)  # the package's lines
         assert any("retryable errors" in message for message in messages)  # why a shard was retried
         assert any("Done: 300/303 succeeded, 3 failed" in message for message in messages)
 

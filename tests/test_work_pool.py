@@ -110,12 +110,14 @@ async def test_a_run_through_a_work_pool_with_two_workers_and_a_budget(
 
 
 async def test_a_worker_that_does_not_see_the_output_directory_refuses_the_shard(start_emulator, tmp_path):
-    from prefect_anthropic.fanout import OutputDirectoryNotShared, check_shared_directory, mark_shared_directory
+    from prefect_anthropic.fanout import OutputDirectoryNotShared, check_shared_location, mark_shared_location
+    from prefect_anthropic.storage import Storage
 
-    directory_id = mark_shared_directory(tmp_path)
-    check_shared_directory(tmp_path, directory_id)
-    with pytest.raises(OutputDirectoryNotShared, match="storage every worker mounts"):
-        check_shared_directory(tmp_path / "elsewhere", directory_id)
+    storage = Storage()
+    location_id = mark_shared_location(storage, str(tmp_path))
+    check_shared_location(storage, str(tmp_path), location_id)
+    with pytest.raises(OutputDirectoryNotShared, match="storage every worker reaches"):
+        check_shared_location(storage, str(tmp_path / "elsewhere"), location_id)
 
 
 async def test_a_budget_with_a_work_pool_needs_the_shared_limiter(tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -21,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from .blocks import resolve_settings
-from .engine import ResultsWriter, RunStopped, succeeded_requests
+from .engine import RunStopped, succeeded_requests
 from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, line_of_custom_id, plan_batches
 from .engine.budget import worst_case_cost
 from .engine.records import RequestItem, ResultRecord, validate_record
@@ -29,11 +28,13 @@ from .engine.runner import done_before
 from .inputs import Shard, iter_requests
 from .models import lookup_model
 from .outputs import final_records
-from .pipeline import RUNS, SHUTDOWN, DatasetRun, shard_results_path
+from .pipeline import RUNS, SHUTDOWN, DatasetRun
 from .schema import with_output_format
 from .settings import ClientSettings
+from .shard_store import ShardStore
+from .storage import Storage
 
-__all__ = ["BATCH_RETRY_CHOICES", "batch_state_path", "cancel_batches", "run_shard_in_batches"]
+__all__ = ["BATCH_RETRY_CHOICES", "batch_state_name", "cancel_batches", "run_shard_in_batches"]
 
 BATCH_RETRY_CHOICES = ("none", "batch", "realtime")
 #: Batch results worth another try: the request never ran, or failed on the server's side.
@@ -42,27 +43,17 @@ RETRYABLE_BATCH_ERRORS = frozenset(
 )
 
 
-def batch_state_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
-    return Path(work_dir) / f"shard-{shard.index:05d}-{shard.digest}.batches.json"
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {"rounds": []}
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(state, indent=1))
-    os.replace(partial, path)
+def batch_state_name(shard: Shard) -> str:
+    return f"shard-{shard.index:05d}-{shard.digest}.batches.json"
 
 
 def _batch_api(run: DatasetRun) -> BatchAPI:
     return BatchAPI.for_settings(run.api_key, run.settings)
 
 
-def _pending_items(run: DatasetRun, shard: Shard, results_path: Path, retry_lines: set[int] | None):
-    done = succeeded_requests(results_path)
-    for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line):
+def _pending_items(run: DatasetRun, shard: Shard, retry_lines: set[int] | None):
+    done = succeeded_requests(run.store.prepare(shard))
+    for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage):
         if done_before(done, item):
             continue
         if retry_lines is not None and item.line not in retry_lines:
@@ -75,21 +66,21 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
     """Submit the shard's unsent requests; return the ids of this round's batches (never submitted twice)."""
     logger = get_run_logger()
     run = RUNS[run_key]
-    client = run.client
-    state_path = batch_state_path(run.work_dir, shard)
-    state = _read_state(state_path)
+    client, store = run.client, run.store
+    state_name = batch_state_name(shard)
+    state = store.read_json(state_name, {"rounds": []})
     if state["rounds"] and not state["rounds"][-1]["complete"] and retry_lines is None:
         ids = [b["id"] for b in state["rounds"][-1]["batches"]]
         logger.info("Shard %d: batches %s were submitted before; polling them, not submitting again.", shard.index, ids)
         return ids
-    results_path = shard_results_path(run.work_dir, shard)
     round_: dict[str, Any] = {"complete": False, "batches": []}
     state["rounds"].append(round_)
     budget = client.budget
     async with _batch_api(run) as api:
-        with ResultsWriter(results_path) as writer:
+        pending = list(_pending_items(run, shard, set(retry_lines) if retry_lines else None))
+        with store.writer(shard) as writer:
             valid = []
-            for item in _pending_items(run, shard, results_path, set(retry_lines) if retry_lines else None):
+            for item in pending:
                 if item.invalid is None and client.output_schema is not None:
                     item = dataclasses.replace(item, body=with_output_format(item.body, client.output_schema))
                 checked = ResultRecord.for_invalid_line(item) if item.invalid is not None else client.preflight(item)
@@ -114,11 +105,11 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
                     budget.sent(entry, worst)  # from here on it may be billed, whatever happens to this process
             batch = await api.create(requests)
             round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
-            _write_state(state_path, state)  # recorded at once: a restart polls it instead of paying again
+            store.write_json(state_name, state)  # recorded at once: a restart polls it instead of paying again
             logger.info("Shard %d: submitted %s with %d requests.", shard.index, batch["id"], len(requests))
     if not round_["batches"]:
         round_["complete"] = True
-    _write_state(state_path, state)
+    store.write_json(state_name, state)
     return [b["id"] for b in round_["batches"]]
 
 
@@ -146,15 +137,19 @@ async def wait_for_batches(run_key: str, shard: Shard, batch_ids: list[str]) -> 
 async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
     """Write every result of the shard's last round into its results file; count them by type."""
     run = RUNS[run_key]
-    client = run.client
-    state_path = batch_state_path(run.work_dir, shard)
-    state = _read_state(state_path)
+    client, store = run.client, run.store
+    state_name = batch_state_name(shard)
+    state = store.read_json(state_name, {"rounds": []})
     round_ = state["rounds"][-1]
-    items = {batch_custom_id(i): i for i in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line)}
+    items = {
+        batch_custom_id(i): i
+        for i in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage)
+    }
     counts: dict[str, int] = {}
     budget = client.budget
+    store.prepare(shard)
     async with _batch_api(run) as api:
-        with ResultsWriter(shard_results_path(run.work_dir, shard)) as writer:
+        with store.writer(shard) as writer:
             for batch in round_["batches"]:
                 if batch["downloaded"]:
                     continue
@@ -177,9 +172,9 @@ async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
                     counts[kind] = counts.get(kind, 0) + 1
                 writer.flush()
                 batch["downloaded"] = True
-                _write_state(state_path, state)
+                store.write_json(state_name, state)
     round_["complete"] = True
-    _write_state(state_path, state)
+    store.write_json(state_name, state)
     return counts
 
 
@@ -193,7 +188,7 @@ async def run_shard_in_batches(run_key: str, shard: Shard, *, max_rounds: int = 
         if ids:
             await wait_for_batches(run_key, shard, ids)
         await download_batch_results(run_key, shard)
-        retryable = _retryable_failures(shard, RUNS[run_key].work_dir)
+        retryable = _retryable_failures(RUNS[run_key].store, shard)
         if not retryable or batch_retry == "none":
             return []
         if batch_retry == "realtime":
@@ -202,8 +197,8 @@ async def run_shard_in_batches(run_key: str, shard: Shard, *, max_rounds: int = 
     return []
 
 
-def _retryable_failures(shard: Shard, work_dir: str) -> list[int]:
-    records = final_records(shard_results_path(work_dir, shard))
+def _retryable_failures(store: ShardStore, shard: Shard) -> list[int]:
+    records = final_records(store.records(shard))
     return sorted(
         line
         for (line, _digest), record in records.items()
@@ -219,10 +214,11 @@ async def cancel_batches(
 ) -> list[str]:
     """Cancel every batch of an output directory that has not ended; return their ids."""
     settings, api_key = await resolve_settings(settings, client_block, credentials_block)
+    storage = Storage.from_environment()
     canceled = []
     async with BatchAPI.for_settings(api_key, settings) as api:
-        for path in sorted(Path(output_dir).glob(".shards-*/*.batches.json")):
-            for round_ in _read_state(path)["rounds"]:
+        for location in storage.list(str(output_dir), ".shards-*/*.batches.json"):
+            for round_ in json.loads(storage.read_text(location))["rounds"]:
                 for batch in round_["batches"]:
                     if (await api.retrieve(batch["id"]))["processing_status"] == "in_progress":
                         await api.cancel(batch["id"])

@@ -246,6 +246,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.api_key:
         # The key goes into this process's environment, never into a flow parameter.
         os.environ[API_KEY_ENV] = args.api_key
+    if args.storage_options:
+        # Storage credentials likewise: the environment of this process (workers bring their own).
+        from .storage import STORAGE_OPTIONS_ENV
+
+        os.environ[STORAGE_OPTIONS_ENV] = args.storage_options
     try:
         settings = _settings(args)
         RunOptions(**explicit_options(args, RunOptions))
@@ -259,21 +264,24 @@ def _run(args: argparse.Namespace) -> int:
 def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
     requests_path, input_table, columns = args.requests, None, None
     if args.template is not None:
+        from .pipeline import storage_for
         from .tables import TableError, render_requests, template_text
 
         columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
         try:
+            storage = asyncio.run(storage_for(getattr(args, "storage_block", None)))
             # Every row is rendered before anything is sent: a template error costs nothing.
             rendered = render_requests(
                 args.requests,
                 args.output_dir,
-                template_text(args.template) or "",
+                template_text(args.template, storage) or "",
                 model=args.model,
                 max_tokens=args.max_tokens,
-                system=template_text(args.system),
+                system=template_text(args.system, storage),
                 id_column=args.id_column,
+                storage=storage,
             )
-        except (TableError, FileNotFoundError) as error:
+        except (TableError, FileNotFoundError, ValueError) as error:
             print(f"error: {error}; nothing was sent", file=sys.stderr)
             return EXIT_STOPPED
         requests_path, input_table = str(rendered.requests_path), args.requests
@@ -435,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_arguments(run)
     add_arguments(run.add_argument_group("shards and mode"), RunOptions)
     run.add_argument("--original-layout", metavar="PATH", help="Also write the original script's JSONL layout.")
+    run.add_argument(
+        "--storage-options", metavar="JSON",
+        help="fsspec storage options for URL inputs and outputs, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}' "
+        "(env PREFECT_ANTHROPIC_STORAGE_OPTIONS; never a flow parameter). Default: what the filesystem finds.",
+    )  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="No progress bar.")
     run.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),

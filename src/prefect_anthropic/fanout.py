@@ -15,12 +15,12 @@ keeps its own limits, and the parent warns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -28,13 +28,16 @@ from prefect.logging import get_run_logger
 
 from .blocks import resolve_settings
 from .engine import AnthropicClient
-from .engine.budget import Budget, SpendingJournal
+from .engine.budget import Budget
 from .engine.shared_budget import SharedBudget
 from .inputs import Shard
-from .pipeline import SHUTDOWN, SPENDING_DIR, DatasetRun, run_shard_requests, shard_marker_path
-from .settings import ClientSettings
+from .observability import forward_logs
+from .pipeline import SHUTDOWN, DatasetRun, run_shard_requests, storage_for
+from .settings import ClientSettings, RunOptions
+from .shard_store import ShardStore
+from .storage import Storage, is_url, join, local_path
 
-__all__ = ["OutputDirectoryNotShared", "mark_shared_directory", "run_shard_flow", "run_shards_on_pool"]
+__all__ = ["OutputDirectoryNotShared", "mark_shared_location", "run_shard_flow", "run_shards_on_pool"]
 
 SHARD_FLOW_NAME = "anthropic-dataset-shard"
 SHARD_FLOW_ENTRYPOINT = "prefect_anthropic.fanout:run_shard_flow"
@@ -45,21 +48,22 @@ class OutputDirectoryNotShared(RuntimeError):
     """A worker does not see the output directory the parent wrote: it is not on shared storage."""
 
 
-def mark_shared_directory(output_dir: str | os.PathLike[str]) -> str:
-    """Write a fresh id into the output directory; every worker must read the same one."""
-    directory_id = uuid.uuid4().hex
-    (Path(output_dir) / SHARED_MARKER).write_text(directory_id)
-    return directory_id
+def mark_shared_location(storage: Storage, output: str) -> str:
+    """Write a fresh id at the output location; every worker must read the same one."""
+    location_id = uuid.uuid4().hex
+    storage.write_text(join(output, SHARED_MARKER), location_id)
+    return location_id
 
 
-def check_shared_directory(output_dir: str | os.PathLike[str], directory_id: str) -> None:
-    marker = Path(output_dir) / SHARED_MARKER
-    seen = marker.read_text().strip() if marker.exists() else None
-    if seen != directory_id:
+def check_shared_location(storage: Storage, output: str, location_id: str) -> None:
+    marker = join(output, SHARED_MARKER)
+    seen = storage.read_text(marker).strip() if storage.exists(marker) else None
+    if seen != location_id:
         raise OutputDirectoryNotShared(
-            f"worker {worker_name()} does not see the run's output directory {output_dir} (marker "
-            f"{SHARED_MARKER} {'missing' if seen is None else 'from another run'}): with --work-pool, the "
-            "output directory and the request file must be on storage every worker mounts at the same path"
+            f"worker {worker_name()} does not see the run's output location {output} (marker {SHARED_MARKER} "
+            f"{'missing' if seen is None else 'from another run'}): with --work-pool, the output and the request "
+            "file must be on storage every worker reaches: a bucket (s3://...), or a directory every worker "
+            "mounts at the same path"
         )
 
 
@@ -68,61 +72,66 @@ def worker_name() -> str:
     return os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname()
 
 
-def _heartbeat_file(work_dir: str, shard: Shard) -> Path:
-    return Path(work_dir) / f"shard-{shard.index:05d}.heartbeat"
+def _heartbeat_name(shard: Shard) -> str:
+    return f"shard-{shard.index:05d}.heartbeat"
+
+
+def _worker_name_file(shard: Shard) -> str:
+    return f"shard-{shard.index:05d}.worker.json"
 
 
 HEARTBEAT_S = 2.0
 
 
-async def _beat(path: Path) -> None:
-    """A count that changes every HEARTBEAT_S while the shard runs (a count, not a time: the parent compares
-    it on its own clock, so machines' clocks need not agree)."""
+async def _beat(store: ShardStore, shard: Shard) -> None:
+    """A count that changes every HEARTBEAT_S while the shard runs, beside its results (a count, not a time:
+    the parent compares it on its own clock, so machines' clocks need not agree)."""
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID", "")
     count = 0
     while True:
         count += 1
-        path.write_text(f"{worker_name()} {flow_run_id} {count}")
+        with contextlib.suppress(Exception):  # one missed beat is not a lost worker
+            await asyncio.to_thread(store.write_text, _heartbeat_name(shard), f"{worker_name()} {flow_run_id} {count}")
         await asyncio.sleep(HEARTBEAT_S)
-
-
-def _worker_file(work_dir: str, shard: Shard) -> Path:
-    return Path(work_dir) / f"shard-{shard.index:05d}.worker.json"
 
 
 @flow(name=SHARD_FLOW_NAME, flow_run_name="shard-{shard.index:05d}", validate_parameters=True)
 async def run_shard_flow(
     requests_path: str,
     shard: Shard,
-    work_dir: str,
+    output: str,
+    options: RunOptions,
     settings: ClientSettings,
     client_block: str | None = None,
     credentials_block: str | None = None,
-    directory_id: str = "",
+    storage_block: str | None = None,
+    location_id: str = "",
     budget_id: str | None = None,
 ) -> dict[str, Any]:
     """One shard on a worker, with a client of its own: the same steps as in one process, resuming from the
-    shard's results file."""
-    output_dir = Path(work_dir).parent
-    check_shared_directory(output_dir, directory_id)
-    if not Path(requests_path).exists():
-        raise OutputDirectoryNotShared(f"worker {worker_name()} does not see the request file {requests_path}")
-    settings, api_key = await resolve_settings(settings, client_block, credentials_block)
-    journal = SpendingJournal(output_dir / SPENDING_DIR)
-    budget = (
-        SharedBudget.connect(settings, api_key, budget_id, settings.max_cost_usd, journal=journal)
-        if budget_id is not None and settings.max_cost_usd is not None
-        else Budget(None, journal=journal)
-    )
-    heart = asyncio.create_task(_beat(_heartbeat_file(work_dir, shard)))
-    try:
-        async with AnthropicClient(api_key, settings, budget=budget) as client:
-            await client.check_limiter()
-            summary = await run_shard_requests(client, requests_path, shard, work_dir, stop=SHUTDOWN)
-    finally:
-        heart.cancel()
-    _worker_file(work_dir, shard).write_text(json.dumps({"worker": worker_name(), "shard": shard.index}))
-    return summary
+    shard's results (parts in the bucket, or a file on a shared disk), in any working directory."""
+    with forward_logs():
+        storage = await storage_for(storage_block)
+        check_shared_location(storage, output, location_id)
+        if not storage.exists(requests_path):
+            raise OutputDirectoryNotShared(f"worker {worker_name()} does not see the request file {requests_path}")
+        settings, api_key = await resolve_settings(settings, client_block, credentials_block)
+        store = ShardStore.for_run(output, options, storage)
+        journal = store.new_journal()
+        budget = (
+            SharedBudget.connect(settings, api_key, budget_id, settings.max_cost_usd, journal=journal)
+            if budget_id is not None and settings.max_cost_usd is not None
+            else Budget(None, journal=journal)
+        )
+        heart = asyncio.create_task(_beat(store, shard))
+        try:
+            async with AnthropicClient(api_key, settings, budget=budget) as client:
+                await client.check_limiter()
+                summary = await run_shard_requests(client, requests_path, shard, store, stop=SHUTDOWN)
+        finally:
+            heart.cancel()
+        store.write_text(_worker_name_file(shard), json.dumps({"worker": worker_name(), "shard": shard.index}))
+        return summary
 
 
 async def ensure_shard_deployment(work_pool: str) -> str:
@@ -166,19 +175,23 @@ async def run_shards_on_pool(
             "--work-pool without --limiter-url: each worker process keeps its own rate limits, so together "
             "they may send more than the account allows. Give them a shared Redis with --limiter-url."
         )
-    directory_id = mark_shared_directory(run.output_dir)
+    output = run.output_dir if is_url(run.output_dir) else str(local_path(run.output_dir).resolve())
+    requests_path = run.requests_path if is_url(run.requests_path) else str(local_path(run.requests_path).resolve())
+    location_id = mark_shared_location(run.storage, output)
     deployment = await ensure_shard_deployment(work_pool)
-    work_dir = str(Path(run.work_dir).resolve())
+    store = run.store
     gate = asyncio.Semaphore(options.max_parallel_shards)
     ran: Counter[str] = Counter()
     shard_retries = options.shard_retries
     parameters = {
-        "requests_path": str(Path(run.requests_path).resolve()),
-        "work_dir": work_dir,
+        "requests_path": requests_path,
+        "output": output,
+        "options": options,
         "settings": run.settings,
         "client_block": client_block,
         "credentials_block": credentials_block,
-        "directory_id": directory_id,
+        "storage_block": options.storage_block,
+        "location_id": location_id,
         "budget_id": budget_id,
     }
     heartbeat_timeout_s = options.shard_heartbeat_timeout_s
@@ -186,16 +199,16 @@ async def run_shards_on_pool(
     async def one(shard: Shard, client: Any) -> None:
         async with gate:
             for attempt in range(shard_retries + 1):
-                if shard_marker_path(work_dir, shard).exists():
+                if store.done_summary(shard) is not None:
                     break
                 flow_run = await arun_deployment(
                     deployment, parameters={**parameters, "shard": shard}, timeout=0, as_subflow=True
                 )
-                state = await _wait_for(client, flow_run.id, _heartbeat_file(work_dir, shard), heartbeat_timeout_s)
+                state = await _wait_for(client, flow_run.id, store, _heartbeat_name(shard), heartbeat_timeout_s)
                 if state is not None and state.is_completed():
-                    worker_file = _worker_file(work_dir, shard)
-                    if worker_file.exists():
-                        ran[json.loads(worker_file.read_text())["worker"]] += 1
+                    worker = store.read_text(_worker_name_file(shard))
+                    if worker is not None:
+                        ran[json.loads(worker)["worker"]] += 1
                     break
                 message = (state.message if state is not None else None) or ""
                 logger.warning(
@@ -220,7 +233,7 @@ async def run_shards_on_pool(
 _POLL_S = 1.0
 
 
-async def _wait_for(client: Any, flow_run_id: Any, heartbeat: Path, timeout_s: float) -> Any:
+async def _wait_for(client: Any, flow_run_id: Any, store: ShardStore, heartbeat: str, timeout_s: float) -> Any:
     """The flow run's final state. A running shard whose heartbeat stops for `timeout_s` (its worker or
     machine is gone: nothing will ever report its end) is marked Crashed, so that it can run again."""
     from prefect.states import Crashed
@@ -236,7 +249,7 @@ async def _wait_for(client: Any, flow_run_id: Any, heartbeat: Path, timeout_s: f
         if not state.is_running():
             last_change = None  # waiting for a worker is not a lost worker
             continue
-        beat = heartbeat.read_text() if heartbeat.exists() else None
+        beat = await asyncio.to_thread(store.read_text, heartbeat)
         now = asyncio.get_running_loop().time()
         if beat != last_beat or last_change is None:
             last_beat, last_change = beat, now

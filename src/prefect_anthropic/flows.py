@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -35,15 +34,15 @@ from .observability import RunEvents, artifact_keys, final_state, forward_logs, 
 from .pipeline import (
     DatasetRun,
     ShardIncomplete,
-    mark_shard_done,
     open_run,
     raise_first_error,
-    shard_marker_path,
     spent_in,
+    storage_for,
 )
 from .settings import ClientSettings, RunOptions
+from .storage import join
 from .tables import PromptFunction, render_requests
-from .tasks import merge_shards, plan_request_shards, run_shard
+from .tasks import merge_materializing, plan_request_shards, run_shard
 
 __all__ = ["generate_dataset", "generate_dataset_from_table", "spent_in"]
 
@@ -65,7 +64,8 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| requests | {number(summary['requests'])} (sent in this run: {number(summary['requests_sent_this_run'])}) |",
+        f"| requests | {number(summary['requests'])} |",
+        f"| sent in this run | {number(summary['requests_sent_this_run'])} |",
         f"| succeeded | {number(summary['succeeded'])} |",
         f"| failed | {number(summary['failed'])} |",
         f"| input tokens | {number(summary['input_tokens'])} |",
@@ -112,6 +112,9 @@ async def generate_dataset(
     batch_poll_interval_s: float = _DEFAULTS.batch_poll_interval_s,
     work_pool: str | None = _DEFAULTS.work_pool,
     shard_heartbeat_timeout_s: float = _DEFAULTS.shard_heartbeat_timeout_s,
+    part_rows: int = _DEFAULTS.part_rows,
+    part_seconds: float = _DEFAULTS.part_seconds,
+    storage_block: str | None = _DEFAULTS.storage_block,
     fail_on_errors: bool = _DEFAULTS.fail_on_errors,
     original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
@@ -138,6 +141,11 @@ async def generate_dataset(
             machine, takes shards).
         shard_heartbeat_timeout_s: With a work pool: a running shard whose heartbeat stops this long is taken
             as lost with its worker and run again (it resumes).
+        part_rows: With the output on object storage: a shard's results are uploaded as a new part every this
+            many records (or part_seconds, whichever comes first); a container lost mid-shard loses at most that.
+        part_seconds: With the output on object storage: the longest time between two parts.
+        storage_block: A Prefect block by name (prefect-aws's S3Bucket) whose credentials reach URL inputs and
+            outputs (default: the environment's).
         fail_on_errors: End the flow run Failed (not Completed) when rows failed; either way the state's
             message says how many.
         original_layout_path: Also write the original script's JSONL layout here.
@@ -156,6 +164,9 @@ async def generate_dataset(
         batch_poll_interval_s=batch_poll_interval_s,
         work_pool=work_pool,
         shard_heartbeat_timeout_s=shard_heartbeat_timeout_s,
+        part_rows=part_rows,
+        part_seconds=part_seconds,
+        storage_block=storage_block,
         fail_on_errors=fail_on_errors,
     )
     settings, api_key = await resolve_settings(settings, client_block, credentials_block)
@@ -209,10 +220,10 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
 
     async def one_shard(shard: Shard) -> None:
         async with gate:
-            if options.mode == "batch" and not shard_marker_path(run.work_dir, shard).exists():
+            if options.mode == "batch" and run.store.done_summary(shard) is None:
                 left = await run_shard_in_batches(run.key, shard)
                 if not left and not (budget is not None and budget.exhausted):
-                    mark_shard_done(run.work_dir, shard, {"shard": shard.index, "requests": shard.line_count})
+                    run.store.mark_done(shard, {"shard": shard.index, "requests": shard.line_count})
             try:
                 # Real-time mode, or what batch mode left for it: sends only the lines not yet answered.
                 await shard_task(run.key, shard)
@@ -236,7 +247,8 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
         publisher.cancel()
         events.watch(run.client)
 
-    totals = merge_shards(run.key)
+    inputs = [run.input_table] if run.input_table is not None else [run.requests_path]
+    totals = merge_materializing(run.key, run.output_dir, inputs)(run.key)
     summary = run.summary(totals)
     summary["artifacts"] = keys
     if options.work_pool:
@@ -294,15 +306,23 @@ async def generate_dataset_from_table(
         columns: The table's columns to keep in the outputs (default: all).
         settings, options: As for `generate_dataset` (schema, caching, batch mode, budget, ...).
     """
+    storage = await storage_for(options.get("storage_block"))
     source: Any = table
     if not isinstance(table, (str, os.PathLike)):
-        # The merge reads the table again, a batch at a time: keep an in-memory table on disk for it.
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        source = Path(output_dir) / "input-table.parquet"
+        # The merge reads the table again, a batch at a time: keep an in-memory table beside the output for it.
+        source = join(str(output_dir), "input-table.parquet")
         frame = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
-        pq.write_table(frame, source)
+        with storage.atomic_writer(source) as handle:
+            pq.write_table(frame, handle)
     rendered = render_requests(
-        source, output_dir, prompt, model=model, max_tokens=max_tokens, system=system, id_column=id_column
+        source,
+        output_dir,
+        prompt,
+        model=model,
+        max_tokens=max_tokens,
+        system=system,
+        id_column=id_column,
+        storage=storage,
     )
     result: dict[str, Any] = await generate_dataset(
         str(rendered.requests_path),

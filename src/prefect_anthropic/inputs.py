@@ -15,12 +15,12 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
 from .engine.records import RequestItem
+from .storage import Storage, is_url, local_path
 
 __all__ = ["MAX_REQUEST_BYTES", "Shard", "ShardPlan", "iter_requests", "parse_line", "plan_shards"]
 
@@ -120,11 +120,22 @@ class Shard:
         return f"lines {self.first_line:,}-{self.first_line + self.line_count - 1:,}".replace(",", "")
 
 
+def _open(path: str | os.PathLike[str], storage: Storage | None) -> IO[bytes]:
+    if is_url(path):
+        return (storage or Storage.from_environment()).open(str(path), "rb")
+    return open(local_path(path), "rb")
+
+
 def iter_requests(
-    path: str | os.PathLike[str], start: int = 0, end: int | None = None, first_line: int = 1
+    path: str | os.PathLike[str],
+    start: int = 0,
+    end: int | None = None,
+    first_line: int = 1,
+    storage: Storage | None = None,
 ) -> Iterator[RequestItem]:
-    """The requests stored in bytes [start, end) of a file; lines are numbered from `first_line`."""
-    with open(path, "rb") as handle:
+    """The requests stored in bytes [start, end) of a file (a path or a URL); lines are numbered from
+    `first_line`."""
+    with _open(path, storage) as handle:
         handle.seek(start)
         position = start
         line = first_line
@@ -145,11 +156,10 @@ class ShardPlan:
     size_bytes: int
 
 
-def plan_shards(path: str | os.PathLike[str], lines_per_shard: int) -> ShardPlan:
-    """Cut a file into shards of `lines_per_shard` lines, in one pass over its bytes."""
+def plan_shards(path: str | os.PathLike[str], lines_per_shard: int, storage: Storage | None = None) -> ShardPlan:
+    """Cut a file (a path or a URL) into shards of `lines_per_shard` lines, in one pass over its bytes."""
     if lines_per_shard < 1:
         raise ValueError("lines_per_shard must be at least 1")
-    path = Path(path)
     shards: list[Shard] = []
     start = 0
     first_line = 1
@@ -160,7 +170,7 @@ def plan_shards(path: str | os.PathLike[str], lines_per_shard: int) -> ShardPlan
         return hashlib.blake2b(f"{first}:".encode(), digest_size=8)
 
     digest = new_digest(1)
-    with open(path, "rb") as handle:
+    with _open(path, storage) as handle:
         for raw in handle:
             digest.update(raw)
             position += len(raw)

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -197,7 +196,7 @@ class ModelTable:
     def extended(self, path: str | os.PathLike[str]) -> ModelTable:
         """This table with the entries of the file at `path` added, or overriding those with the same id."""
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            data = tomllib.loads(_read_text(path))
         except OSError as exc:
             raise ModelsFileError(f"cannot read models file {path}: {exc.strerror or exc}") from exc
         except tomllib.TOMLDecodeError as exc:
@@ -210,6 +209,15 @@ class ModelTable:
             by_id.pop(base.id if base is not None else "", None)
             by_id[model.id] = model
         return ModelTable(tuple(by_id.values()), (*self.sources, str(path)))
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    """A local file's text, or a URL's (s3://, gs://...: a models file kept in the bucket beside the data)."""
+    from .storage import Storage, is_url, local_path
+
+    if is_url(path):
+        return Storage.from_environment().read_text(str(path))
+    return local_path(path).read_text(encoding="utf-8")
 
 
 @lru_cache(maxsize=1)
@@ -242,7 +250,7 @@ def model_table() -> ModelTable:
     path = _override_path or os.environ.get(MODELS_FILE_ENV) or None
     table = _tables.get(path)
     if table is None:
-        if path is not None and not os.path.exists(path):
+        if path is not None and "://" not in path and not os.path.exists(path):
             raise ModelsFileError(f"models file not found: {path} ({MODELS_FILE_ENV} or --models-file)")
         table = _tables[path] = _shipped_table().extended(path) if path else _shipped_table()
     return table

@@ -9,11 +9,10 @@ final file.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .engine.records import message_columns
-from .engine.results_file import read_records
 from .inputs import Shard, iter_requests
 from .models import Usage, cost_usd
 from .schema import OutputSchema
+from .storage import Storage, join, local_path
 from .tables import InputColumns
 
 __all__ = ["PARQUET_SCHEMA", "DatasetTotals", "final_records", "merge_results", "parquet_schema"]
@@ -92,9 +91,13 @@ class DatasetTotals:
     unpriced_rows: Counter[str] = field(default_factory=Counter)
     #: The first failed rows (line, custom_id, error_type, error_message), for the failures artifact.
     first_failures: list[dict[str, Any]] = field(default_factory=list)
+    #: Rows by the model that answered them (or was asked).
+    models: Counter[str] = field(default_factory=Counter)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows += 1
+        if row["model"]:
+            self.models[row["model"]] += 1
         if row["status"] == "succeeded" and row["cost_usd"] is None:
             self.unpriced_rows[row["model"] or "(no model)"] += 1
         if row["status"] != "succeeded" and row["cost_usd"]:
@@ -136,10 +139,10 @@ class DatasetTotals:
         ]
 
 
-def final_records(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
+def final_records(records: Iterable[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
     """Each request's record that counts, by (line, request digest): its last success, else its last error."""
     final: dict[tuple[int, str], dict[str, Any]] = {}
-    for record in read_records(path):
+    for record in records:
         key = (int(record["line"]), record.get("request_digest") or "")
         previous = final.get(key)
         if previous is None or record.get("status") == "succeeded" or previous.get("status") != "succeeded":
@@ -180,72 +183,59 @@ def _original_layout_row(body: dict[str, Any], record: dict[str, Any], metadata:
 
 
 def merge_results(
-    requests_path: str | os.PathLike[str],
+    requests_path: str,
     shards: Iterable[Shard],
-    shard_results: Iterable[str | os.PathLike[str]],
-    output_dir: str | os.PathLike[str],
+    records_of: Callable[[Shard], Iterable[dict[str, Any]]],
+    output_dir: str,
     *,
-    original_layout_path: str | os.PathLike[str] | None = None,
+    storage: Storage | None = None,
+    original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
     output_schema: OutputSchema | None = None,
-    input_table: str | os.PathLike[str] | None = None,
+    input_table: str | None = None,
     input_columns: Sequence[str] | None = None,
 ) -> DatasetTotals:
-    """Write results.jsonl and results.parquet into `output_dir` (or, for the drop-in script, the
-    original layout at `original_layout_path` with the Parquet file beside it). With `input_table` (the
-    table the request file was rendered from, one line per row), the table's columns come first in every
-    row, `input_<name>` where a name is a result column's."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Write results.jsonl and results.parquet at `output_dir`, a path or a URL (or, for the drop-in script,
+    the original layout at `original_layout_path` with the Parquet file beside it). `records_of(shard)` gives
+    the records a shard wrote. With `input_table` (the table the request file was rendered from, one line
+    per row), the table's columns come first in every row, `input_<name>` where a name is a result column's.
+    Each file is written whole or not at all (see `Storage.atomic_writer`)."""
+    storage = storage or Storage.from_environment()
     if original_layout_path is not None and parquet_beside_original:
-        original = Path(original_layout_path)
-        targets = {"parquet": original.with_suffix(".parquet"), "original": original}
+        original = local_path(original_layout_path)
+        targets = {"parquet": str(original.with_suffix(".parquet")), "original": str(original)}
     else:
-        targets = {"parquet": output_dir / "results.parquet", "jsonl": output_dir / "results.jsonl"}
+        targets = {"parquet": join(output_dir, "results.parquet"), "jsonl": join(output_dir, "results.jsonl")}
         if original_layout_path is not None:
-            targets["original"] = Path(original_layout_path)
-    temporary = {kind: path.with_name(f".{path.name}.partial") for kind, path in targets.items()}
+            targets["original"] = original_layout_path
     totals = DatasetTotals()
     schema = parquet_schema(output_schema)
-    inputs = InputColumns(input_table, input_columns, schema.names) if input_table is not None else None
+    inputs = InputColumns(input_table, input_columns, schema.names, storage) if input_table is not None else None
     if inputs is not None:
         schema = pa.schema([*inputs.fields, *schema])
-    writer = pq.ParquetWriter(temporary["parquet"], schema, compression="zstd")
-    jsonl = open(temporary["jsonl"], "wb") if "jsonl" in temporary else None  # noqa: SIM115
-    original_file = open(temporary["original"], "wb") if "original" in temporary else None  # noqa: SIM115
-    try:
-        for shard, results_path in zip(shards, shard_results, strict=True):
-            records = final_records(Path(results_path))
-            rows = []
-            for item in iter_requests(requests_path, shard.start, shard.end, shard.first_line):
-                record = records.get((item.line, item.digest)) or _missing(item.line, item.custom_id, item.metadata)
-                row = _row(record, output_schema)
-                totals.add(row)
-                if inputs is not None:
-                    row = {**inputs.next_row(), **row}
-                if jsonl is not None:
-                    jsonl.write(orjson.dumps({**row, "metadata": record.get("metadata")}, default=str) + b"\n")
-                if output_schema is not None:
-                    row["parsed"] = output_schema.column_value(row["parsed"])
-                rows.append(row)
-                if original_file is not None:
-                    original_file.write(_original_layout_row(item.body, record, item.metadata))
-            if rows:
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-    except BaseException:
-        writer.close()
-        for handle in (jsonl, original_file):
-            if handle is not None:
-                handle.close()
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
-        raise
-    writer.close()
-    for handle in (jsonl, original_file):
-        if handle is not None:
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
-    for kind, path in temporary.items():
-        os.replace(path, targets[kind])
+    with contextlib.ExitStack() as files:
+        handles = {kind: files.enter_context(storage.atomic_writer(target)) for kind, target in targets.items()}
+        jsonl, original_file = handles.get("jsonl"), handles.get("original")
+        writer = pq.ParquetWriter(handles["parquet"], schema, compression="zstd")
+        try:
+            for shard in shards:
+                records = final_records(records_of(shard))
+                rows = []
+                for item in iter_requests(requests_path, shard.start, shard.end, shard.first_line, storage):
+                    record = records.get((item.line, item.digest)) or _missing(item.line, item.custom_id, item.metadata)
+                    row = _row(record, output_schema)
+                    totals.add(row)
+                    if inputs is not None:
+                        row = {**inputs.next_row(), **row}
+                    if jsonl is not None:
+                        jsonl.write(orjson.dumps({**row, "metadata": record.get("metadata")}, default=str) + b"\n")
+                    if output_schema is not None:
+                        row["parsed"] = output_schema.column_value(row["parsed"])
+                    rows.append(row)
+                    if original_file is not None:
+                        original_file.write(_original_layout_row(item.body, record, item.metadata))
+                if rows:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+        finally:
+            writer.close()
     return totals

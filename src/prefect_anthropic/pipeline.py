@@ -13,26 +13,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .corrections import save_token_corrections
-from .engine import AnthropicClient, FatalAPIError, ResultsWriter, RunStopped, read_records, run_requests
-from .engine.budget import Budget, journaled_spending
+from .engine import AnthropicClient, FatalAPIError, RunStopped, run_requests
+from .engine.budget import Budget
 from .engine.records import RequestItem, ResultRecord
 from .engine.results_file import succeeded_requests
 from .inputs import Shard, ShardPlan, iter_requests, plan_shards
 from .outputs import DatasetTotals, merge_results
 from .progress import RunProgress
-from .run_lock import hold_output_directory
+from .run_lock import hold_output_location
 from .schema import OutputSchema
 from .settings import ClientSettings, RunOptions
+from .shard_store import ShardStore, spent_in
+from .storage import Storage, is_url, join
 
 __all__ = [
     "RUNS",
@@ -48,7 +48,6 @@ __all__ = [
 logger = logging.getLogger("prefect_anthropic")
 
 SUMMARY_FILE = "summary.json"
-SPENDING_DIR = ".spending"
 
 #: Error types that another attempt cannot fix: a shard holding only these counts as finished.
 PERMANENT_ERRORS = frozenset(
@@ -73,54 +72,25 @@ class ShardIncomplete(RuntimeError):
     """Some requests of the shard failed with errors worth retrying: the shard is retried and resumes."""
 
 
-def shard_results_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
-    return Path(work_dir) / f"shard-{shard.index:05d}.jsonl"
-
-
-def shard_marker_path(work_dir: str | os.PathLike[str], shard: Shard) -> Path:
-    """Named by the shard's content digest: an edited or extended shard runs again, resuming line by line
-    (each record carries its request's digest), so only new or changed requests are sent."""
-    return Path(work_dir) / f"shard-{shard.index:05d}-{shard.digest}.done.json"
-
-
-def mark_shard_done(work_dir: str | os.PathLike[str], shard: Shard, summary: dict[str, Any]) -> None:
-    marker = shard_marker_path(work_dir, shard)
-    partial = marker.with_suffix(".partial")
-    partial.write_text(json.dumps(summary))
-    os.replace(partial, marker)
-
-
-def spent_in(output_dir: str | os.PathLike[str]) -> float:
-    """Dollars the dataset in `output_dir` paid, or may have paid, over all its runs: its spending journals;
-    for a dataset written before journals, what its results files record."""
-    journaled = journaled_spending(Path(output_dir) / SPENDING_DIR)
-    if journaled is not None:
-        return journaled
-    total = 0.0
-    for path in sorted(Path(output_dir).glob(".shards-*/shard-*.jsonl")):
-        total += sum(record.get("cost_usd") or 0.0 for record in read_records(path))
-    return total
-
-
-def check_paths(requests_path: str, output_dir: str) -> None:
-    source = Path(requests_path)
-    if not source.is_file():
-        raise FileNotFoundError(f"requests file not found: {source}")
-    target = Path(output_dir)
+def check_paths(requests_path: str, output_dir: str, storage: Storage) -> None:
+    """The input exists and the output location takes writes, before anything is sent."""
+    if not storage.exists(requests_path):
+        raise FileNotFoundError(f"requests file not found: {requests_path}")
+    probe = join(output_dir, f".write-test-{uuid.uuid4().hex}")
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = target / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        storage.makedirs(output_dir)
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
     except OSError as exc:
-        raise PermissionError(f"output directory is not writable: {target} ({exc.strerror or exc})") from exc
+        kind = "location" if is_url(output_dir) else "directory"
+        raise PermissionError(f"output {kind} is not writable: {output_dir} ({exc.strerror or exc})") from exc
 
 
 async def run_shard_requests(
     client: AnthropicClient,
     requests_path: str,
     shard: Shard,
-    work_dir: str,
+    store: ShardStore,
     *,
     progress: RunProgress | None = None,
     stop: threading.Event | None = None,
@@ -129,15 +99,13 @@ async def run_shard_requests(
 
     Raises ShardIncomplete when requests failed with errors worth retrying (a retry resumes with them).
     """
-    marker = shard_marker_path(work_dir, shard)
-    if marker.exists():
-        summary: dict[str, Any] = json.loads(marker.read_text())
+    finished = store.done_summary(shard)
+    if finished is not None:
         if progress is not None:
-            progress.mark_done(shard.index, summary["requests"])
+            progress.mark_done(shard.index, finished["requests"])
         logger.info("Shard %d already finished in an earlier run; not sent again.", shard.index)
-        return summary
-    results_path = shard_results_path(work_dir, shard)
-    done = succeeded_requests(results_path)
+        return finished
+    done = succeeded_requests(store.prepare(shard))
     if len(done):
         logger.info("Shard %d resumes: %d requests already answered.", shard.index, len(done))
 
@@ -149,10 +117,10 @@ async def run_shard_requests(
         if progress is not None:
             progress.skipped(item.line)
 
-    with ResultsWriter(results_path) as writer:
+    with store.writer(shard) as writer:
         outcome = await run_requests(
             client,
-            iter_requests(requests_path, shard.start, shard.end, shard.first_line),
+            iter_requests(requests_path, shard.start, shard.end, shard.first_line, store.storage),
             writer=writer,
             already_succeeded=done,
             on_record=on_record,
@@ -174,9 +142,9 @@ async def run_shard_requests(
     }
     if outcome.errors_by_type.get("budget_exhausted"):
         return summary  # not done: a later run with a higher budget sends the rest
-    mark_shard_done(work_dir, shard, summary)
+    store.mark_done(shard, summary)
     logger.info(
-        "Shard %d done: %d sent, %d skipped, %d failed permanently.",
+        "Shard %d done: %d answered, %d skipped, %d failed permanently.",
         shard.index,
         outcome.done,
         outcome.skipped,
@@ -194,6 +162,7 @@ class DatasetRun:
     settings: ClientSettings
     options: RunOptions
     client: AnthropicClient
+    store: ShardStore
     api_key: str = field(repr=False, default="")
     input_table: str | None = None
     input_columns: list[str] | None = None
@@ -205,14 +174,13 @@ class DatasetRun:
     progress: RunProgress | None = None
 
     @property
-    def work_dir(self) -> str:
-        return str(Path(self.output_dir) / f".shards-{self.options.shard_size}")
+    def storage(self) -> Storage:
+        return self.store.storage
 
     def plan_shards(self) -> ShardPlan:
-        plan = self.plan = plan_shards(self.requests_path, self.options.shard_size)
+        plan = self.plan = plan_shards(self.requests_path, self.options.shard_size, self.storage)
         if plan.lines == 0:
             raise ValueError(f"requests file is empty: {self.requests_path}")
-        Path(self.work_dir).mkdir(parents=True, exist_ok=True)
         client = self.client
         self.progress = RunProgress(
             total_requests=plan.lines,
@@ -233,7 +201,7 @@ class DatasetRun:
 
     async def run_shard(self, shard: Shard) -> dict[str, Any]:
         return await run_shard_requests(
-            self.client, self.requests_path, shard, self.work_dir, progress=self.progress, stop=SHUTDOWN
+            self.client, self.requests_path, shard, self.store, progress=self.progress, stop=SHUTDOWN
         )
 
     def merge(self) -> DatasetTotals:
@@ -242,8 +210,9 @@ class DatasetRun:
         return merge_results(
             self.requests_path,
             self.plan.shards,
-            [shard_results_path(self.work_dir, shard) for shard in self.plan.shards],
+            self.store.records,
             self.output_dir,
+            storage=self.storage,
             original_layout_path=self.original_layout_path,
             parquet_beside_original=self.parquet_beside_original,
             output_schema=OutputSchema(schema) if schema is not None else None,
@@ -303,10 +272,16 @@ class DatasetRun:
         }
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        summary_path = Path(self.output_dir) / SUMMARY_FILE
-        partial = summary_path.with_suffix(".partial")
-        partial.write_text(json.dumps(summary, indent=2))
-        os.replace(partial, summary_path)
+        self.storage.write_text(join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+
+
+async def storage_for(storage_block: str | None) -> Storage:
+    """How to reach the run's locations: the environment's storage options, over a block's when one is named."""
+    if storage_block is None:
+        return Storage.from_environment()
+    from .storage import block_storage_options
+
+    return Storage.from_environment(await block_storage_options(storage_block))
 
 
 async def _lock_url(settings: ClientSettings) -> str | None:
@@ -325,20 +300,23 @@ async def open_run(
     settings: ClientSettings,
     api_key: str,
     options: RunOptions | None = None,
+    storage: Storage | None = None,
     **run_fields: Any,
 ) -> AsyncIterator[DatasetRun]:
     """Hold the output directory, open the run's client (with the dataset's budget and spending journal),
     and yield the run; the client is closed and the learned token corrections are kept at the end."""
     options = options or RunOptions()
-    check_paths(requests_path, output_dir)
-    with hold_output_directory(output_dir, await _lock_url(settings)):
+    storage = storage or await storage_for(options.storage_block)
+    check_paths(requests_path, output_dir, storage)
+    with hold_output_location(output_dir, storage, await _lock_url(settings)):
+        store = ShardStore.for_run(output_dir, options, storage)
         # What earlier runs of the dataset paid (or may have: a killed run's requests in flight) is spent.
-        budget = Budget.for_dataset(settings.max_cost_usd, Path(output_dir) / SPENDING_DIR)
+        budget = Budget(settings.max_cost_usd, spent_usd=store.spent(), journal=store.new_journal())
         if budget.limit_usd is not None:
             logger.info("Budget $%.4f, $%.4f spent by earlier runs.", budget.limit_usd, budget.spent_usd)
         async with AnthropicClient(api_key, settings, budget=budget) as client:
             await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending
-            run = DatasetRun(requests_path, output_dir, settings, options, client, api_key, **run_fields)
+            run = DatasetRun(requests_path, output_dir, settings, options, client, store, api_key, **run_fields)
             RUNS[run.key] = run
             try:
                 yield run

@@ -255,9 +255,11 @@ def load_schema(source: str | os.PathLike[str] | dict[str, Any] | type) -> Outpu
         return OutputSchema(model_json_schema())
     if isinstance(source, dict):
         return OutputSchema(source)
+    from .storage import Storage, is_url, local_path
+
     try:
-        with open(source, encoding="utf-8") as handle:
-            data = json.load(handle)
+        text = Storage.from_environment().read_text(str(source)) if is_url(source) else local_path(source).read_text()
+        data = json.loads(text)
     except OSError as exc:
         raise SchemaError(f"cannot read schema file {source}: {exc.strerror or exc}") from exc
     except ValueError as exc:

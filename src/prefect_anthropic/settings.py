@@ -326,6 +326,20 @@ class RunOptions(BaseModel):
         description="With a work pool: a running shard whose heartbeat stops this long is taken as lost with its "
         "worker and run again (it resumes).",
     )
+    part_rows: int = Field(
+        default=500,
+        ge=1,
+        description="With the output on object storage: a shard's results are uploaded as a new part every this "
+        "many records (or part_seconds, whichever comes first); a container lost mid-shard loses at most that.",
+    )
+    part_seconds: float = Field(
+        default=10.0, gt=0, description="With the output on object storage: the longest time between two parts."
+    )
+    storage_block: str | None = Field(
+        default=None,
+        description="A Prefect block by name (prefect-aws's S3Bucket) whose credentials reach URL inputs and "
+        "outputs (default: the environment's, or --storage-options).",
+    )
     fail_on_errors: bool = Field(
         default=False,
         description="End the flow run Failed when rows failed (default: Completed, its message saying how many).",

@@ -18,13 +18,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from jinja2 import Environment, StrictUndefined, TemplateError, UndefinedError
+
+from .storage import Storage, is_url, join
 
 __all__ = [
     "TABLE_SUFFIXES",
@@ -46,17 +48,19 @@ class TableError(ValueError):
     """A table or template that cannot give requests: the message names the row and the column."""
 
 
-def template_text(text_or_path: str | None) -> str | None:
-    """A template given inline, or the contents of the file it names."""
+def template_text(text_or_path: str | None, storage: Storage | None = None) -> str | None:
+    """A template given inline, or the contents of the file (path or URL) it names."""
     if text_or_path is None:
         return None
+    if is_url(text_or_path) and "\n" not in text_or_path:
+        return (storage or Storage.from_environment()).read_text(text_or_path)
     path = Path(text_or_path)
     if len(text_or_path) < 4096 and "\n" not in text_or_path and path.is_file():
         return path.read_text(encoding="utf-8")
     return text_or_path
 
 
-def _jsonl_batches(path: Path) -> Iterator[pa.RecordBatch]:
+def _jsonl_batches(path: str, handle: IO[bytes]) -> Iterator[pa.RecordBatch]:
     schema: pa.Schema | None = None
     rows: list[dict[str, Any]] = []
 
@@ -66,7 +70,7 @@ def _jsonl_batches(path: Path) -> Iterator[pa.RecordBatch]:
         schema = table.schema
         return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema)
 
-    with open(path, "rb") as handle:
+    with handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -84,27 +88,30 @@ def _jsonl_batches(path: Path) -> Iterator[pa.RecordBatch]:
         yield batch()
 
 
-def iter_row_batches(source: Any) -> Iterator[pa.RecordBatch]:
-    """The table's rows in order, a record batch at a time."""
+def iter_row_batches(source: Any, storage: Storage | None = None) -> Iterator[pa.RecordBatch]:
+    """The table's rows in order, a record batch at a time (a path or a URL is read as it goes)."""
     if isinstance(source, pa.Table):
         yield from source.to_batches(max_chunksize=BATCH_ROWS)
         return
     if type(source).__name__ == "DataFrame":  # pandas, without importing it here
         yield from pa.Table.from_pandas(source, preserve_index=False).to_batches(max_chunksize=BATCH_ROWS)
         return
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"table not found: {path}")
-    suffix = path.suffix.lower()
+    location = str(source)
+    suffix = Path(location.split("?", 1)[0]).suffix.lower()
+    if suffix not in (".parquet", ".csv", ".jsonl"):
+        raise TableError(f"{location}: a table is .csv, .parquet or .jsonl, not {suffix or 'a file without suffix'}")
+    storage = storage or Storage.from_environment()
+    if not storage.exists(location):
+        raise FileNotFoundError(f"table not found: {location}")
+    handle = storage.open(location, "rb")
     if suffix == ".parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        with handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS)
     elif suffix == ".csv":
-        with pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 22)) as reader:
+        with handle, pa_csv.open_csv(handle, read_options=pa_csv.ReadOptions(block_size=1 << 22)) as reader:
             yield from reader
-    elif suffix == ".jsonl":
-        yield from _jsonl_batches(path)
     else:
-        raise TableError(f"{path}: a table is .csv, .parquet or .jsonl, not {suffix or 'a file without suffix'}")
+        yield from _jsonl_batches(location, handle)
 
 
 def _row_id(row: dict[str, Any]) -> str:
@@ -115,7 +122,7 @@ def _row_id(row: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class RenderedTable:
-    requests_path: Path
+    requests_path: str
     rows: int
     columns: list[str]
 
@@ -182,33 +189,25 @@ def render_requests(
     max_tokens: int | None = None,
     system: str | None = None,
     id_column: str | None = None,
+    storage: Storage | None = None,
 ) -> RenderedTable:
-    """Render every row into the output directory's request file (written whole before anything is sent,
+    """Render every row into the output location's request file (written whole before anything is sent,
     so a template error stops the run with nothing paid). Rows keep the table's order, one line each."""
-    directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "requests.from-table.jsonl"
-    partial = target.with_name(f".{target.name}.partial")
+    storage = storage or Storage.from_environment()
+    target = join(str(output_dir), "requests.from-table.jsonl")
     renderer = _Renderer(prompt, system, model, max_tokens)
     rows = 0
     columns: list[str] = []
-    with open(partial, "wb") as handle:
-        for batch in iter_row_batches(table):
+    with storage.atomic_writer(target) as handle:
+        for batch in iter_row_batches(table, storage):
             columns = columns or batch.schema.names
             if id_column is not None and id_column not in batch.schema.names:
-                partial.unlink(missing_ok=True)
                 raise TableError(f"--id-column {id_column!r} is not a column of the table ({', '.join(columns)})")
             for row in batch.to_pylist():
-                try:
-                    body = renderer.body(row, rows)
-                except TableError:
-                    handle.close()
-                    partial.unlink(missing_ok=True)
-                    raise
+                body = renderer.body(row, rows)
                 custom_id = str(row[id_column]) if id_column is not None else _row_id(row)
                 handle.write(orjson.dumps({"custom_id": custom_id, "params": body}, default=str) + b"\n")
                 rows += 1
-    os.replace(partial, target)
     return RenderedTable(target, rows, list(columns))
 
 
@@ -221,8 +220,14 @@ def input_column_names(table_columns: Sequence[str], result_columns: Sequence[st
 class InputColumns:
     """The table's columns, row by row in the table's order, to put beside the result columns."""
 
-    def __init__(self, source: Any, columns: Sequence[str] | None, result_columns: Sequence[str]) -> None:
-        batches = iter_row_batches(source)
+    def __init__(
+        self,
+        source: Any,
+        columns: Sequence[str] | None,
+        result_columns: Sequence[str],
+        storage: Storage | None = None,
+    ) -> None:
+        batches = iter_row_batches(source, storage)
         first = next(batches, None)
         schema = first.schema if first is not None else pa.schema([])
         names = list(columns) if columns else list(schema.names)

@@ -10,14 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
+from prefect.assets import add_asset_metadata, materialize
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_logger
 
 from .engine import FatalAPIError, RunStopped
 from .inputs import Shard, ShardPlan
 from .outputs import DatasetTotals
 from .pipeline import RUNS
+from .storage import is_url, local_path
 
-__all__ = ["merge_shards", "plan_request_shards", "run_shard"]
+__all__ = ["merge_materializing", "merge_shards", "plan_request_shards", "run_shard"]
+
+logger = get_logger("prefect_anthropic")
 
 
 @task(name="plan-shards", task_run_name="plan-shards", cache_policy=NO_CACHE)
@@ -52,3 +57,38 @@ async def run_shard(run_key: str, shard: Shard) -> dict[str, Any]:
 @task(name="merge-shards", task_run_name="merge-shards", cache_policy=NO_CACHE)
 def merge_shards(run_key: str) -> DatasetTotals:
     return RUNS[run_key].merge()
+
+
+def asset_key(location: str) -> str:
+    """A location as a Prefect asset key: its URL (a local path as file://)."""
+    return location if is_url(location) else local_path(location).resolve().as_uri()
+
+
+def merge_materializing(run_key: str, output: str, inputs: list[str]) -> Any:
+    """The merge as the task that materializes the dataset as a Prefect asset: key the output's URL,
+    upstream the input's, metadata rows, succeeded, failed, cost_usd and models. A location that is no valid
+    asset key (a path with a space, say) is merged all the same, without the asset."""
+    try:
+        key = asset_key(output)
+        upstream: list[Any] = [asset_key(location) for location in inputs]
+        decorate = materialize(key, by="prefect-anthropic", asset_deps=upstream, cache_policy=NO_CACHE)
+    except ValueError as exc:
+        logger.warning("The dataset is not recorded as a Prefect asset: %s", exc)
+        return merge_shards
+
+    def merge_and_describe(run_key: str) -> DatasetTotals:
+        totals = RUNS[run_key].merge()
+        cost = totals.cost_usd + RUNS[run_key].client.stats.prewarm_cost_usd
+        add_asset_metadata(
+            key,
+            {
+                "rows": totals.rows,
+                "succeeded": totals.succeeded,
+                "failed": totals.failed,
+                "cost_usd": round(cost, 6),
+                "models": dict(totals.models),
+            },
+        )
+        return totals
+
+    return decorate(merge_and_describe).with_options(name="merge-shards", task_run_name="merge-shards")

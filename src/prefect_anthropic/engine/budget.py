@@ -24,7 +24,7 @@ import asyncio
 import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from ..formatting import money
 from ..models import ModelInfo, Usage, cost_usd
 from .caching import cached_prefix
 from .records import RequestItem, ResultRecord
+from .results_file import PartUploader
 
 __all__ = ["Budget", "SpendingJournal", "journaled_spending", "max_input_tokens", "worst_case_cost"]
 
@@ -90,11 +91,18 @@ class SpendingJournal:
     """Append-only record of one client's attempts: `{"r": id, "usd": worst}` as an attempt is sent,
     `{"s": id, "usd": actual}` when its cost is known (0 for an answer not billed)."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.path = Path(directory) / f"{uuid.uuid4().hex}.jsonl"
+    def __init__(self, directory: str | os.PathLike[str], *, storage: Any = None, remote_dir: str | None = None):
+        name = uuid.uuid4().hex
+        self.path = Path(directory) / f"{name}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the client's life
         self._open: set[int] = set()
+        #: Where the machine's disk does not outlive the run: uploaded as parts every few seconds.
+        self._uploader = (
+            PartUploader(storage, f"{remote_dir.rstrip('/')}/{name}", self.path, every_rows=100, every_s=2.0)
+            if remote_dir is not None
+            else None
+        )
 
     def sent(self, entry: int, usd: float) -> None:
         self._open.add(entry)
@@ -110,36 +118,56 @@ class SpendingJournal:
         # Handed to the OS before the attempt is sent: a killed process's reservations survive it.
         self._handle.write(orjson.dumps(data) + b"\n")
         self._handle.flush()
+        if self._uploader is not None:
+            self._uploader.appended()
 
     def close(self) -> None:
         if not self._handle.closed:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
+            if self._uploader is not None:
+                self._uploader.upload()
 
 
-def journaled_spending(directory: str | os.PathLike[str]) -> float | None:
-    """What the journals in `directory` say was (or may have been) paid: settled costs, and the worst case
-    of every reservation never settled (its process was killed with the request in flight). None when
-    there is no journal."""
-    paths = sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []
+def _journal_total(lines: Iterable[bytes]) -> float:
+    total = 0.0
+    reserved: dict[int, float] = {}
+    for raw in lines:
+        try:
+            entry = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue  # a torn last line
+        if "r" in entry:
+            reserved[entry["r"]] = float(entry["usd"])
+        elif "s" in entry:
+            reserved.pop(entry["s"], None)
+            total += float(entry["usd"])
+    return total + sum(reserved.values())
+
+
+def journaled_spending(location: str | os.PathLike[str], storage: Any = None) -> float | None:
+    """What the journals at `location` say was (or may have been) paid: settled costs, and the worst case of
+    every attempt sent but never settled (its process was killed with the request in flight). None when
+    there is no journal. `location` is a local directory of journal files, or (with `storage`) a URL under
+    which each journal is a directory of parts."""
+    if storage is not None and "://" in str(location) and not str(location).startswith("file://"):
+        journals = storage.list(str(location), "*")
+        if not journals:
+            return None
+        return sum(
+            _journal_total(line for part in storage.list(journal, "part-*.jsonl") for line in
+                           storage.read_bytes(part).splitlines())
+            for journal in journals
+        )  # fmt: skip
+    directory = Path(str(location).removeprefix("file://"))
+    paths = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
     if not paths:
         return None
     total = 0.0
     for path in paths:
-        reserved: dict[int, float] = {}
         with open(path, "rb") as handle:
-            for raw in handle:
-                try:
-                    entry = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    continue  # a torn last line
-                if "r" in entry:
-                    reserved[entry["r"]] = float(entry["usd"])
-                elif "s" in entry:
-                    reserved.pop(entry["s"], None)
-                    total += float(entry["usd"])
-        total += sum(reserved.values())
+            total += _journal_total(handle)
     return total
 
 
@@ -159,12 +187,6 @@ class Budget:
     holding: int = 0
     _settled: asyncio.Event | None = field(default=None, repr=False)
     _entries: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
-
-    @classmethod
-    def for_dataset(cls, limit_usd: float | None, journal_dir: str | os.PathLike[str]) -> Budget:
-        """The budget of a dataset's run: what its earlier runs paid is spent already; this run's journal."""
-        earlier = journaled_spending(journal_dir) or 0.0
-        return cls(limit_usd, spent_usd=earlier, journal=SpendingJournal(journal_dir))
 
     def reserve(self, worst_usd: float) -> int | None:
         """Take `worst_usd` now: the reservation's number (its journal entry), or None when it does not fit now

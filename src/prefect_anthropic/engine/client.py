@@ -358,8 +358,7 @@ class AnthropicClient:
             info=info,
             cl100k=cl100k,
             estimated_input=estimated_input,
-            # Cache reads do not count toward input tokens/min: a warm prefix is not charged up front.
-            charged_input=max(1, estimated_input - cached_tokens_expected),
+            cached_tokens_expected=cached_tokens_expected,
             max_tokens=max_tokens,
             streaming=streaming,
             payload=orjson.dumps({**body, "stream": True} if streaming else body),
@@ -379,8 +378,11 @@ class AnthropicClient:
                     self._budget_refund(commit)
                     self._raise_if_stopped()
                 try:
+                    # Both estimates are taken when the limiter admits the request: what was learned while it
+                    # waited counts.
                     reservation = await limiter.acquire(
-                        request.charged_input, lambda: self.output_estimator.reserve(request.model, request.max_tokens)
+                        lambda: self._charged_input(request),
+                        lambda: self.output_estimator.reserve(request.model, request.max_tokens),
                     )
                 except SharedLimiterUnavailable as error:  # never fall open: without the shared limits, send nothing
                     self._budget_refund(commit)
@@ -471,6 +473,12 @@ class AnthropicClient:
             return _Failure(error, retryable=False)
         self._note_failure(window, f"{status} {error.error_type}")
         return _Failure(error, dict(headers))
+
+    def _charged_input(self, request: _Request) -> int:
+        """The input tokens the limiter takes for the request now: the estimate with what is learned so far,
+        less a warm cached prefix (cache reads do not count toward input tokens/min)."""
+        request.estimated_input = self.input_estimator.estimate(request.item.body, request.cl100k)
+        return max(1, request.estimated_input - request.cached_tokens_expected)
 
     def _note_failure(self, window: AdaptiveWindow, status: str) -> None:
         """A retryable failure; when nothing of the class has succeeded for too long, the run gives up."""
@@ -632,7 +640,7 @@ class _Request:
     info: ModelInfo | None
     cl100k: int
     estimated_input: int
-    charged_input: int
+    cached_tokens_expected: int
     max_tokens: int
     streaming: bool
     payload: bytes

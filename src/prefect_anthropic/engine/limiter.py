@@ -116,7 +116,9 @@ class Limiter(Protocol):
     @property
     def limits(self) -> RateLimits: ...
 
-    async def acquire(self, input_tokens: float, output_tokens: float | Callable[[], float]) -> Reservation: ...
+    async def acquire(
+        self, input_tokens: float | Callable[[], float], output_tokens: float | Callable[[], float]
+    ) -> Reservation: ...
 
     def settle(self, reservation: Reservation, input_tokens: float, output_tokens: float) -> None: ...
 
@@ -191,15 +193,18 @@ class RateLimiter:
                 wait = max(wait, bucket.wait_time(cost, now))
         return wait
 
-    async def acquire(self, input_tokens: float, output_tokens: float | Callable[[], float]) -> Reservation:
+    async def acquire(
+        self, input_tokens: float | Callable[[], float], output_tokens: float | Callable[[], float]
+    ) -> Reservation:
         """Wait until the request fits in every bucket, then take it. Callers are served in order.
 
-        `output_tokens` may be a function: the output estimate is then taken at admission, not when the
-        caller started waiting (what has been learned meanwhile counts).
+        Either cost may be a function: the estimate is then taken at admission, not when the caller started
+        waiting (what has been learned meanwhile counts).
         """
         async with self._lock:
             while True:
                 now = self._clock()
+                input_tokens = input_tokens() if callable(input_tokens) else input_tokens
                 output = output_tokens() if callable(output_tokens) else output_tokens
                 wait = self._wait_time(input_tokens, output, now)
                 if wait <= 0:

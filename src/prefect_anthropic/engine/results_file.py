@@ -3,12 +3,17 @@
 A crash loses at most the records not yet flushed (the in-flight ones and one flush interval). A torn last
 line left by a crash is cut off when the file is opened again, and `LineSet` tells a restarted run which
 lines already succeeded, so they are never sent (or paid for) twice.
+
+Where the machine's disk does not outlive the run (a container of a work pool), the file is also uploaded
+as immutable parts (`PartUploader`): what was appended since the last part, every `every_rows` records or
+`every_s` seconds, whichever comes first, and at the end. A run on another machine starts from the parts.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +130,72 @@ def succeeded_requests(path: str | os.PathLike[str]) -> dict[int, str]:
     return done
 
 
+class PartUploader:
+    """Uploads what was appended to a local file since the last upload, up to its last complete line, as a
+    new immutable part object `part-<time>-<writer>.jsonl` under `remote_dir`."""
+
+    def __init__(
+        self,
+        storage: Any,
+        remote_dir: str,
+        local_path: str | os.PathLike[str],
+        *,
+        every_rows: int = 500,
+        every_s: float = 10.0,
+    ) -> None:
+        self.storage = storage
+        self.remote_dir = remote_dir.rstrip("/")
+        self.local_path = Path(local_path)
+        self.every_rows = every_rows
+        self.every_s = every_s
+        self._writer = uuid.uuid4().hex[:8]
+        self._offset = self.local_path.stat().st_size if self.local_path.exists() else 0  # already uploaded
+        self._rows = 0
+        self._last = time.monotonic()
+        self.parts = 0
+
+    def appended(self, rows: int = 1) -> None:
+        self._rows += rows
+        if self._rows >= self.every_rows or time.monotonic() - self._last >= self.every_s:
+            self.upload()
+
+    def upload(self) -> None:
+        with open(self.local_path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        end = data.rfind(b"\n") + 1  # complete lines only
+        if end:
+            name = f"part-{time.time_ns():020d}-{self._writer}.jsonl"
+            self.storage.write_bytes(f"{self.remote_dir}/{name}", data[:end])
+            self._offset += end
+            self.parts += 1
+        self._rows = 0
+        self._last = time.monotonic()
+
+
+def download_parts(storage: Any, remote_dir: str, local_path: str | os.PathLike[str]) -> int:
+    """Write every part under `remote_dir`, in order, into `local_path` (replaced); the number of parts."""
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    parts = storage.list(remote_dir, "part-*.jsonl")
+    with open(local_path, "wb") as handle:
+        for part in parts:
+            handle.write(storage.read_bytes(part))
+    return len(parts)
+
+
+def read_part_records(storage: Any, remote_dir: str) -> Iterator[dict[str, Any]]:
+    """Every record of the parts under `remote_dir`, in order."""
+    for part in storage.list(remote_dir, "part-*.jsonl"):
+        for raw in storage.read_bytes(part).splitlines():
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
 class ResultsWriter:
     """Appends records as they complete.
 
@@ -133,8 +204,16 @@ class ResultsWriter:
     machine crash loses at most that much.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, flush_every: int = 1000, flush_interval_s: float = 1.0):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        flush_every: int = 1000,
+        flush_interval_s: float = 1.0,
+        uploader: PartUploader | None = None,
+    ):
         self.path = Path(path)
+        self.uploader = uploader
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             _cut_torn_tail(self.path)
@@ -151,6 +230,8 @@ class ResultsWriter:
         self._unsynced += 1
         if self._unsynced >= self._flush_every or time.monotonic() - self._last_flush >= self._flush_interval:
             self.flush()
+        if self.uploader is not None:
+            self.uploader.appended()
 
     def flush(self) -> None:
         self._handle.flush()
@@ -163,6 +244,8 @@ class ResultsWriter:
         if not self._handle.closed:
             self.flush()
             self._handle.close()
+            if self.uploader is not None:
+                self.uploader.upload()
 
     def __enter__(self) -> ResultsWriter:
         return self

@@ -189,6 +189,8 @@ return {admitted, tostring(wait), limits[1], limits[2], limits[3], tostring(math
   tostring(cap - held)}
 """
 
+_CONNECTIONS = 16
+_SCHEDULED_AHEAD = 16
 _FLUSH_INTERVAL_S = 0.1  # what no request carried for this long is sent on its own
 _FULL_RETRY_S = (0.02, 0.2)  # when every shared slot is taken: first and longest wait between asks
 
@@ -304,9 +306,16 @@ class SharedLimiter:
                 except Exception as exc:
                     raise SharedLimiterUnavailable(self.url, exc) from exc
                 self.url = redact_url(url)
-            self._redis = redis.Redis.from_url(
-                url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+            # Thousands of requests may ask at once: they queue for a few connections (a Lua call takes well
+            # under a millisecond), never open one each.
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=_CONNECTIONS,
+                timeout=self.timeout_s,
+                socket_timeout=self.timeout_s,
+                socket_connect_timeout=self.timeout_s,
             )
+            self._redis = redis.Redis(connection_pool=pool)
             self._script = self._redis.register_script(_SCRIPT)
         return self._redis
 
@@ -454,6 +463,9 @@ class SharedRateLimiter:
         self._give_back_output = 0.0
         self._pause_s = 0.0
         self._headers: tuple[float, list[str]] | None = None
+        # Requests of this process holding an admission time not reached yet: a few, so that what changes
+        # (a 429's pause, lower limits, Redis lost) reaches the next ones.
+        self._ahead = asyncio.Semaphore(_SCHEDULED_AHEAD)
 
     @property
     def limits(self) -> RateLimits:
@@ -484,8 +496,14 @@ class SharedRateLimiter:
     async def flush(self) -> None:
         self._read(await self.shared.call(self, False, 0.0, 0.0))
 
-    async def acquire(self, input_tokens: float, output_tokens: float | Callable[[], float]) -> Reservation:
+    async def acquire(
+        self, input_tokens: float | Callable[[], float], output_tokens: float | Callable[[], float]
+    ) -> Reservation:
         """Take the request's tokens and a shared slot in one round trip; wait until its admission time."""
+        async with self._ahead:
+            return await self._acquire(_value(input_tokens), output_tokens)
+
+    async def _acquire(self, input_tokens: float, output_tokens: float | Callable[[], float]) -> Reservation:
         shared = self.shared
         reply = None
         if not shared.slot_gate.locked():  # nobody of this process is waiting for a slot: ask at once
