@@ -85,11 +85,15 @@ async def test_settle_refunds_over_reservations():
     assert limiter.output.level == pytest.approx(5 - 20)
 
 
-async def test_pause_holds_everyone_then_resumes_at_the_rate():
+async def test_a_lone_429_empties_the_buckets_and_a_storm_holds_everyone_then_resumes_at_the_rate():
     clock = FakeClock()
-    limiter = RateLimiter(RateLimits(requests_per_minute=60), clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(RateLimits(requests_per_minute=60), clock=clock, sleep=clock.sleep, burst_seconds=3)
+    limiter.pause(5.0)  # a lone 429 (our pacing a hair ahead of the server's): no burst, but no pause
+    start = clock.now
     await limiter.acquire(0, 0)
-    limiter.pause(5.0)
+    await limiter.acquire(0, 0)
+    assert clock.now - start == pytest.approx(2.0)  # one a second from an empty bucket
+    limiter.pause(5.0)  # a second 429 within the first's retry-after: the limits are lower than ours
     start = clock.now
     await limiter.acquire(0, 0)
     await limiter.acquire(0, 0)

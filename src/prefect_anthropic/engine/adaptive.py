@@ -37,8 +37,8 @@ Clock = Callable[[], float]
 _DECREASE = 0.9
 #: Overload answers up to this share of recent answers are the API's own (busy hours): no decrease.
 OVERLOAD_TOLERANCE = 0.10
-#: Weight of the newest answer in the overload share (about the last 64 answers count).
-_SHARE_WEIGHT = 1.0 / 64
+#: Weight of the newest attempt in the overload share (about the last 128 attempts count).
+_SHARE_WEIGHT = 1.0 / 128
 #: The share must rest on at least this many recent overload answers.
 _MIN_OVERLOADS = 3.0
 #: A reply this many times slower per output token than the fastest seen, with more in flight than then.
@@ -236,14 +236,26 @@ class AdaptiveWindow:
         self.limit = target
         self.decreases += 1
         self.minimum_seen = min(self.minimum_seen, self.limit)
-        if now - self._last_logged >= _LOG_EVERY_S:
-            self._last_logged = now
+        needed = self.needed()
+        if now - self._last_logged < _LOG_EVERY_S:
+            return
+        self._last_logged = now
+        name, share = self.name or "this class", 100 * self.overload_share
+        if needed is None or target < needed:  # the window now holds the class below what its limits allow
             logger.warning(
                 "Overloaded by our own load (%s, %.0f%% of recent attempts): requests in flight for %s lowered to %d.",
                 why,
-                100 * self.overload_share,
-                self.name or "this class",
+                share,
+                name,
                 self.size,
+            )
+        else:
+            logger.info(
+                "Requests in flight for %s lowered to %d, still what its limits need (%s, %.0f%% of recent attempts).",
+                name,
+                self.size,
+                why,
+                share,
             )
 
 

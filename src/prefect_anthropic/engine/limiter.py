@@ -167,6 +167,7 @@ class RateLimiter:
         self.input = self._bucket(limits.input_tokens_per_minute, now)
         self.output = self._bucket(limits.output_tokens_per_minute, now)
         self.paused_until = 0.0
+        self._last_429_until = 0.0
         self._lock = asyncio.Lock()
 
     def _capacity(self, per_minute: float) -> float:
@@ -238,11 +239,17 @@ class RateLimiter:
         """The request is over (concurrency here is capped by the client's own semaphore)."""
 
     def pause(self, seconds: float) -> None:
-        """Hold every request of this class for `seconds` (a 429's retry-after), then resume at the rate."""
-        until = self._clock() + seconds
-        if until <= self.paused_until:
+        """A 429 with its retry-after. A lone 429 of a client pacing at the limit (the server's bucket and
+        ours a few milliseconds apart) empties the buckets: no burst until they refill, the class goes on at
+        the rate. Another within that retry-after is the limits being lower than ours: every request of the
+        class holds for `seconds`, then resumes at the rate from empty buckets (no stampede)."""
+        now = self._clock()
+        storm = now < self._last_429_until
+        self._last_429_until = max(self._last_429_until, now + seconds)
+        until = now + seconds if storm else now
+        if until < self.paused_until:
             return
-        self.paused_until = until
+        self.paused_until = max(self.paused_until, until)
         for bucket in (self.requests, self.input, self.output):
             if bucket is not None:
                 bucket.hold_until(until)
