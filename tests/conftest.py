@@ -5,14 +5,18 @@ import os
 import tempfile
 from pathlib import Path
 
+# Keep Prefect quiet and local for every test that touches it, and learned corrections out of ~/.cache. A home
+# of the session's own: the commands the tests start make their ephemeral server's database there, never in the
+# user's ~/.prefect (which another Prefect version may have migrated past what this one knows).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-anthropic-prefect-home-")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ["PREFECT_ANTHROPIC_STATE_DIR"] = tempfile.mkdtemp(prefix="prefect-anthropic-state-")
+
 import httpx
 import pytest
 
 from prefect_anthropic.emulator import EmulatorConfig, RunningEmulator, emulator_in_thread
-
-# Keep Prefect quiet and local for every test that touches it, and learned corrections out of ~/.cache.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ["PREFECT_ANTHROPIC_STATE_DIR"] = tempfile.mkdtemp(prefix="prefect-anthropic-state-")
 
 HEADERS = {"x-api-key": "test-key", "anthropic-version": "2023-06-01"}
 MODEL = "claude-sonnet-4-6"

@@ -112,7 +112,12 @@ async def test_cancel_ends_the_run_with_canceled_rows(start_emulator, tmp_path):
     emu = start_emulator(batch_delay_s=60)
     requests = write_requests(tmp_path / "requests.jsonl", 10)
     run = asyncio.create_task(run_batch(emu, requests, tmp_path / "out"))
-    while not list((tmp_path / "out").glob(".shards-*/*.batches.json")):
+
+    def recorded() -> bool:  # the batch is submitted and its id recorded
+        states = [json.loads(p.read_text()) for p in (tmp_path / "out").glob(".shards-*/*.batches.json")]
+        return any(round_["batches"] for state in states for round_ in state["rounds"])
+
+    while not recorded():
         await asyncio.sleep(0.05)
     canceled = await cancel_batches(tmp_path / "out", ClientSettings(base_url=emu.base_url))
     assert len(canceled) == 1

@@ -29,7 +29,11 @@ def prefect(*args: str, env: dict, timeout: float = 120, cwd: Path = ROOT) -> su
 
 
 @pytest.mark.slow
-def test_deployment_runs_on_a_process_worker(emulator, tmp_path):
+def test_the_bucket_deployment_runs_on_a_worker_that_shares_no_disk(emulator, bucket, tmp_path):
+    """Deployed as shipped; run by a process worker started in an empty directory of its own, reading and
+    writing only the bucket (moto's S3 on loopback): what a container of a Docker/Kubernetes/ECS pool sees."""
+    from prefect_anthropic.storage import Storage
+
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
@@ -62,28 +66,32 @@ def test_deployment_runs_on_a_process_worker(emulator, tmp_path):
             "AnthropicClientConfig(credentials=c, requests_per_minute=6000).save('anthropic-production')\n"
         )
         subprocess.run([sys.executable, "-c", save_blocks], env=env, check=True, timeout=60)
-        prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "nightly-dataset",
-                env=env)  # fmt: skip
+        prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all", env=env)
 
-        (tmp_path / "data").mkdir()
-        write_requests(tmp_path / "data" / "requests.jsonl", 15)
-        prefect("deployment", "run", "anthropic-requests-to-dataset/nightly-dataset", env=env)
-        prefect("worker", "start", "--pool", "anthropic-pool", "--run-once", env=env, timeout=240)
+        storage = Storage.from_environment()
+        requests, out = f"{bucket}/requests/nightly.jsonl", f"{bucket}/datasets/nightly"
+        storage.write_bytes(requests, write_requests(tmp_path / "requests.jsonl", 15).read_bytes())
+        prefect("deployment", "run", "anthropic-requests-to-dataset/nightly-dataset-bucket",
+                "--param", f"requests_path={requests}", "--param", f"output_dir={out}", env=env)  # fmt: skip
+        container = tmp_path / "container"  # the worker's disk: empty, its own, thrown away
+        container.mkdir()
+        prefect("worker", "start", "--pool", "anthropic-pool", "--run-once", env=env, timeout=240, cwd=container)
 
-        frame = pd.read_parquet(tmp_path / "data" / "dataset" / "results.parquet")
+        frame = pd.read_parquet(f"{out}/results.parquet")
         assert len(frame) == 15 and (frame["status"] == "succeeded").all()
-        summary = json.loads((tmp_path / "data" / "dataset" / "summary.json").read_text())
+        summary = json.loads(storage.read_text(f"{out}/summary.json"))
         assert summary["limits"]["sonnet-4"]["requests_per_minute"] == 6000
         runs = httpx.post(f"http://127.0.0.1:{port}/api/flow_runs/filter", json={}, timeout=10).json()
         assert runs and all("sk-ant-deploy-secret" not in json.dumps(run["parameters"]) for run in runs)
-        deployment = httpx.get(
-            f"http://127.0.0.1:{port}/api/deployments/name/anthropic-requests-to-dataset/nightly-dataset", timeout=10
-        ).json()
-        assert [s["schedule"]["cron"] for s in deployment["schedules"] if s["active"]] == ["0 2 * * *"]
-        assert deployment["work_pool_name"] == "anthropic-pool"
-        # Overlapping runs of the deployment cannot start: one at a time, a new one is cancelled.
-        assert deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
-        assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+        for name in ("nightly-dataset-bucket", "nightly-dataset"):
+            deployment = httpx.get(
+                f"http://127.0.0.1:{port}/api/deployments/name/anthropic-requests-to-dataset/{name}", timeout=10
+            ).json()
+            assert [s["schedule"]["cron"] for s in deployment["schedules"] if s["active"]] == ["0 2 * * *"]
+            assert deployment["work_pool_name"] == "anthropic-pool"
+            # Overlapping runs of the deployment cannot start: one at a time, a new one is cancelled.
+            assert deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
+            assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -74,6 +74,34 @@ def test_cancel_ends_unfinished_requests_as_canceled(start_emulator):
         assert client.get(f"/v1/messages/batches/{batch['id']}").status_code == 404
 
 
+def test_requests_due_while_canceling_still_finish_and_are_billed(start_emulator):
+    emu = start_emulator(batch_delay_s=4, batch_cancel_s=2)
+    with httpx.Client(base_url=emu.base_url, headers=HEADERS) as client:
+        batch = client.post("/v1/messages/batches", json={"requests": requests(20)}).json()
+        time.sleep(0.5)
+        at_cancel = client.post(f"/v1/messages/batches/{batch['id']}/cancel").json()["request_counts"]
+        ended = wait_ended(client, batch["id"])
+    counts = ended["request_counts"]
+    assert counts["succeeded"] > at_cancel["succeeded"] and counts["canceled"] > 0  # some finished meanwhile
+    assert counts["succeeded"] + counts["canceled"] == 20
+    assert emu.stats()["billed_requests"] == counts["succeeded"]
+
+
+def test_processing_times_spread_around_the_mean(start_emulator):
+    emu = start_emulator(batch_delay_s=1.0, batch_delay_jitter=0.5, seed=3)
+    with httpx.Client(base_url=emu.base_url, headers=HEADERS) as client:
+        started = time.monotonic()
+        ids = [client.post("/v1/messages/batches", json={"requests": requests(5)}).json()["id"] for _ in range(6)]
+        ended: dict[str, float] = {}
+        while len(ended) < len(ids) and time.monotonic() - started < 10:
+            for batch_id in set(ids) - set(ended):
+                if client.get(f"/v1/messages/batches/{batch_id}").json()["processing_status"] == "ended":
+                    ended[batch_id] = time.monotonic() - started
+            time.sleep(0.02)
+    times = sorted(ended.values())
+    assert len(times) == 6 and times[0] >= 0.4 and times[-1] <= 2.5 and times[-1] - times[0] > 0.2, times
+
+
 def test_expired_requests_under_the_flag(start_emulator):
     emu = start_emulator(batch_delay_s=0.2, batch_expire_rate=0.5, seed=7)
     with httpx.Client(base_url=emu.base_url, headers=HEADERS) as client:

@@ -63,7 +63,7 @@ def test_a_table_on_s3_through_a_template_to_s3_killed_then_resumed(bucket, tmp_
         process.send_signal(signal.SIGKILL)  # the container is lost: its disk with it
         process.wait(timeout=30)
         billed_before = emu.stats()["billed_requests"]
-        assert 0 < billed_before < 2_000
+        assert 0 < billed_before < 2_000, process.stderr.read().decode()[-3000:] if process.stderr else ""
         result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         stats = emu.stats()
@@ -85,12 +85,14 @@ def test_a_second_run_on_the_same_s3_output_exits_2_naming_the_holder(bucket, tm
     requests = write_requests(tmp_path / "requests.jsonl", 400)
     with emulator_process(latency_ms=100, requests_per_minute=1_200, burst_seconds=1, seed=1) as emu:
         command = cli("run", str(requests), "--output-dir", out, "--base-url", emu.base_url, "--no-progress")
-        first = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp_path / "first.log"
+        first = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
         try:
             storage = Storage.from_environment()
             deadline = time.monotonic() + 60
             while not storage.exists(f"{out}/.prefect-anthropic.lease"):
-                assert time.monotonic() < deadline and first.poll() is None, "the first run never took the lease"
+                running = time.monotonic() < deadline and first.poll() is None
+                assert running, f"the first run never took the lease:\n{log.read_text()[-3000:]}"
                 time.sleep(0.1)
             second = ["run", str(requests), "--output-dir", out, "--base-url", emu.base_url, "--no-progress"]
             started = time.monotonic()

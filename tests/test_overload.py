@@ -163,7 +163,7 @@ async def test_against_a_server_that_takes_20_the_window_settles_near_20(caplog)
     assert stats["max_in_flight"] <= 20
     throughput = 600 / (stats["last_request_at"] - stats["first_request_at"])
     # What 20 in flight allow, less a busy CI machine (bench/throughput_matrix.py measures the steady figure).
-    assert throughput >= 0.80 * 20 / latency, throughput
+    assert throughput >= 0.70 * 20 / latency, throughput
     assert client.concurrency()["concurrency_min"] < 100
     assert "Overloaded by our own load" in caplog.text and "for sonnet-5-5 lowered to" in caplog.text
 

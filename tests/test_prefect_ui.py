@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,22 @@ def test_a_budget_stop_and_the_breaker_are_events(start_emulator, tmp_path, monk
 
     seen = asyncio.run(event_names())
     assert {"prefect-anthropic.budget.exhausted", "prefect-anthropic.breaker.tripped"} <= seen
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_readme_automation_for_failed_rows_is_accepted_by_the_server():
+    import importlib.util
+
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import SlackWebhook
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "notify_on_failed_rows.py"
+    spec = importlib.util.spec_from_file_location("notify_on_failed_rows", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    block_id = SlackWebhook(url="https://hooks.slack.example/T000/B000").save("failed-rows-test", overwrite=True)
+    created = example.failed_rows_automation(str(block_id)).create()
+    stored = Automation.read(id=created.id)
+    assert stored.trigger.expect == {"prefect-anthropic.run.finished"}
+    assert stored.trigger.match.model_dump().get("prefect-anthropic.outcome") == "failed-rows"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -39,11 +40,16 @@ def worker_env() -> dict:
 
 
 @contextlib.contextmanager
-def process_workers(pool: str, names: list[str]):
+def process_workers(pool: str, names: list[str], directories: list[Path] | None = None):
+    """Process workers, each started in its own directory when given (a container's empty disk)."""
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
     log = open(os.environ.get("WORKER_LOG", os.devnull), "ab")  # noqa: SIM115
     quiet = {"stdout": log, "stderr": log}
-    workers = [subprocess.Popen([*command, "--name", name], env=worker_env(), **quiet) for name in names]
+    places = directories or [None] * len(names)
+    workers = [
+        subprocess.Popen([*command, "--name", name], env=worker_env(), cwd=place, **quiet)
+        for name, place in zip(names, places, strict=True)
+    ]
     try:
         yield workers
     finally:
@@ -151,48 +157,51 @@ def kill_worker_and_its_flow_runs(name: str) -> int:
     return killed
 
 
-async def test_a_worker_lost_mid_shard_its_shard_runs_again_elsewhere_and_resumes(
-    start_emulator, redis_url, tmp_path, monkeypatch
+async def test_a_work_pool_that_shares_nothing_but_the_bucket_and_redis(
+    bucket, start_emulator, redis_url, tmp_path, monkeypatch
 ):
+    """Two workers, each in its own empty directory, s3:// input and output: both run shards, and a worker
+    killed mid-shard loses at most its last unuploaded part: the other resumes the shard from the bucket."""
+    from prefect_anthropic.storage import Storage
+
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    emu = start_emulator(seed=16, latency_ms=1000)
-    requests = write_requests(tmp_path / "requests.jsonl", 30)
-    out = tmp_path / "out"
+    storage = Storage.from_environment()
+    emu = start_emulator(seed=20, latency_ms=1000)
+    requests, out = f"{bucket}/in/requests.jsonl", f"{bucket}/datasets/pooled"
+    storage.write_bytes(requests, write_requests(tmp_path / "requests.jsonl", 40).read_bytes())
+    homes = [tmp_path / "worker-a-disk", tmp_path / "worker-b-disk"]
+    for home in homes:
+        home.mkdir()
     pool = f"anthropic-test-{uuid.uuid4().hex[:6]}"
     settings = ClientSettings(base_url=emu.base_url, limiter_url=redis_url, max_concurrency=2)
-    with process_workers(pool, ["worker-a", "worker-b"]):
+    options = {"shard_size": 10, "max_parallel_shards": 4, "part_rows": 2, "shard_heartbeat_timeout_s": 6}
+    with process_workers(pool, ["worker-a", "worker-b"], homes):
         await wait_for_pool(pool)
-        run = asyncio.create_task(
-            generate_dataset(
-                str(requests),
-                str(out),
-                settings=settings,
-                shard_size=10,
-                max_parallel_shards=3,
-                work_pool=pool,
-                shard_heartbeat_timeout_s=6,
-            )
-        )
-        killed_shard = None
-        deadline = time.monotonic() + 120
+        run = asyncio.create_task(generate_dataset(requests, out, settings=settings, work_pool=pool, **options))
+        killed_shard, deadline = None, time.monotonic() + 150
         while killed_shard is None and time.monotonic() < deadline and not run.done():
-            await asyncio.sleep(0.2)
-            for beat in out.glob(".shards-*/shard-*.heartbeat"):
-                results = beat.with_name(beat.name.replace(".heartbeat", ".jsonl"))
-                if (
-                    beat.read_text().startswith("worker-a ")
-                    and results.exists()
-                    and results.read_text().count("\n") >= 2
-                ):
-                    killed_shard = beat.name.split(".")[0]
+            await asyncio.sleep(0.3)
+            finished_by_a = [
+                name
+                for name in storage.list(out, ".shards-*/shard-*.worker.json")
+                if json.loads(storage.read_text(name))["worker"] == "worker-a"
+            ]
+            if not finished_by_a:
+                continue  # worker-a finishes one shard first, then is lost during its next
+            for beat in storage.list(out, ".shards-*/shard-*.heartbeat"):
+                shard = beat.rsplit("/", 1)[1].split(".")[0]
+                parts = storage.list(beat.rsplit("/", 1)[0], f"{shard}/part-*")
+                mine = storage.read_text(beat).startswith("worker-a ")
+                if mine and parts and not any(name.endswith(f"/{shard}.worker.json") for name in finished_by_a):
+                    killed_shard = shard
                     assert kill_worker_and_its_flow_runs("worker-a") >= 2
                     break
-        assert killed_shard is not None, "worker-a never ran a shard"
+        assert killed_shard is not None, "worker-a never ran a second shard"
         summary = await asyncio.wait_for(run, 240)
-    frame = pd.read_parquet(out / "results.parquet")
-    assert len(frame) == 30 and frame["line"].is_unique and (frame["status"] == "succeeded").all()
-    worker_file = next(out.glob(f".shards-*/{killed_shard}.worker.json"))
-    assert json.loads(worker_file.read_text())["worker"] == "worker-b"  # run again on the other worker
-    assert summary["shards_by_worker"].get("worker-b", 0) >= 1
-    # Only what was in flight when the worker died (at most its 2) can have been paid twice.
-    assert emu.stats()["duplicate_billed_requests"] <= 2
+    frame = pd.read_parquet(f"{out}/results.parquet")
+    assert len(frame) == 40 and frame["line"].is_unique and (frame["status"] == "succeeded").all()
+    assert set(summary["shards_by_worker"]) == {"worker-a", "worker-b"}, summary["shards_by_worker"]
+    worker_file = storage.list(out, f".shards-*/{killed_shard}.worker.json")
+    assert json.loads(storage.read_text(worker_file[0]))["worker"] == "worker-b"  # resumed on the other worker
+    # Paid twice at most: the requests in flight at the loss (2) and the shard's last part not uploaded (2 rows).
+    assert emu.stats()["duplicate_billed_requests"] <= 2 + options["part_rows"]

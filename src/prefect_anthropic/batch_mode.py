@@ -13,6 +13,8 @@ import asyncio
 import dataclasses
 import json
 import os
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from prefect import task
@@ -70,9 +72,26 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
     state_name = batch_state_name(shard)
     state = store.read_json(state_name, {"rounds": []})
     if state["rounds"] and not state["rounds"][-1]["complete"] and retry_lines is None:
+        last = state["rounds"][-1]
+        if "creating" in last:  # stopped while creating a batch: it may exist at Anthropic without its id here
+            async with _batch_api(run) as api:
+                found = await _unrecorded_batch(run, api, last.pop("creating"))
+            if found is not None:
+                last["batches"].append({"id": found["id"], "requests": found["requests"], "downloaded": False})
+                logger.info("Shard %d: %s was created before the stop; polling it, not paying again.", shard.index,
+                            found["id"])  # fmt: skip
+            elif not last["batches"]:
+                state["rounds"].pop()  # it never reached Anthropic: submit the round again
+            store.write_json(state_name, state)
+    if state["rounds"] and not state["rounds"][-1]["complete"] and retry_lines is None:
         ids = [b["id"] for b in state["rounds"][-1]["batches"]]
         logger.info("Shard %d: batches %s were submitted before; polling them, not submitting again.", shard.index, ids)
         return ids
+    cutover = run.cutover
+    if cutover is not None and (state["rounds"] or cutover.due()):
+        # Auto mode submits a shard's requests once, and never past the cut-over: what the batches did not
+        # answer goes in real time (also when a rerun finds the round downloaded).
+        return []
     round_: dict[str, Any] = {"complete": False, "batches": []}
     state["rounds"].append(round_)
     budget = client.budget
@@ -103,9 +122,15 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
                 for request in requests:
                     worst, entry = budget.holds[line_of_custom_id(request["custom_id"])]
                     budget.sent(entry, worst)  # from here on it may be billed, whatever happens to this process
-            batch = await api.create(requests)
-            round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
-            store.write_json(state_name, state)  # recorded at once: a restart polls it instead of paying again
+            # One create at a time in a run, announced before it is sent: after a crash, the one batch that may
+            # exist without its id here is found by its time and size (see _unrecorded_batch).
+            async with run.batch_create_lock:
+                round_["creating"] = {"requests": len(requests), "since": datetime.now(timezone.utc).isoformat()}
+                store.write_json(state_name, state)
+                batch = await api.create(requests)
+                del round_["creating"]
+                round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
+                store.write_json(state_name, state)  # recorded at once: a restart polls it instead of paying again
             logger.info("Shard %d: submitted %s with %d requests.", shard.index, batch["id"], len(requests))
     if not round_["batches"]:
         round_["complete"] = True
@@ -113,23 +138,74 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
     return [b["id"] for b in round_["batches"]]
 
 
+async def _unrecorded_batch(run: DatasetRun, api: BatchAPI, creating: dict[str, Any]) -> dict[str, Any] | None:
+    """The batch a stopped run created without recording its id: created since it announced the create, of
+    its size, and not recorded by any shard of this output. None when there is none (or, with batches of
+    other runs of the key looking alike, when it cannot be told apart: then it is submitted again)."""
+    assert run.plan is not None
+    known = {
+        batch["id"]
+        for shard in run.plan.shards
+        for round_ in run.store.read_json(batch_state_name(shard), {"rounds": []})["rounds"]
+        for batch in round_["batches"]
+    }
+    since = datetime.fromisoformat(creating["since"]) - timedelta(seconds=5)
+    candidates = [
+        batch
+        for batch in await api.created_since(since)
+        if batch["id"] not in known and sum(batch["request_counts"].values()) == creating["requests"]
+    ]
+    if len(candidates) != 1:
+        if candidates:
+            get_run_logger().warning(
+                "%d batches of %d requests were created at the time a stopped run created one; submitting again "
+                "(one of them may be paid twice).", len(candidates), creating["requests"],
+            )  # fmt: skip
+        return None
+    return {"id": candidates[0]["id"], "requests": creating["requests"]}
+
+
 @task(name="wait-for-batches", task_run_name="wait-shard-{shard.index:05d}", cache_policy=NO_CACHE, retries=2)
 async def wait_for_batches(run_key: str, shard: Shard, batch_ids: list[str]) -> list[dict[str, Any]]:
-    """Poll until every batch has ended; backoff from 1 s up to the poll interval."""
+    """Poll until every batch has ended; backoff from 1 s up to the poll interval. In auto mode, once the
+    cut-over is due, cancel the batches still running and wait for them to end (what they finished while
+    canceling is kept)."""
+    logger = get_run_logger()
     run = RUNS[run_key]
+    cutover = run.cutover
     poll_interval_s = run.options.batch_poll_interval_s
     delay = min(1.0, poll_interval_s)
+    canceled: set[str] = set()
     async with _batch_api(run) as api:
         while True:
             batches = [await api.retrieve(batch_id) for batch_id in batch_ids]
+            processing = sum(b["request_counts"]["processing"] for b in batches)
             if run.progress is not None:
-                counts = [b["request_counts"] for b in batches]
-                run.progress.report(shard.index, sum(c["processing"] for c in counts))
+                run.progress.report(shard.index, processing)
             if all(b["processing_status"] == "ended" for b in batches):
+                if cutover is not None:
+                    cutover.remaining[shard.index] = 0
                 return batches
+            if cutover is not None:
+                cutover.remaining[shard.index] = processing
+                if cutover.due():
+                    for batch in batches:
+                        if batch["processing_status"] == "in_progress" and batch["id"] not in canceled:
+                            await api.cancel(batch["id"])
+                            canceled.add(batch["id"])
+                            logger.info(
+                                "Shard %d: canceled %s at the cut-over (%s); its unanswered requests go in real time.",
+                                shard.index,
+                                batch["id"],
+                                cutover.describe(),
+                            )
+                    delay = min(delay, 1.0)
             if SHUTDOWN.is_set():
                 raise RunStopped("stopped while batches run; they go on at Anthropic: run again to collect them")
-            await asyncio.sleep(delay)
+            wait = delay
+            if cutover is not None and cutover.cut_at is None:
+                wait = max(0.2, min(delay, cutover.cutover_time() - time.time()))
+            await asyncio.sleep(wait)
             delay = min(delay * 2, poll_interval_s)
 
 
@@ -140,6 +216,8 @@ async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
     client, store = run.client, run.store
     state_name = batch_state_name(shard)
     state = store.read_json(state_name, {"rounds": []})
+    if not state["rounds"]:
+        return {}  # auto mode past its cut-over: nothing went to batches
     round_ = state["rounds"][-1]
     items = {
         batch_custom_id(i): i
@@ -181,14 +259,17 @@ async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
 async def run_shard_in_batches(run_key: str, shard: Shard, *, max_rounds: int = 3) -> list[int]:
     """Run one shard through batches; return the lines whose retryable failures are left for real-time mode
     (only with batch_retry="realtime")."""
-    batch_retry = RUNS[run_key].options.batch_retry
+    options = RUNS[run_key].options
+    auto = options.mode == "auto"
+    # Auto mode: whatever the batches did not answer goes in real time (canceled requests among them).
+    batch_retry = "realtime" if auto else options.batch_retry
     retry_lines: list[int] | None = None
     for _ in range(max_rounds):
         ids = await submit_batches(run_key, shard, retry_lines)
         if ids:
             await wait_for_batches(run_key, shard, ids)
         await download_batch_results(run_key, shard)
-        retryable = _retryable_failures(RUNS[run_key].store, shard)
+        retryable = _retryable_failures(RUNS[run_key].store, shard, canceled_too=auto)
         if not retryable or batch_retry == "none":
             return []
         if batch_retry == "realtime":
@@ -197,12 +278,13 @@ async def run_shard_in_batches(run_key: str, shard: Shard, *, max_rounds: int = 
     return []
 
 
-def _retryable_failures(store: ShardStore, shard: Shard) -> list[int]:
+def _retryable_failures(store: ShardStore, shard: Shard, *, canceled_too: bool = False) -> list[int]:
+    kinds = RETRYABLE_BATCH_ERRORS | {"batch_canceled"} if canceled_too else RETRYABLE_BATCH_ERRORS
     records = final_records(store.records(shard))
     return sorted(
         line
         for (line, _digest), record in records.items()
-        if record["status"] != "succeeded" and record.get("error_type") in RETRYABLE_BATCH_ERRORS
+        if record["status"] != "succeeded" and record.get("error_type") in kinds
     )
 
 

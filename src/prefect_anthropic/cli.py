@@ -288,11 +288,20 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
     elif Path(args.requests).suffix.lower() in (".csv", ".parquet"):
         print(f"error: {args.requests} is a table: give --template (and --model, --max-tokens)", file=sys.stderr)
         return EXIT_STOPPED
+    options = RunOptions(**explicit_options(args, RunOptions))
+    if options.deadline:
+        from .auto_mode import absolute_deadline
+
+        try:  # a duration counts from the command's start, Prefect's start-up included
+            options = options.model_copy(update={"deadline": absolute_deadline(options.deadline)})
+        except ValueError as error:
+            print(f"error: {error}; nothing was sent", file=sys.stderr)
+            return EXIT_STOPPED
     return run_flow(
         requests_path,
         args.output_dir,
         settings,
-        RunOptions(**explicit_options(args, RunOptions)),
+        options,
         input_table=input_table,
         input_columns=columns,
         client_block=args.client_block,
@@ -314,6 +323,7 @@ def _cancel_batches(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
+    from .auto_mode import auto_estimate
     from .engine import FatalAPIError
     from .estimate import estimate_file, format_estimate
     from .settings import MissingAPIKeyError
@@ -324,6 +334,10 @@ def _estimate(args: argparse.Namespace) -> int:
         settings, api_key = _resolved(args)  # a bad schema or models file: exit 2
         exact = asyncio.run(_exact_input_tokens(args.requests, settings, api_key)) if args.exact else None
         result = estimate_file(args.requests, settings, exact_input_tokens=exact)
+        auto = RunOptions(**explicit_options(args, RunOptions))
+        result["auto"] = auto_estimate(
+            result, auto.deadline, margin=auto.deadline_margin, slack_s=auto.deadline_slack_s
+        )
     except (FileNotFoundError, ValueError, FatalAPIError, MissingAPIKeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
@@ -384,19 +398,25 @@ def _demo(args: argparse.Namespace) -> int:
             for x in range(200)
         )
         requests.write_text("\n".join(lines) + "\n")
+    # Replies paced as Claude's: about a second to the first token, then 75 output tokens a second.
     with emulator_in_thread(
         EmulatorConfig(port=0),
         requests_per_minute=1200,
         input_tokens_per_minute=200_000,
         output_tokens_per_minute=40_000,
-        latency_ms=150,
-        latency_jitter_ms=100,
+        ttft_ms=900,
+        latency_jitter_ms=600,
+        output_tokens_per_second=75,
         error_rate_529=0.02,
         seed=7,
     ) as emulator:
-        print(f"Emulator on {emulator.base_url}: 1,200 requests/min, 2% overloaded errors.", file=sys.stderr)
+        print(
+            f"Emulator on {emulator.base_url}: 1,200 requests/min, first token after 0.6-1.2 s then "
+            "75 tokens/s, 2% overloaded errors.",
+            file=sys.stderr,
+        )
         os.environ.setdefault(API_KEY_ENV, "sk-ant-fake-demo-key-for-the-emulator")
-        settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200, max_concurrency=20)
+        settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200)
         with _log_levels():
             code = run_flow(str(requests), str(output_dir), settings, RunOptions(shard_size=50))
         stats = emulator.stats()
@@ -472,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
         "counts are kept, so a big file resumes).",
     )  # fmt: skip
     estimate.add_argument("--json", action="store_true", help="Print the estimate as one JSON object.")
+    auto_options = ("deadline", "deadline_margin", "deadline_slack_s")
+    add_arguments(
+        estimate, RunOptions, skip=tuple(name for name in RunOptions.model_fields if name not in auto_options)
+    )
     estimate.set_defaults(handler=_estimate)
 
     demo = commands.add_parser("demo", help="Start the emulator and run the flow on the shipped example.")

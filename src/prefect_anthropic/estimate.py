@@ -18,22 +18,24 @@ from .inputs import iter_requests
 from .models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
 from .schema import OutputSchema, with_output_format
 from .settings import ClientSettings
+from .storage import Storage
 
 __all__ = ["estimate_file", "format_estimate"]
 
 
 def prepared_requests(
-    path: str | os.PathLike[str], settings: ClientSettings
+    path: str | os.PathLike[str], settings: ClientSettings, storage: Storage | None = None
 ) -> Iterator[tuple[RequestItem, str | None]]:
     """Each line as it would be sent (the schema applied, unsupported parameters dropped if asked), with
     why it would not be sent (None: it would)."""
-    if not os.path.isfile(path):
+    storage = storage or Storage.from_environment()
+    if not storage.exists(str(path)):
         raise FileNotFoundError(f"requests file not found: {path}")
     if settings.models_file:
         use_models_file(settings.models_file)
     preflight = Preflight(settings.api_version, drop_unsupported_params=settings.drop_unsupported_params)
     schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
-    for item in iter_requests(path):
+    for item in iter_requests(path, storage=storage):
         if item.invalid is not None:
             yield item, item.invalid
             continue
@@ -51,6 +53,7 @@ def estimate_file(
     settings: ClientSettings | None = None,
     *,
     exact_input_tokens: Mapping[int, int] | None = None,
+    storage: Storage | None = None,
 ) -> dict[str, Any]:
     """Count, price and time a request file. Input tokens are estimated (tiktoken x the correction
     learned from earlier runs) unless `exact_input_tokens` (line -> count_tokens' answer) is given."""
@@ -61,7 +64,7 @@ def estimate_file(
     limit_classes: dict[str, str] = {}
     invalid: list[dict[str, Any]] = []
     prefixes_seen: set[str] = set()
-    for item, problem in prepared_requests(path, settings):
+    for item, problem in prepared_requests(path, settings, storage):
         if problem is not None:
             invalid.append({"line": item.line, "error": problem})
             continue
@@ -180,6 +183,25 @@ def format_estimate(result: dict[str, Any]) -> str:
         )
     lines.append(f"shortest duration:        {duration(result['duration_s_min'])} at the chosen limits")
     lines.append(f"if replies hit max_tokens: {duration(result['duration_s_if_replies_hit_max_tokens'])}")
+    auto = result.get("auto")
+    if auto is not None:
+        lines += [
+            "",
+            f"{'mode':<9} {'cost':<23} duration",
+            f"{'realtime':<9} {money(result['cost_usd_min']) + ' - ' + money(result['cost_usd_max']):<23} "
+            f"{duration(result['duration_s_min'])} - {duration(result['duration_s_if_replies_hit_max_tokens'])}",
+            f"{'batch':<9} {money(result['batch_cost_usd_min']) + ' - ' + money(result['batch_cost_usd_max']):<23} "
+            "up to 24 h",
+            f"{'auto':<9} {money(auto['cost_usd_min']) + ' - ' + money(auto['cost_usd_worst_case']):<23} "
+            + (f"by {auto['deadline']}" if auto["deadline"] else "by --deadline"),
+        ]
+        if auto["feasible"]:
+            lines.append(
+                f"  auto: batches until {auto['cutover_at']} at the latest, then real time for what they have not "
+                "answered; worst case all of it in real time after the cut-over"
+            )
+        elif auto["feasible"] is False:
+            lines.append(f"  auto: {auto['problem']}")
     lines += [f"warning: {warning}" for warning in result["warnings"]]
     if result["rejected_lines"]:
         lines.append(f"lines the API would reject, never sent ({len(result['rejected_lines'])}):")

@@ -24,13 +24,17 @@ from prefect.artifacts import (
 )
 from prefect.logging import get_run_logger
 
-from .batch_mode import run_shard_in_batches
+from .auto_mode import CutOver, parse_deadline
+from .batch_mode import batch_state_name, run_shard_in_batches
 from .blocks import resolve_settings
+from .engine.results_file import is_final
 from .engine.shared_budget import start_shared_budget
+from .estimate import estimate_file
 from .fanout import run_shards_on_pool
 from .formatting import duration, money, number
 from .inputs import Shard
 from .observability import RunEvents, artifact_keys, final_state, forward_logs, state_message
+from .outputs import final_records
 from .pipeline import (
     DatasetRun,
     ShardIncomplete,
@@ -107,7 +111,10 @@ async def generate_dataset(
     max_parallel_shards: int = _DEFAULTS.max_parallel_shards,
     shard_retries: int = _DEFAULTS.shard_retries,
     shard_retry_delay_s: float = _DEFAULTS.shard_retry_delay_s,
-    mode: Literal["realtime", "batch"] = _DEFAULTS.mode,
+    mode: Literal["realtime", "batch", "auto"] = _DEFAULTS.mode,
+    deadline: str | None = _DEFAULTS.deadline,
+    deadline_margin: float = _DEFAULTS.deadline_margin,
+    deadline_slack_s: float = _DEFAULTS.deadline_slack_s,
     batch_retry: Literal["none", "batch", "realtime"] = _DEFAULTS.batch_retry,
     batch_poll_interval_s: float = _DEFAULTS.batch_poll_interval_s,
     work_pool: str | None = _DEFAULTS.work_pool,
@@ -133,7 +140,11 @@ async def generate_dataset(
         max_parallel_shards: Shards running at once (they share one client and its limits).
         shard_retries: Retries of a shard that ended with retryable failures (each resumes).
         shard_retry_delay_s: Base of the exponential backoff between shard retries, in seconds.
-        mode: "realtime" (Messages API, at the rate limits) or "batch" (Message Batches API, half price).
+        mode: "realtime" (Messages API, at the rate limits), "batch" (Message Batches API, half price) or
+            "auto" (batches until the latest moment real time can still finish by `deadline`).
+        deadline: Auto mode: an ISO 8601 time with its zone, or a duration from the start (90m, 6h).
+        deadline_margin: Auto mode: real time's estimated duration is planned at x (1 + this).
+        deadline_slack_s: Auto mode: seconds kept in hand besides (last replies, cancel, writing the dataset).
         batch_retry: Batch mode: send expired or server-failed requests again in a follow-up batch or in
             real time.
         batch_poll_interval_s: Batch mode: the longest wait between two polls of a batch, in seconds.
@@ -160,6 +171,9 @@ async def generate_dataset(
         shard_retries=shard_retries,
         shard_retry_delay_s=shard_retry_delay_s,
         mode=mode,
+        deadline=deadline,
+        deadline_margin=deadline_margin,
+        deadline_slack_s=deadline_slack_s,
         batch_retry=batch_retry,
         batch_poll_interval_s=batch_poll_interval_s,
         work_pool=work_pool,
@@ -172,6 +186,10 @@ async def generate_dataset(
     settings, api_key = await resolve_settings(settings, client_block, credentials_block)
     if options.work_pool and options.mode != "realtime":
         raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
+    if options.mode == "auto" and not options.deadline:
+        raise ValueError("--mode auto needs --deadline (an ISO 8601 time with its zone, or a duration such as 6h)")
+    if options.mode == "auto":
+        parse_deadline(options.deadline or "")  # a malformed deadline stops the run before anything is sent
     if options.work_pool and settings.max_cost_usd is not None and not settings.shares_limits:
         raise ValueError(
             "--max-cost-usd with --work-pool needs --limiter-url: the budget is kept in Redis so that every "
@@ -218,12 +236,20 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
     )
     budget = run.client.budget
 
+    if options.mode == "auto":
+        run.cutover = plan_cutover(run)
+        tracker.phase, tracker.phase_detail = run.cutover.short, run.cutover.describe
+        log = logger.warning if run.cutover.late else logger.info
+        log("Auto mode: %s.", run.cutover.describe())
+
     async def one_shard(shard: Shard) -> None:
+        # Batches of every shard run at once (they cost no rate limit); real time, shard by shard.
+        if options.mode != "realtime" and run.store.done_summary(shard) is None:
+            left = await run_shard_in_batches(run.key, shard)
+            # Auto mode leaves the shard to real time, which sends what has no answer and marks it done.
+            if options.mode == "batch" and not left and not (budget is not None and budget.exhausted):
+                run.store.mark_done(shard, {"shard": shard.index, "requests": shard.line_count})
         async with gate:
-            if options.mode == "batch" and run.store.done_summary(shard) is None:
-                left = await run_shard_in_batches(run.key, shard)
-                if not left and not (budget is not None and budget.exhausted):
-                    run.store.mark_done(shard, {"shard": shard.index, "requests": shard.line_count})
             try:
                 # Real-time mode, or what batch mode left for it: sends only the lines not yet answered.
                 await shard_task(run.key, shard)
@@ -267,6 +293,32 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
     events.finished(summary)
     logger.info("Done: %s", state_message(summary))
     return summary
+
+
+def plan_cutover(run: DatasetRun) -> CutOver:
+    """Auto mode's plan: real time's need for the requests without an answer yet, against the deadline
+    (DeadlineInfeasible when even real time from now would be late)."""
+    assert run.plan is not None
+    options, store = run.options, run.store
+    remaining = {}
+    resumed = False
+    for shard in run.plan.shards:
+        if store.done_summary(shard) is not None:
+            resumed = True
+            continue
+        records = final_records(store.records(shard)).values()
+        answered = sum(1 for record in records if is_final(record))
+        remaining[shard.index] = max(0, shard.line_count - answered)
+        resumed |= bool(records) or store.read_text(batch_state_name(shard)) is not None
+    estimate = estimate_file(run.requests_path, run.settings, storage=run.storage)
+    return CutOver.plan(
+        options.deadline or "",
+        estimate,
+        margin=options.deadline_margin,
+        slack_s=options.deadline_slack_s,
+        remaining=remaining,
+        resumed=resumed,
+    )
 
 
 async def _start_shared_budget(run: DatasetRun) -> str | None:

@@ -50,6 +50,7 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("estimated_input_tokens", pa.int64()),
         pa.field("thinking_tokens", pa.int64()),
         pa.field("service_tier", pa.string()),
+        pa.field("mode", pa.string()),  # "realtime" or "batch": how the request was answered (and priced)
         pa.field("speed", pa.string()),
         pa.field("inference_geo", pa.string()),
         pa.field("refusal_category", pa.string()),
@@ -93,6 +94,8 @@ class DatasetTotals:
     first_failures: list[dict[str, Any]] = field(default_factory=list)
     #: Rows by the model that answered them (or was asked).
     models: Counter[str] = field(default_factory=Counter)
+    #: Succeeded rows by how they were answered: "realtime" or "batch" (half price).
+    succeeded_by_mode: Counter[str] = field(default_factory=Counter)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows += 1
@@ -104,6 +107,7 @@ class DatasetTotals:
             self.cost_usd += row["cost_usd"]  # an errored answer that was paid for, such as a late refusal
         if row["status"] == "succeeded":
             self.succeeded += 1
+            self.succeeded_by_mode[row["mode"] or "realtime"] += 1
             self.input_tokens += row["input_tokens"] or 0
             self.output_tokens += row["output_tokens"] or 0
             self.cache_creation_input_tokens += row["cache_creation_input_tokens"] or 0
@@ -115,7 +119,7 @@ class DatasetTotals:
                 + (row["cache_read_input_tokens"] or 0),
                 output_tokens=row["output_tokens"] or 0,
             )
-            self.cost_usd_without_cache += cost_usd(row["model"], uncached) or 0.0
+            self.cost_usd_without_cache += cost_usd(row["model"], uncached, batch=row["mode"] == "batch") or 0.0
             if row["estimated_input_tokens"]:
                 self.estimated_input_tokens += row["estimated_input_tokens"]
                 self.real_input_tokens_of_estimated += (
@@ -152,6 +156,7 @@ def final_records(records: Iterable[dict[str, Any]]) -> dict[tuple[int, str], di
 
 def _row(record: dict[str, Any], output_schema: OutputSchema | None) -> dict[str, Any]:
     row = {name: record.get(name) for name in _COLUMNS}
+    row["mode"] = record.get("mode") or "realtime"  # records written before the column existed
     row.update(message_columns(record.get("response")))
     metadata = record.get("metadata")
     row["metadata"] = None if metadata is None else orjson.dumps(metadata).decode()

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .auto_mode import CutOver
 from .corrections import save_token_corrections
 from .engine import AnthropicClient, FatalAPIError, RunStopped, run_requests
 from .engine.budget import Budget
@@ -172,6 +173,10 @@ class DatasetRun:
     started: float = field(default_factory=time.monotonic)
     plan: ShardPlan | None = None
     progress: RunProgress | None = None
+    #: Auto mode: when the batches give way to real time.
+    cutover: CutOver | None = None
+    #: Batch creates go one at a time (see batch_mode.submit_batches).
+    batch_create_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def storage(self) -> Storage:
@@ -267,6 +272,8 @@ class DatasetRun:
             "achieved_requests_per_minute": round(60.0 * sent / wall_time_s, 1) if wall_time_s > 0 else 0.0,
             "limits": {cls: limits.as_dict() for cls, limits in client.limits_in_force().items()},
             "shared_limiter": client.shared_limiter.summary() if client.shared_limiter is not None else None,
+            "succeeded_by_mode": dict(totals.succeeded_by_mode),
+            **(self.cutover.summary() if self.cutover is not None else {}),
             "settings": self.settings.model_dump(),
             "options": self.options.model_dump(),
         }

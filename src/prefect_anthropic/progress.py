@@ -45,6 +45,11 @@ class RunProgress:
     concurrency: Callable[[], int] | None = None
     #: Dollars paid for what is not a row (cache pre-warm requests).
     extra_cost_usd: Callable[[], float] | None = None
+    #: Lines of this run answered by a batch (at half price).
+    batch_lines: LineSet = field(default_factory=LineSet)
+    #: Auto mode: the phase and the cut-over time (short, for the bar; in full, for the artifact).
+    phase: Callable[[], str] | None = None
+    phase_detail: Callable[[], str] | None = None
 
     def _changed(self) -> None:
         for listener in listeners:
@@ -56,6 +61,8 @@ class RunProgress:
         if record.succeeded:
             self.succeeded_lines.add(line)
             self.failed_lines.discard(line)
+            if record.mode == "batch":
+                self.batch_lines.add(line)
         else:
             self.failed_lines.add(line)
         if record.attempts:
@@ -160,8 +167,9 @@ class RunProgress:
     def headline(self) -> str:
         """The bar's line (after a 16-character bar and the percentage: about 55 characters are left)."""
         waiting = self.waiting() if self.waiting is not None else None
+        phase = self.phase() if self.phase is not None else None
         return f"{number(self.done)}/{number(self.total_requests)} requests, {number(self.failed)} failed | " + (
-            waiting if waiting else f"ETA {duration(self.eta_s())}"
+            waiting or phase or f"ETA {duration(self.eta_s())}"
         )
 
     def details(self) -> str:
@@ -177,7 +185,11 @@ class RunProgress:
         )
 
     def describe(self) -> str:
-        return f"{self.headline()} | {self.details()}"
+        text = f"{self.headline()} | {self.details()}"
+        if self.phase_detail is not None:
+            share = len(self.batch_lines) / self.total_requests if self.total_requests else 0.0
+            text += f" | {self.phase_detail()}; {share:.0%} answered at batch price"
+        return text
 
 
 #: In-process observers of every RunProgress (the CLI's progress bar registers here).

@@ -304,9 +304,28 @@ class RunOptions(BaseModel):
     shard_retry_delay_s: float = Field(
         default=10.0, ge=0, description="Base of the exponential backoff between shard retries, in seconds."
     )
-    mode: Literal["realtime", "batch"] = Field(
+    mode: Literal["realtime", "batch", "auto"] = Field(
         default="realtime",
-        description="realtime: the Messages API at the rate limits; batch: the Message Batches API at half the price.",
+        description="realtime: the Messages API at the rate limits; batch: the Message Batches API at half the "
+        "price; auto: batches until the latest moment real time can still finish by --deadline, then real time "
+        "for what they have not answered.",
+    )
+    deadline: Annotated[str | None, Flag(metavar="WHEN")] = Field(
+        default=None,
+        description="Auto mode: when the dataset must be complete: an ISO 8601 time with its zone "
+        "(2026-12-03T06:00:00+00:00) or a duration from the start (90m, 6h).",
+    )
+    deadline_margin: float = Field(
+        default=0.25,
+        ge=0,
+        description="Auto mode: real time's estimated duration (replies at max_tokens, at the limits in force) is "
+        "planned at x (1 + this).",
+    )
+    deadline_slack_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Auto mode: seconds kept in hand besides, for the last replies, canceling the batches and "
+        "writing the dataset.",
     )
     batch_retry: Literal["none", "batch", "realtime"] = Field(
         default="none",

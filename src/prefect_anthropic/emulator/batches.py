@@ -1,9 +1,10 @@
 """The Message Batches API: create, retrieve, list, cancel, delete, results (JSONL, in any order).
 
-Requests of a batch finish one after another over `--batch-delay-s`, so a client polling in between sees
-`request_counts` move; a cancel ends the unfinished ones as `canceled`. Params are validated when the
-request is processed (errors appear in the results), as the real service does. Only succeeded requests
-are billed, at half price.
+Requests of a batch finish one by one over its processing time (`--batch-delay-s` on average, spread by
+`--batch-delay-jitter`), so a client polling in between sees `request_counts` move; a cancel leaves the
+batch `canceling` for `--batch-cancel-s`, during which due requests still finish, then ends the rest as
+`canceled`. Params are validated when the request is processed (errors appear in the results), as the real
+service does. Only succeeded requests are billed, at half price.
 """
 
 from __future__ import annotations
@@ -105,9 +106,14 @@ class BatchStore:
             if not isinstance(request["params"], dict):
                 raise invalid(f"requests.{i}.params: Input should be a valid dictionary")
         now = self.api.wall_now()
-        delay = self.api.config.batch_delay_s
+        config, rng = self.api.config, self.api.rng
+        delay = config.batch_delay_s * (1 + config.batch_delay_jitter * rng.uniform(-1.0, 1.0))
         n = len(requests)
-        items = [_Item(r["custom_id"], r["params"], now + delay * (i + 1) / n) for i, r in enumerate(requests)]
+        if config.batch_delay_jitter:  # finished at random moments, the last at the batch's end
+            offsets = [*sorted(rng.uniform(0.0, delay) for _ in range(n - 1)), delay]
+        else:
+            offsets = [delay * (i + 1) / n for i in range(n)]
+        items = [_Item(r["custom_id"], r["params"], now + offset) for r, offset in zip(requests, offsets, strict=True)]
         batch = Batch(new_id("msgbatch"), caller.key, now, items, base_url, caller.api_version, caller.beta)
         self._batches[batch.id] = batch
         return batch.as_dict()
@@ -124,10 +130,14 @@ class BatchStore:
             return
         now = self.api.wall_now()
         items = batch.items
-        while batch.next_due < len(items) and items[batch.next_due].due <= now:
+        canceled_at = None
+        if batch.cancel_initiated_at is not None:
+            canceled_at = batch.cancel_initiated_at + self.api.config.batch_cancel_s
+        until = now if canceled_at is None else min(now, canceled_at)
+        while batch.next_due < len(items) and items[batch.next_due].due <= until:
             self._process(batch, items[batch.next_due])
             batch.next_due += 1
-        if batch.cancel_initiated_at is not None:
+        if canceled_at is not None and now >= canceled_at:
             for item in items[batch.next_due :]:
                 item.result = {"type": "canceled"}
                 batch.counts["canceled"] += 1
@@ -187,7 +197,7 @@ class BatchStore:
         batch = self._get(key, batch_id)
         if batch.ended_at is None and batch.cancel_initiated_at is None:
             batch.cancel_initiated_at = self.api.wall_now()
-            return batch.as_dict()  # reported as canceling; the next read finds it ended
+            return batch.as_dict()  # canceling for --batch-cancel-s, then ended
         return batch.as_dict()
 
     def delete(self, key: str, batch_id: str) -> dict[str, Any]:

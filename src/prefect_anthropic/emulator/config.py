@@ -98,7 +98,19 @@ class EmulatorConfig:
         "enforced_spend_limit_reached and no retry-after (0 = no cap).",
     )
     # Prompt caching and batches.
-    batch_delay_s: float = _opt(2.0, "Time a message batch takes to process, in seconds.")
+    batch_delay_s: float = _opt(
+        2.0, "Mean time a message batch takes to process, in seconds: its requests finish one by one over it."
+    )
+    batch_delay_jitter: float = _opt(
+        0.0,
+        "Spread of a batch's processing time: drawn uniformly from --batch-delay-s x (1 +/- this), 0..1; "
+        "its requests finish at random moments within it.",
+    )
+    batch_cancel_s: float = _opt(
+        0.5,
+        "Time a canceled batch stays `canceling`: requests due in it still finish (and are billed), the "
+        "rest end canceled, as the API's cancel may complete requests already in progress.",
+    )
     batch_expire_rate: float = _opt(0.0, "Fraction of batch requests that end as expired.")
     unknown_min_cacheable_tokens: int = _opt(
         1024,

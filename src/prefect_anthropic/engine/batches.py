@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -77,13 +78,15 @@ def batch_result_record(item: RequestItem, result: dict[str, Any]) -> ResultReco
         error: dict[str, Any] = inner if isinstance(inner, dict) else envelope
         error_type = str(error.get("type") or "api_error")
         message = str(error.get("message") or "")
-        return ResultRecord.errored(item, error_type, message, errors=[f"{error_type}: {message}"], attempts=1)
+        return ResultRecord.errored(
+            item, error_type, message, errors=[f"{error_type}: {message}"], attempts=1, mode="batch"
+        )
     reasons = {
         "canceled": "the batch was canceled before this request ran",
         "expired": "the batch expired (24 h) before this request ran",
     }
     reason = reasons.get(str(kind), f"result type {kind!r}")
-    return ResultRecord.errored(item, f"batch_{kind}", reason, errors=[reason], attempts=1)
+    return ResultRecord.errored(item, f"batch_{kind}", reason, errors=[reason], attempts=1, mode="batch")
 
 
 class BatchAPI:
@@ -158,6 +161,21 @@ class BatchAPI:
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
         return (await self._call("GET", f"/v1/messages/batches/{batch_id}")).json()
+
+    async def created_since(self, since: datetime) -> list[dict[str, Any]]:
+        """The key's batches created at or after `since` (the list is newest first; paged until older)."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 100, **({"after_id": after} if after else {})}
+            page = (await self._call("GET", "/v1/messages/batches", params=params)).json()
+            for batch in page.get("data") or []:
+                if datetime.fromisoformat(str(batch["created_at"]).replace("Z", "+00:00")) < since:
+                    return found
+                found.append(batch)
+            if not page.get("has_more") or not page.get("last_id"):
+                return found
+            after = page["last_id"]
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         return (await self._call("POST", f"/v1/messages/batches/{batch_id}/cancel")).json()

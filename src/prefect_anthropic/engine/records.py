@@ -58,6 +58,8 @@ class ResultRecord:
     estimated_input_tokens: int | None = None
     thinking_tokens: int = 0
     service_tier: str | None = None
+    #: How the request was answered: "realtime" (the Messages API) or "batch" (Message Batches, half price).
+    mode: str = "realtime"
     speed: str | None = None
     inference_geo: str | None = None
     refusal_category: str | None = None
@@ -146,6 +148,7 @@ def record_from_message(
         ),
         metadata=item.metadata,
         response=message,
+        mode="batch" if batch else "realtime",
         **fields,
     )
 
