@@ -8,7 +8,8 @@ the limiter set the pace; where none do, it starts at 16 and grows half as fast 
 (a slow start).
 
 It shrinks only on evidence that our own load overloads the other side: a share of overload answers (529,
-503, reset connections) well above what the API answers anyway at busy hours, or normalized reply times
+503, reset connections) well above what the API answers anyway at busy hours (three standard deviations
+above 10% of recent attempts), or normalized reply times
 rising far above their floor as our in-flight count rises. A steady background of stray 529s stays below
 the tolerated share: those requests are retried, as the SDK does, and the window keeps its size. On such
 evidence it shrinks multiplicatively, from what is really in flight, at most once per round trip; never
@@ -161,6 +162,14 @@ class AdaptiveWindow:
         """Overload answers per attempt sent, over about the last 64 attempts."""
         return min(1.0, self._overloads / self._sends) if self._sends else 0.0
 
+    def _overloads_beyond_background(self) -> float:
+        """Recent overload answers that the API's own share (up to OVERLOAD_TOLERANCE) does not explain: three
+        standard deviations above it, so that a stray run of 529s over few attempts (the first seconds of a
+        run, whose replies have not come back yet) is not taken for ours."""
+        sends = max(self._sends, 1.0)
+        spread = math.sqrt(sends * OVERLOAD_TOLERANCE * (1 - OVERLOAD_TOLERANCE))
+        return max(_MIN_OVERLOADS, OVERLOAD_TOLERANCE * sends + 3 * spread)
+
     def _capacity(self, now: float) -> float:
         """The most in flight the other side has proven to take, forgotten as calm round trips pass (it may
         take more again: a gateway freed, a busy hour over)."""
@@ -203,7 +212,7 @@ class AdaptiveWindow:
             return
         now = self._clock()
         at_capacity = self.in_flight > self._capacity(now)  # more in flight than the other side took before
-        share = self.overload_share > OVERLOAD_TOLERANCE and self._overloads >= _MIN_OVERLOADS
+        share = self._overloads >= self._overloads_beyond_background()
         episode = now - self._last_overloaded < self.round_trip_s
         if not (at_capacity or share or episode):
             return  # the API's own busy hour: retried, and the window keeps its size
