@@ -31,17 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -50,7 +47,7 @@ from _common import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.pipeline import run_dataset
-from prefect_anthropic.testing import free_port
+from prefect_anthropic.testing import s3_server
 
 KEY = "sk-ant-bench-object-storage"
 TTFT_MS = 500.0
@@ -60,38 +57,6 @@ FILLER = " ".join(f"w{i % 10}" for i in range(200))
 
 
 # -- the pieces: an S3 API on loopback, a request file ------------------------------------------------------
-
-
-@contextlib.contextmanager
-def moto_s3() -> Iterator[str]:
-    """moto's standalone server on a free port, with AWS_ENDPOINT_URL and fake credentials in the environment
-    (as tests/conftest.py's `s3_endpoint` fixture); its endpoint."""
-    server = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = free_port()
-    process = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        yield endpoint
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def s3fs_filesystem():
@@ -224,7 +189,7 @@ def main() -> int:
         flush=True,
     )
     try:
-        with moto_s3(), emulator_process(**emulator_options) as emu:
+        with s3_server(), emulator_process(**emulator_options) as emu:
             bucket = f"s3://bench-{uuid.uuid4().hex[:12]}"
             s3fs_filesystem().mkdir(bucket)
             # Untimed: imports, the s3 filesystem and its connection pool, the emulator's first requests.

@@ -3,7 +3,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from pathlib import Path
 
 # Keep Prefect quiet and local for every test that touches it, and learned corrections out of ~/.cache. A home
 # of the session's own: the commands the tests start make their ephemeral server's database there, never in the
@@ -91,45 +90,10 @@ def write_requests(path, n: int, *, start: int = 0, text: str = "Question {i}: w
 def s3_endpoint():
     """A real S3 API on loopback (moto's standalone server), reached over HTTP by s3fs as the real S3 would
     be: AWS_ENDPOINT_URL and fake credentials in the environment, for this process and the ones it starts."""
-    import shutil
-    import subprocess
-    import sys
-    import time
+    from prefect_anthropic.testing import s3_server
 
-    from prefect_anthropic.testing import free_port
-
-    server = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = free_port()
-    process = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(endpoint, timeout=1)
-            break
-        except httpx.TransportError:
-            assert process.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    environment = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    previous = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    try:
+    with s3_server() as endpoint:
         yield endpoint
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

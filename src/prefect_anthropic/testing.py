@@ -1,18 +1,22 @@
-"""Real parts for tests and benchmarks: a Redis server of this machine's, started on a free port."""
+"""Real parts for tests and benchmarks, started on free ports: a Redis server of this machine's, and an S3 API on
+loopback (moto's standalone server)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from .emulator.server import free_port
 
-__all__ = ["free_port", "redis_server"]
+__all__ = ["free_port", "redis_server", "s3_server"]
 
 
 @contextlib.contextmanager
@@ -37,3 +41,40 @@ def redis_server(executable: str | None = None, port: int | None = None) -> Iter
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's standalone S3 server (`pip install "moto[server]"`) on loopback, reached over HTTP by s3fs as the
+    real S3 would be: AWS_ENDPOINT_URL and fake credentials in the environment, for this process and the ones
+    it starts (restored at the end); yield its endpoint."""
+    binary = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    environment = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    previous = {name: os.environ.get(name) for name in environment}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start on port {port}")
+            time.sleep(0.05)
+        os.environ.update(environment)
+        yield environment["AWS_ENDPOINT_URL"]
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        process.terminate()
+        process.wait(timeout=10)

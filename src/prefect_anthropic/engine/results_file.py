@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +82,19 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
     with open(path, "rb") as handle:
-        for raw in handle:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
+        complete = (raw for raw in handle if raw.endswith(b"\n"))  # a torn line can only be the last
+        yield from _parsed_records(complete)
+
+
+def _parsed_records(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The records among JSON lines (a line that does not parse is skipped)."""
+    for raw in lines:
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 #: Errored answers that are final: the request was answered (and paid for, if at all), and sending it again
@@ -187,13 +191,7 @@ def download_parts(storage: Any, remote_dir: str, local_path: str | os.PathLike[
 def read_part_records(storage: Any, remote_dir: str) -> Iterator[dict[str, Any]]:
     """Every record of the parts under `remote_dir`, in order."""
     for part in storage.list(remote_dir, "part-*.jsonl"):
-        for raw in storage.read_bytes(part).splitlines():
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
+        yield from _parsed_records(storage.read_bytes(part).splitlines())
 
 
 class ResultsWriter:
