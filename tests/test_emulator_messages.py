@@ -226,3 +226,18 @@ def test_stats_ledger_and_reset(emulator, http):
     assert stats["first_request_at"] <= stats["last_request_at"]
     emulator.reset()
     assert emulator.stats()["billed_requests"] == 0
+
+
+def test_request_log_says_which_request_was_billed_twice_and_when(start_emulator):
+    """bench/chaos.py reads it: paid twice, by request, and what was in flight at a fault."""
+    emu = start_emulator(request_log=True)
+    with httpx.Client(base_url=emu.base_url, timeout=30) as client:
+        for key, text in (("key-a", "a"), ("key-a", "a"), ("key-a", "b"), ("key-b", "a")):
+            headers = {**HEADERS, "x-api-key": key}
+            assert client.post("/v1/messages", json=message_body(text), headers=headers).status_code == 200
+        log = client.get("/_emulator/requests", params={"key": "key-a"}).json()
+    assert log["in_flight"] == 0
+    assert sorted(len(r["billed"]) for r in log["requests"]) == [1, 2]  # "a" twice, "b" once; key-b's apart
+    for request in log["requests"]:
+        for admitted_at, billed_at, cost in request["billed"]:
+            assert admitted_at <= billed_at and cost > 0

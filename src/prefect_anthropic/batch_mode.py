@@ -22,9 +22,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from .blocks import resolve_settings
-from .engine import RunStopped, succeeded_requests
+from .engine import RunStopped
 from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, line_of_custom_id, plan_batches
-from .engine.budget import worst_case_cost
+from .engine.budget import unbudgeted_reason, worst_case_cost
 from .engine.records import RequestItem, ResultRecord, validate_record
 from .engine.runner import done_before
 from .inputs import Shard, iter_requests
@@ -36,13 +36,24 @@ from .settings import ClientSettings
 from .shard_store import ShardStore
 from .storage import Storage
 
-__all__ = ["BATCH_RETRY_CHOICES", "batch_state_name", "cancel_batches", "run_shard_in_batches"]
+__all__ = [
+    "BATCH_RETRY_CHOICES",
+    "BatchesOfAnotherLayout",
+    "batch_state_name",
+    "cancel_batches",
+    "run_shard_in_batches",
+]
 
 BATCH_RETRY_CHOICES = ("none", "batch", "realtime")
 #: Batch results worth another try: the request never ran, or failed on the server's side.
 RETRYABLE_BATCH_ERRORS = frozenset(
     {"batch_expired", "api_error", "overloaded_error", "timeout_error", "validation_error"}
 )
+
+
+class BatchesOfAnotherLayout(ValueError):
+    """Batches created under another shard size for a shard's lines are not downloaded yet: submitting the
+    lines again would pay for them twice."""
 
 
 def batch_state_name(shard: Shard) -> str:
@@ -54,7 +65,7 @@ def _batch_api(run: DatasetRun) -> BatchAPI:
 
 
 def _pending_items(run: DatasetRun, shard: Shard, retry_lines: set[int] | None):
-    done = succeeded_requests(run.store.prepare(shard))
+    done = run.store.answered_requests(shard, run.requests_path)  # under any layout (another --shard-size)
     for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage):
         if done_before(done, item):
             continue
@@ -87,6 +98,14 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
         ids = [b["id"] for b in state["rounds"][-1]["batches"]]
         logger.info("Shard %d: batches %s were submitted before; polling them, not submitting again.", shard.index, ids)
         return ids
+    foreign = store.unfinished_batches_of_other_layouts(shard)
+    if foreign:
+        raise BatchesOfAnotherLayout(
+            f"shard {shard.index} ({shard.lines}): batches created by a run with another --shard-size are not "
+            f"collected yet ({', '.join(f'{batch} in {layout}' for layout, batch in foreign[:5])}): they are paid "
+            f"for. Run again with --shard-size {foreign[0][0].removeprefix('.shards-')} to collect them; then any "
+            "size finds their answers. Nothing was submitted for this shard"
+        )
     cutover = run.cutover
     if cutover is not None and (state["rounds"] or cutover.due()):
         # Auto mode submits a shard's requests once, and never past the cut-over: what the batches did not
@@ -107,8 +126,14 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
                     # Each request's worst case at the batch price, held until its result is downloaded.
                     info = lookup_model(checked.model) or checked.model
                     worst = worst_case_cost(info, checked.body, batch=True)
-                    entry = None if worst is None and budget.limit_usd is not None else budget.reserve(worst or 0.0)
-                    if entry is None:
+                    stale = budget.holds.pop(checked.line, None)
+                    if stale is not None:  # held for a batch of an interrupted round that was never created
+                        budget.refund(*stale)
+                    if worst is None and budget.limit_usd is not None:
+                        # This request has no bound (the others may): its row says why, the budget goes on.
+                        why = f"a budget cannot be kept for it: {unbudgeted_reason(info, checked.body)}"
+                        checked = budget.exhausted_record(checked, why)
+                    elif (entry := budget.reserve(worst or 0.0)) is None:
                         budget.exhausted = True  # a batch cannot wait for others to settle: the budget stops here
                         checked = budget.exhausted_record(checked)
                     else:
@@ -122,6 +147,7 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
                 for request in requests:
                     worst, entry = budget.holds[line_of_custom_id(request["custom_id"])]
                     budget.sent(entry, worst)  # from here on it may be billed, whatever happens to this process
+                await budget.acommit()  # in the journal a rerun reads (on a bucket: written) before the create
             # One create at a time in a run, announced before it is sent: after a crash, the one batch that may
             # exist without its id here is found by its time and size (see _unrecorded_batch).
             async with run.batch_create_lock:
@@ -264,18 +290,50 @@ async def run_shard_in_batches(run_key: str, shard: Shard, *, max_rounds: int = 
     # Auto mode: whatever the batches did not answer goes in real time (canceled requests among them).
     batch_retry = "realtime" if auto else options.batch_retry
     retry_lines: list[int] | None = None
+    unsent: list[int] = []
     for _ in range(max_rounds):
         ids = await submit_batches(run_key, shard, retry_lines)
         if ids:
             await wait_for_batches(run_key, shard, ids)
         await download_batch_results(run_key, shard)
+        # A round stopped between two creates (a failed create, a killed run) sent only its first batches:
+        # the lines of the others have no answer. Never a retry: they are sent whatever --batch-retry says.
+        unsent = _unanswered_lines(RUNS[run_key], shard)
         retryable = _retryable_failures(RUNS[run_key].store, shard, canceled_too=auto)
-        if not retryable or batch_retry == "none":
-            return []
         if batch_retry == "realtime":
-            return retryable
-        retry_lines = retryable
+            return sorted({*retryable, *unsent})
+        retry_lines = sorted({*unsent, *(retryable if batch_retry == "batch" else ())})
+        if not retry_lines:
+            return []
+        if unsent:
+            get_run_logger().info(
+                "Shard %d: %d requests were never sent (a round stopped between two creates); sending them.",
+                shard.index, len(unsent),
+            )  # fmt: skip
+    if unsent:
+        # Not done (the caller marks a shard done only when this returns): the next run sends them.
+        raise BatchRoundsExhausted(
+            f"shard {shard.index}: {len(unsent)} requests still unsent after {max_rounds} batch rounds; run again "
+            "to send them"
+        )
     return []
+
+
+class BatchRoundsExhausted(RuntimeError):
+    """A shard's batch rounds ended with requests never sent: the shard is not done."""
+
+
+def _unanswered_lines(run: DatasetRun, shard: Shard) -> list[int]:
+    """The shard's lines without any record for the request they hold now (never sent, or sent in a batch
+    whose results never came)."""
+    answered: dict[int, set[str]] = {}
+    for line, digest in final_records(run.store.records(shard)):
+        answered.setdefault(line, set()).add(digest)
+    return [
+        item.line
+        for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage)
+        if not (digests := answered.get(item.line)) or not (item.digest in digests or "" in digests or not item.digest)
+    ]
 
 
 def _retryable_failures(store: ShardStore, shard: Shard, *, canceled_too: bool = False) -> list[int]:

@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,27 @@ EXIT_SOME_FAILED = 1
 EXIT_STOPPED = 2
 EXIT_BUDGET = 3
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """exit codes:
+  0    every row succeeded
+  1    some rows failed (their errors are rows of the dataset)
+  2    stopped: bad input or configuration, a key or account the API refuses,
+       the output in use by another run or taken over by one (lost lease),
+       Prefect unreachable, any unexpected error; one `error: ...` line
+       (--verbose shows the traceback)
+  3    the budget (--max-cost-usd) stopped the run: unsent lines are
+       budget_exhausted rows
+  130  interrupted (Ctrl-C): run the same command again to resume"""
+
+# Prefect settings the CLI needs, unless the user set them (environment or profile). The ephemeral server's
+# telemetry cannot reach the internet from most batch machines: it would log an error at every run. Several
+# runs started at once on one machine each start an ephemeral server, and on two cores their start-ups share
+# the CPU: Prefect's 20 s is not enough for four (measured: none of four started); waiting longer costs nothing
+# when one start is quick.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": False,
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 180,
+}
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -118,8 +140,10 @@ def run_flow(
     input_table: str | None = None,
     input_columns: list[str] | None = None,
     with_prefect: bool = True,
+    verbose: bool = False,
 ) -> int:
-    """Run the flow and turn its outcome into an exit code, with a message a user can act on."""
+    """Run the flow and turn its outcome into an exit code, with a message a user can act on (and, with
+    `verbose`, the tracebacks on the terminal too)."""
     from prefect.exceptions import ObjectNotFound
 
     from .engine import FatalAPIError, RunStopped
@@ -146,7 +170,7 @@ def run_flow(
     SHUTDOWN.clear()
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        with _progress_bar(show_progress):
+        with _one_line_errors(verbose), _progress_bar(show_progress):
             if with_prefect:
                 from .flows import generate_dataset
 
@@ -223,6 +247,32 @@ async def _without_prefect(
     return await run_dataset(requests_path, output_dir, settings, api_key_from_env(), options, **run_fields)
 
 
+class _OneLineFailure(logging.Filter):
+    """The flow engine's own report of a failed run (its traceback, then "Finished in state Failed"), left off
+    the terminal: the CLI says why in one `error: ...` line. The Prefect server still gets both."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "prefect.flow_runs" or record.levelno < logging.ERROR:
+            return True
+        reports = ("Encountered exception during execution", "Finished in state Failed")
+        return not record.getMessage().startswith(reports)
+
+
+def _without_traceback(format_record: Callable[[logging.LogRecord], str]) -> Callable[[logging.LogRecord], str]:
+    """A handler's `format` that prints the record's line but not its traceback (for this handler only: the
+    record is restored for the next, the Prefect server's, which keeps the traceback)."""
+
+    def format_line(record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return format_record(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+    return format_line
+
+
 @contextlib.contextmanager
 def _log_levels(level: str = "INFO", verbose: bool = False) -> Iterator[None]:
     """Logs at `level` reach the Prefect server; the terminal shows warnings and errors only (Prefect's
@@ -240,6 +290,29 @@ def _log_levels(level: str = "INFO", verbose: bool = False) -> Iterator[None]:
     finally:
         for handler, previous in zip(handlers, levels, strict=True):
             handler.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _one_line_errors(verbose: bool) -> Iterator[None]:
+    """Without --verbose, the terminal shows no traceback: log lines keep their first line, and the flow
+    engine's report of a failed run is left off (the CLI says why in one `error: ...` line)."""
+    if verbose:
+        yield
+        return
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect sets its handlers up lazily: they must exist to be adjusted
+    handlers = list({id(handler): handler for handler in _console_handlers()}.values())  # one may serve several loggers
+    one_line = _OneLineFailure()
+    for handler in handlers:
+        handler.addFilter(one_line)
+        handler.format = _without_traceback(handler.format)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(one_line)
+            del handler.format  # the class's own again
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -308,6 +381,7 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
         credentials_block=args.credentials_block,
         original_layout_path=args.original_layout,
         show_progress=not args.no_progress,
+        verbose=args.verbose,
     )
 
 
@@ -437,12 +511,23 @@ def _emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+VERBOSE_HELP = "Show the traceback of an error (exit 2), not only its one line."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefect-anthropic", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="prefect-anthropic",
+        description=__doc__,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
-        "run", help="Send every request of a JSONL file, or a table's rows through a template; write the dataset."
+        "run",
+        help="Send every request of a JSONL file, or a table's rows through a template; write the dataset.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
         "requests", metavar="TABLE_OR_REQUESTS",
@@ -474,13 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Level of the log lines the Prefect server gets (default INFO); the terminal shows warnings only.",
     )  # fmt: skip
     run.add_argument(
-        "--verbose", action="store_true", help="Show the log lines at --log-level in the terminal too, Prefect's too."
+        "--verbose",
+        action="store_true",
+        help="Show the log lines at --log-level in the terminal too, Prefect's too, and the traceback of an error.",
     )
     run.set_defaults(handler=_run)
 
     cancel = commands.add_parser("cancel-batches", help="Cancel the unfinished batches of a batch-mode run.")
     cancel.add_argument("--output-dir", required=True, help="The run's output directory.")
     _add_client_arguments(cancel)
+    cancel.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     cancel.set_defaults(handler=_cancel_batches)
 
     estimate = commands.add_parser("estimate", help="Count, price and time a request file without any API call.")
@@ -492,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         "counts are kept, so a big file resumes).",
     )  # fmt: skip
     estimate.add_argument("--json", action="store_true", help="Print the estimate as one JSON object.")
+    estimate.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     auto_options = ("deadline", "deadline_margin", "deadline_slack_s")
     add_arguments(
         estimate, RunOptions, skip=tuple(name for name in RunOptions.model_fields if name not in auto_options)
@@ -501,27 +590,83 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="Start the emulator and run the flow on the shipped example.")
     demo.add_argument("--requests", help="Request file (default: examples/requests.jsonl).")
     demo.add_argument("--output-dir", default="demo-output", help="Where the dataset goes (default demo-output).")
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(handler=_demo)
 
     emulator = commands.add_parser("emulator", help="Run the local Anthropic API emulator.")
     EmulatorConfig.add_arguments(emulator)
+    emulator.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     emulator.set_defaults(handler=_emulator)
     return parser
 
 
+@contextlib.contextmanager
+def prefect_defaults() -> Iterator[None]:
+    """PREFECT_DEFAULTS in force for what runs inside, the user's own values (environment or profile) first.
+
+    Through Prefect's settings API, not the environment: Prefect reads its settings once, when it is imported
+    (this package's blocks import it), so a variable set later is never seen (the start-up timeout stayed 20 s).
+    The ephemeral server is started inside, and is given these settings as its environment."""
+    import prefect.settings
+
+    defaults = {getattr(prefect.settings, name): value for name, value in PREFECT_DEFAULTS.items()}
+    with prefect.settings.temporary_settings(set_defaults=defaults):
+        yield
+
+
+def _uses_prefect(args: argparse.Namespace) -> bool:
+    """Whether the command may talk to a Prefect API (and so start an ephemeral server)."""
+    if args.command in ("run", "demo", "cancel-batches"):
+        return True
+    return bool(getattr(args, "client_block", None) or getattr(args, "credentials_block", None))
+
+
+def stopped_message(error: BaseException) -> str:
+    """One line for an error no handler expected: its type and message, and what to do where we know it."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, RuntimeError) and "ephemeral Prefect API server" in str(error):
+        return (
+            f"Prefect's temporary server did not start in time ({text}); nothing was sent. Point PREFECT_API_URL "
+            "at a running server (`prefect server start`), or wait longer with "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (the CLI waits 180 s unless set)"
+        )
+    if isinstance(error, RuntimeError) and str(error).startswith("Failed to reach API at"):
+        return (
+            f"the Prefect server cannot be reached ({text}); nothing was sent. Start it, or point PREFECT_API_URL "
+            "at a running one (unset, the run starts a temporary server)"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    # The ephemeral server's telemetry cannot reach the internet from most batch machines; unless the user
-    # says otherwise, do not let it log an error at every run.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Several runs started at once on one machine (one per input file) each start an ephemeral server, and
-    # on two cores their start-ups share the CPU: Prefect's 20 s is not enough for four (measured: none of
-    # four started). Waiting longer costs nothing when one start is quick.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    """The exit code means one thing (EXIT_CODES_HELP): an error no handler expected stops with 2 and one line,
+    never 1, the code of "some rows failed" (a wrapper retrying on 1 would otherwise pay again)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # a flag argparse refused (it printed why), or --help: nothing was sent
         return stop.code if isinstance(stop.code, int) else EXIT_STOPPED
-    return int(args.handler(args))
+    verbose = bool(getattr(args, "verbose", False))
+    try:
+        with prefect_defaults() if _uses_prefect(args) else contextlib.nullcontext():
+            return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # the command line's last word: every error is one line and exit 2
+        from .engine import FatalAPIError, RunStopped
+
+        if isinstance(error, RunStopped):
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        if isinstance(error, FatalAPIError):
+            print(f"error: the run stopped: {error}", file=sys.stderr)
+        else:
+            print(f"error: {stopped_message(error)}", file=sys.stderr)
+        return EXIT_STOPPED
 
 
 if __name__ == "__main__":

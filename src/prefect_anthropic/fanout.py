@@ -8,6 +8,13 @@ see it refuses the shard with a message saying so. A shard whose flow run did no
 killed, its machine lost) is run again, on whichever worker takes it, and resumes from its results file:
 no request that succeeded is sent again.
 
+Only one copy of a shard sends at a time. Each attempt has an id, written to the shard's claim object before
+it is launched; the attempt sends only while it can prove it holds the claim: each heartbeat it writes is
+followed by a read of the claim, and a request leaves only within a margin (half the heartbeat timeout, on a
+clock that counts a paused process's pause) of the last beat so confirmed. A copy that was superseded, or
+whose beats fail, stops sending; the parent launches the next attempt only once the previous one wrote that
+it stopped, or its heartbeat has been still for the heartbeat timeout (longer than the margin).
+
 Limits across machines come from the Redis-shared limiter (`limiter_url`); without it each worker process
 keeps its own limits, and the parent warns.
 """
@@ -17,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
+import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow
@@ -29,6 +39,7 @@ from prefect.logging import get_run_logger
 from .blocks import resolve_settings
 from .engine import AnthropicClient
 from .engine.budget import Budget
+from .engine.errors import OutputLost
 from .engine.shared_budget import SharedBudget
 from .inputs import Shard
 from .observability import forward_logs
@@ -37,7 +48,15 @@ from .settings import ClientSettings, RunOptions
 from .shard_store import ShardStore
 from .storage import Storage, is_url, join, local_path
 
-__all__ = ["OutputDirectoryNotShared", "mark_shared_location", "run_shard_flow", "run_shards_on_pool"]
+__all__ = [
+    "OutputDirectoryNotShared",
+    "ShardClaim",
+    "mark_shared_location",
+    "run_shard_flow",
+    "run_shards_on_pool",
+    "wait_until_stopped",
+    "write_claim",
+]
 
 SHARD_FLOW_NAME = "anthropic-dataset-shard"
 SHARD_FLOW_ENTRYPOINT = "prefect_anthropic.fanout:run_shard_flow"
@@ -80,18 +99,145 @@ def _worker_name_file(shard: Shard) -> str:
     return f"shard-{shard.index:05d}.worker.json"
 
 
+def _logger() -> Any:
+    """The flow run's logger, or the module's outside a flow run."""
+    try:
+        return get_run_logger()
+    except Exception:  # MissingContextError: not in a flow run
+        return logging.getLogger(__name__)
+
+
+def _claim_name(shard: Shard) -> str:
+    return f"shard-{shard.index:05d}.claim.json"
+
+
 HEARTBEAT_S = 2.0
+
+
+def _clock() -> float:
+    """Seconds on a clock that keeps counting while the process is stopped or its machine suspended."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+def _parse_beat(text: str | None) -> tuple[str, str] | None:
+    """(attempt id, count or "stopped") of a heartbeat `worker attempt count|stopped flow-run-id`."""
+    parts = (text or "").split()
+    return (parts[1], parts[2]) if len(parts) >= 3 else None
+
+
+def write_claim(store: ShardStore, shard: Shard) -> str:
+    """A new attempt id in the shard's claim: from now on an earlier copy still alive sends nothing more."""
+    attempt_id = uuid.uuid4().hex
+    store.write_text(_claim_name(shard), json.dumps({"attempt": attempt_id}))
+    return attempt_id
+
+
+class ShardClaim:
+    """One attempt's hold on its shard: heartbeats that prove it still holds the claim, and the fence every
+    request passes before it leaves (the client's `fence`).
+
+    A beat writes the heartbeat, then reads the claim: it confirms the hold only when the claim still names
+    this attempt, as of the time before the write (a parent that wrote a new claim and then saw no beat of
+    this attempt knows this attempt can never confirm again)."""
+
+    def __init__(
+        self,
+        store: ShardStore,
+        shard: Shard,
+        attempt: str,
+        *,
+        margin_s: float,
+        clock: Callable[[], float] = _clock,
+    ) -> None:
+        self.store, self.shard, self.attempt, self.margin_s, self._clock = store, shard, attempt, margin_s, clock
+        self.confirmed_at: float | None = None
+        #: The attempt that took the shard over, once a beat has seen it.
+        self.superseded_by: str | None = None
+        self.failures = 0
+        self._count = 0
+
+    def _beat_text(self, state: str) -> str:
+        return f"{worker_name()} {self.attempt} {state} {os.environ.get('PREFECT__FLOW_RUN_ID', '-')}"
+
+    def beat(self) -> bool:
+        """One heartbeat, and the claim read after it: whether the hold is confirmed (blocking I/O)."""
+        if self.superseded_by is not None:
+            return False
+        started = self._clock()
+        self._count += 1
+        self.store.write_text(_heartbeat_name(self.shard), self._beat_text(str(self._count)))
+        claim = self.store.read_text(_claim_name(self.shard))
+        holder = json.loads(claim).get("attempt") if claim else None
+        if holder != self.attempt:
+            self.superseded_by = str(holder)
+            return False
+        self.confirmed_at = started
+        return True
+
+    async def keep(self, interval_s: float) -> None:
+        """Beat every `interval_s` until superseded; a failed beat confirms nothing, and once the last
+        confirmed beat is older than the margin the fence stops every request."""
+        logger = _logger()
+        while self.superseded_by is None:
+            try:
+                await asyncio.to_thread(self.beat)
+                self.failures = 0
+            except Exception as error:  # a beat that fails confirms nothing: the fence acts
+                self.failures += 1
+                logger.warning("Shard %d: heartbeat %d failed (%s)", self.shard.index, self.failures, error)
+            if self.superseded_by is not None:
+                logger.warning(
+                    "Shard %d: attempt %s took the shard over; this copy sends nothing more.",
+                    self.shard.index, self.superseded_by,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(interval_s)
+
+    async def confirmed(self, poll_s: float = 0.05) -> None:
+        """Wait for the first beat's verdict: return once the hold is confirmed; OutputLost when superseded, or
+        when no beat confirms it within the margin."""
+        started = self._clock()
+        while self.confirmed_at is None and self.superseded_by is None and self._clock() - started <= self.margin_s:
+            await asyncio.sleep(poll_s)
+        await self.fence()
+
+    async def fence(self) -> None:
+        """Raise OutputLost unless this attempt proved its hold within the margin."""
+        if self.superseded_by is not None:
+            raise OutputLost(
+                0,
+                "output_lost",
+                f"shard {self.shard.index} was taken over by attempt {self.superseded_by} (this copy was taken for "
+                "lost): it sends nothing more",
+            )
+        age = None if self.confirmed_at is None else self._clock() - self.confirmed_at
+        if age is None or age > self.margin_s:
+            raise OutputLost(
+                0,
+                "output_lost",
+                f"shard {self.shard.index}: its hold was not confirmed for "
+                f"{'ever' if age is None else f'{age:.0f} s'} (heartbeats failing, or this process was paused), "
+                "so another copy may have taken it over: it sends nothing more",
+            )
+
+    def stopped(self) -> None:
+        """Tell the parent this attempt sends nothing more (its requests in flight have ended)."""
+        self.store.write_text(_heartbeat_name(self.shard), self._beat_text("stopped"))
 
 
 async def _beat(store: ShardStore, shard: Shard) -> None:
     """A count that changes every HEARTBEAT_S while the shard runs, beside its results (a count, not a time:
-    the parent compares it on its own clock, so machines' clocks need not agree)."""
+    the parent compares it on its own clock, so machines' clocks need not agree). For a flow run started
+    without an attempt id (by an older parent): no claim, no fence."""
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID", "")
     count = 0
     while True:
         count += 1
         with contextlib.suppress(Exception):  # one missed beat is not a lost worker
-            await asyncio.to_thread(store.write_text, _heartbeat_name(shard), f"{worker_name()} {flow_run_id} {count}")
+            await asyncio.to_thread(
+                store.write_text, _heartbeat_name(shard), f"{worker_name()} - {count} {flow_run_id}"
+            )
         await asyncio.sleep(HEARTBEAT_S)
 
 
@@ -107,6 +253,7 @@ async def run_shard_flow(
     storage_block: str | None = None,
     location_id: str = "",
     budget_id: str | None = None,
+    attempt_id: str = "",
 ) -> dict[str, Any]:
     """One shard on a worker, with a client of its own: the same steps as in one process, resuming from the
     shard's results (parts in the bucket, or a file on a shared disk), in any working directory."""
@@ -123,13 +270,25 @@ async def run_shard_flow(
             if budget_id is not None and settings.max_cost_usd is not None
             else Budget(None, journal=journal)
         )
-        heart = asyncio.create_task(_beat(store, shard))
+        claim = None
+        if attempt_id:
+            margin_s = options.shard_heartbeat_timeout_s / 2
+            claim = ShardClaim(store, shard, attempt_id, margin_s=margin_s)
+            heart = asyncio.create_task(claim.keep(min(HEARTBEAT_S, margin_s / 3)))
+        else:
+            heart = asyncio.create_task(_beat(store, shard))
         try:
-            async with AnthropicClient(api_key, settings, budget=budget) as client:
+            if claim is not None:
+                await claim.confirmed()  # the hold proven (or lost) before anything is sent
+            fence = claim.fence if claim is not None else None
+            async with AnthropicClient(api_key, settings, budget=budget, fence=fence) as client:
                 await client.check_limiter()
                 summary = await run_shard_requests(client, requests_path, shard, store, stop=SHUTDOWN)
         finally:
             heart.cancel()
+            if claim is not None:
+                with contextlib.suppress(Exception):  # the parent then waits for the heartbeat to go still
+                    await asyncio.to_thread(claim.stopped)
         store.write_text(_worker_name_file(shard), json.dumps({"worker": worker_name(), "shard": shard.index}))
         return summary
 
@@ -198,13 +357,17 @@ async def run_shards_on_pool(
 
     async def one(shard: Shard, client: Any) -> None:
         async with gate:
+            attempt_id = await asyncio.to_thread(write_claim, store, shard)
             for attempt in range(shard_retries + 1):
                 if store.done_summary(shard) is not None:
                     break
                 flow_run = await arun_deployment(
-                    deployment, parameters={**parameters, "shard": shard}, timeout=0, as_subflow=True
+                    deployment,
+                    parameters={**parameters, "shard": shard, "attempt_id": attempt_id},
+                    timeout=0,
+                    as_subflow=True,
                 )
-                state = await _wait_for(client, flow_run.id, store, _heartbeat_name(shard), heartbeat_timeout_s)
+                state, still = await _wait_for(client, flow_run.id, store, _heartbeat_name(shard), heartbeat_timeout_s)
                 if state is not None and state.is_completed():
                     worker = store.read_text(_worker_name_file(shard))
                     if worker is not None:
@@ -220,6 +383,10 @@ async def run_shards_on_pool(
                 )
                 if "does not see" in message:
                     raise OutputDirectoryNotShared(message)
+                # Superseded first, then the next copy waits until this one is known stopped or still.
+                previous, attempt_id = attempt_id, await asyncio.to_thread(write_claim, store, shard)
+                if not still:  # ended without its heartbeat going still (e.g. marked Crashed): it may still send
+                    await wait_until_stopped(store, shard, previous, heartbeat_timeout_s)
             else:
                 raise RuntimeError(f"shard {shard.index} did not complete on work pool {work_pool!r}")
         if on_shard_done is not None:
@@ -233,9 +400,33 @@ async def run_shards_on_pool(
 _POLL_S = 1.0
 
 
-async def _wait_for(client: Any, flow_run_id: Any, store: ShardStore, heartbeat: str, timeout_s: float) -> Any:
-    """The flow run's final state. A running shard whose heartbeat stops for `timeout_s` (its worker or
-    machine is gone: nothing will ever report its end) is marked Crashed, so that it can run again."""
+async def wait_until_stopped(
+    store: ShardStore, shard: Shard, attempt: str, timeout_s: float, *, poll_s: float = _POLL_S
+) -> None:
+    """Return once `attempt` of the shard sends nothing more: it wrote that it stopped, its heartbeat is not
+    its own (superseded before it ever beat, it can never confirm a hold), or its heartbeat has not changed
+    for `timeout_s` (its fence stopped it after half of that). Call after superseding it in the claim."""
+    name = _heartbeat_name(shard)
+    last: str | None = None
+    since = _clock()
+    while True:
+        beat = await asyncio.to_thread(store.read_text, name)
+        parsed = _parse_beat(beat)
+        if parsed is None or parsed[0] != attempt or parsed[1] == "stopped":
+            return
+        if beat != last:
+            last, since = beat, _clock()
+        elif _clock() - since > timeout_s:
+            return
+        await asyncio.sleep(poll_s)
+
+
+async def _wait_for(
+    client: Any, flow_run_id: Any, store: ShardStore, heartbeat: str, timeout_s: float
+) -> tuple[Any, bool]:
+    """The flow run's final state, and whether its heartbeat was still for `timeout_s`. A running shard whose
+    heartbeat stops for `timeout_s` (its worker or machine is gone: nothing will ever report its end) is marked
+    Crashed, so that it can run again (its fence stopped it sending after half of that, if it is alive)."""
     from prefect.states import Crashed
 
     last_beat: str | None = None
@@ -245,7 +436,7 @@ async def _wait_for(client: Any, flow_run_id: Any, store: ShardStore, heartbeat:
         flow_run = await client.read_flow_run(flow_run_id)
         state = flow_run.state
         if state is None or state.is_final():
-            return state
+            return state, False
         if not state.is_running():
             last_change = None  # waiting for a worker is not a lost worker
             continue
@@ -258,4 +449,4 @@ async def _wait_for(client: Any, flow_run_id: Any, store: ShardStore, heartbeat:
                 message=f"no heartbeat from the shard's flow run for {timeout_s:.0f} s: its worker was lost"
             )
             await client.set_flow_run_state(flow_run_id, crashed, force=True)
-            return crashed
+            return crashed, True

@@ -45,7 +45,7 @@ from .pipeline import (
 )
 from .settings import ClientSettings, RunOptions
 from .storage import join
-from .tables import PromptFunction, render_requests
+from .tables import SAVED_TABLE_PREFIX, PromptFunction, render_requests
 from .tasks import merge_materializing, plan_request_shards, run_shard
 
 __all__ = ["generate_dataset", "generate_dataset_from_table", "spent_in"]
@@ -362,7 +362,7 @@ async def generate_dataset_from_table(
     source: Any = table
     if not isinstance(table, (str, os.PathLike)):
         # The merge reads the table again, a batch at a time: keep an in-memory table beside the output for it.
-        source = join(str(output_dir), "input-table.parquet")
+        source = join(str(output_dir), f"{SAVED_TABLE_PREFIX}{uuid.uuid4().hex[:12]}.parquet")
         frame = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
         with storage.atomic_writer(source) as handle:
             pq.write_table(frame, handle)

@@ -41,6 +41,7 @@ __all__ = [
     "model_table",
     "request_limit_class",
     "resolve_model",
+    "server_tool_fee",
     "unpriced_reason",
     "use_models_file",
 ]
@@ -91,6 +92,9 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()
     #: Models of one class share a rate-limit bucket (Opus 4.5-4.8 share one); None: a bucket of its own.
     limit_class: str | None = None
+    #: The most tokens a request can hold (prompt and output): the bound of input the request's bytes do not
+    #: size (an image or PDF by URL or file id, a server tool's results); None where it is not known.
+    context_window: int | None = None
     max_output_tokens: int | None = None
     min_cacheable_tokens: int | None = None
     retired_on: dt.date | None = None
@@ -179,10 +183,24 @@ def _model(entry: Mapping[str, Any], where: str, base: ModelInfo | None = None) 
     return ModelInfo(**values)
 
 
+def _server_tool_fees(table: Any, where: str) -> dict[str, float]:
+    """`[server_tool_fees]`: US dollars per use of a server tool, by its type without the date suffix."""
+    if not isinstance(table, Mapping):
+        raise ModelsFileError(f"{where}: server_tool_fees must be a table of tool name = dollars per use")
+    fees: dict[str, float] = {}
+    for name, fee in table.items():
+        if isinstance(fee, bool) or not isinstance(fee, (int, float)) or fee < 0:
+            raise ModelsFileError(f"{where}: server_tool_fees.{name} must be a number of dollars >= 0")
+        fees[str(name)] = float(fee)
+    return fees
+
+
 @dataclass(frozen=True)
 class ModelTable:
     models: tuple[ModelInfo, ...]
     sources: tuple[str, ...] = ()
+    #: Dollars per use of a server tool (`web_search`, `web_fetch`...): a fee our sources do not give is absent.
+    server_tool_fees: Mapping[str, float] = field(default_factory=dict, compare=False)
     _by_name: dict[str, ModelInfo] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -208,7 +226,8 @@ class ModelTable:
             model = _model(entry, where, base)
             by_id.pop(base.id if base is not None else "", None)
             by_id[model.id] = model
-        return ModelTable(tuple(by_id.values()), (*self.sources, str(path)))
+        fees = {**self.server_tool_fees, **_server_tool_fees(data.get("server_tool_fees", {}), str(path))}
+        return ModelTable(tuple(by_id.values()), (*self.sources, str(path)), fees)
 
 
 def _read_text(path: str | os.PathLike[str]) -> str:
@@ -225,7 +244,7 @@ def _shipped_table() -> ModelTable:
     text = resources.files(__package__).joinpath("models.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
     models = tuple(_model(entry, f"models.toml: model #{i + 1}") for i, entry in enumerate(data["model"]))
-    return ModelTable(models, ("models.toml",))
+    return ModelTable(models, ("models.toml",), _server_tool_fees(data.get("server_tool_fees", {}), "models.toml"))
 
 
 _override_path: str | None = None
@@ -266,6 +285,12 @@ def resolve_model(name: str) -> ModelInfo:
     if model is None:
         raise UnknownModelError(f"unknown model {name!r}")
     return model
+
+
+def server_tool_fee(name: str) -> float | None:
+    """Dollars per use of the server tool `name` (its type without the date: "web_search"); None when the
+    model table does not know it (then a request using it cannot be budgeted)."""
+    return model_table().server_tool_fees.get(name)
 
 
 def request_limit_class(model: str, speed: Any = None) -> str:

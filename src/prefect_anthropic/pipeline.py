@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,15 +25,15 @@ from .corrections import save_token_corrections
 from .engine import AnthropicClient, FatalAPIError, RunStopped, run_requests
 from .engine.budget import Budget
 from .engine.records import RequestItem, ResultRecord
-from .engine.results_file import succeeded_requests
 from .inputs import Shard, ShardPlan, iter_requests, plan_shards
 from .outputs import DatasetTotals, merge_results
 from .progress import RunProgress
-from .run_lock import hold_output_location
+from .run_lock import OutputDirectoryLocked, hold_output_location
 from .schema import OutputSchema
 from .settings import ClientSettings, RunOptions
 from .shard_store import ShardStore, spent_in
-from .storage import Storage, is_url, join
+from .storage import Storage, is_url, join, local_path
+from .tables import is_run_input, remove_stale_run_inputs
 
 __all__ = [
     "RUNS",
@@ -106,7 +106,8 @@ async def run_shard_requests(
             progress.mark_done(shard.index, finished["requests"])
         logger.info("Shard %d already finished in an earlier run; not sent again.", shard.index)
         return finished
-    done = succeeded_requests(store.prepare(shard))
+    # Answers already paid for, under this layout or any other (another --shard-size): never sent again.
+    done = store.answered_requests(shard, requests_path)
     if len(done):
         logger.info("Shard %d resumes: %d requests already answered.", shard.index, len(done))
 
@@ -315,13 +316,24 @@ async def open_run(
     options = options or RunOptions()
     storage = storage or await storage_for(options.storage_block)
     check_paths(requests_path, output_dir, storage)
-    with hold_output_location(output_dir, storage, await _lock_url(settings)):
+    check_input_outside_outputs(requests_path, output_dir, run_fields)
+    own_inputs = [p for p in (requests_path, run_fields.get("input_table")) if p and is_run_input(p, output_dir)]
+    held = contextlib.ExitStack()
+    try:
+        hold = held.enter_context(hold_output_location(output_dir, storage, await _lock_url(settings)))
+    except OutputDirectoryLocked:
+        for location in own_inputs:  # rendered for this run, which does not run: never left behind
+            with contextlib.suppress(OSError):
+                storage.remove(location)
+        raise
+    with held, _fenced(storage, hold.check):
+        remove_stale_run_inputs(output_dir, own_inputs, storage)
         store = ShardStore.for_run(output_dir, options, storage)
         # What earlier runs of the dataset paid (or may have: a killed run's requests in flight) is spent.
         budget = Budget(settings.max_cost_usd, spent_usd=store.spent(), journal=store.new_journal())
         if budget.limit_usd is not None:
             logger.info("Budget $%.4f, $%.4f spent by earlier runs.", budget.limit_usd, budget.spent_usd)
-        async with AnthropicClient(api_key, settings, budget=budget) as client:
+        async with AnthropicClient(api_key, settings, budget=budget, fence=hold.ensure) as client:
             await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending
             run = DatasetRun(requests_path, output_dir, settings, options, client, store, api_key, **run_fields)
             RUNS[run.key] = run
@@ -330,6 +342,47 @@ async def open_run(
             finally:
                 RUNS.pop(run.key, None)
                 save_token_corrections(client.input_estimator.learned_ratios())
+
+
+@contextlib.contextmanager
+def _fenced(storage: Storage, check: Callable[[], None]) -> Iterator[None]:
+    """Writes that replace something in the output (merged outputs, markers, the summary) check the run's hold
+    first: a run that lost its output never clobbers the run that took it over."""
+    previous, storage.fence = storage.fence, check
+    try:
+        yield
+    finally:
+        storage.fence = previous
+
+
+#: What a run writes in its output location: an input there would be overwritten by the run's own results.
+OUTPUT_FILES = ("results.parquet", "results.jsonl", SUMMARY_FILE)
+
+
+def check_input_outside_outputs(requests_path: str, output_dir: str, run_fields: dict[str, Any]) -> None:
+    """Refuse an input (request file or table) that is one of the files the run writes, or inside its working
+    folders: the run would overwrite what it reads (last night's results.parquet as tonight's table)."""
+    written = {_normalized(join(output_dir, name)) for name in OUTPUT_FILES}
+    layout = run_fields.get("original_layout_path")
+    if layout:
+        written.add(_normalized(layout))
+    working = [_normalized(join(output_dir, name)) + "/" for name in (".shards-", ".spending", ".batches")]
+    for name, location in (("the request file", requests_path), ("the input table", run_fields.get("input_table"))):
+        if not location:
+            continue
+        path = _normalized(location)
+        if path in written or any(path.startswith(folder.rstrip("/")) for folder in working):
+            raise ValueError(
+                f"{name} {location} is one of the files this run writes in {output_dir}: it would be overwritten. "
+                "Copy it elsewhere (or choose another --output-dir) and run again; nothing was sent"
+            )
+
+
+def _normalized(location: str) -> str:
+    text = str(location)
+    if is_url(text):
+        return text.rstrip("/")
+    return str(local_path(text).absolute().resolve())
 
 
 async def run_shard_with_retries(run: DatasetRun, shard: Shard) -> dict[str, Any]:

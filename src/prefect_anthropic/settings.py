@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
@@ -52,6 +53,71 @@ TIER_CHOICES = ("1", "2", "3", "4", "evaluation", "start", "build", "scale", "au
 
 class MissingAPIKeyError(RuntimeError):
     pass
+
+
+#: Words of a query parameter's name that say its value is a credential (`password`, `api_key`, `accessToken`,
+#: `X-Amz-Signature`, Azure's `sig`...), and fragments that say so even where the words are run together.
+_SECRET_WORDS = frozenset(
+    {"password", "passwd", "pwd", "pass", "passphrase", "token", "secret", "key", "apikey", "sig", "signature",
+     "auth", "authorization", "credential", "credentials"}
+)  # fmt: skip
+_SECRET_FRAGMENTS = ("password", "passwd", "secret", "token", "apikey", "signature", "credential")
+
+
+def is_secret_parameter(name: str) -> bool:
+    """Whether a URL query parameter of this name carries a secret (to refuse it, or to redact its value)."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", unquote_plus(name))
+    words = [word for word in re.split(r"[^a-z0-9]+", spaced.lower()) if word]
+    squashed = "".join(words)
+    return bool(_SECRET_WORDS.intersection(words)) or any(fragment in squashed for fragment in _SECRET_FRAGMENTS)
+
+
+def secrets_in_url(url: str) -> list[str]:
+    """What in a URL carries a secret, in words that do not repeat it: userinfo (a lone user part may be a token
+    as well), query parameters by name. Empty for a URL without any."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = ["a user or password before '@'"] if "@" in parts.netloc else []
+    names = [pair.split("=", 1)[0] for pair in re.split(r"[&;]", parts.query) if pair]
+    secret = sorted({unquote_plus(name) for name in names if is_secret_parameter(name)})
+    if secret:
+        found.append("the query parameter" + ("s " if len(secret) > 1 else " ") + ", ".join(map(repr, secret)))
+    return found
+
+
+def _check_limiter_url(url: str, source: str) -> str:
+    """`url` if it is a Redis URL without a secret; else a ValueError saying where the password goes. URLs land in
+    flow parameters (shown in the UI), summary.json and messages: a password in one would be everywhere."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{source} must be redis://HOST:PORT/DB (or rediss://, unix://), not {parts.scheme}://...")
+    found = secrets_in_url(url)
+    if found:
+        raise ValueError(
+            f"{source} must carry no secret (it has {' and '.join(found)}): give redis://HOST:PORT/DB and put the "
+            f"Redis password in env {LIMITER_PASSWORD_ENV}, or name a prefect-redis RedisDatabase block with "
+            "--limiter-block NAME (limiter_block), which keeps the user and password"
+        )
+    return url
+
+
+def _check_base_url(url: str, source: str) -> str:
+    """`url` if it carries no secret; else a ValueError saying where the key goes (see `_check_limiter_url`)."""
+    found = secrets_in_url(url)
+    if found:
+        raise ValueError(
+            f"{source} must carry no secret (it has {' and '.join(found)}): the API key goes in env {API_KEY_ENV}, "
+            "--api-key, or an AnthropicCredentials block (--credentials-block NAME), and is sent as a header"
+        )
+    return url
+
+
+def _url_from_env(name: str, check: Callable[[str, str], str]) -> str | None:
+    """A URL from the environment, checked as the field it stands in for is."""
+    url = os.environ.get(name) or None
+    return check(url, f"env {name}") if url is not None else None
 
 
 def api_key_from_env() -> str:
@@ -88,12 +154,13 @@ def _load_schema(path: str) -> dict[str, Any]:
 class ClientSettings(BaseModel):
     """How to reach the API and how fast to go. Every field has a safe default."""
 
-    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+    # A refused value is never echoed: it may be the secret (a password in limiter_url, say).
+    model_config = ConfigDict(validate_assignment=True, extra="forbid", hide_input_in_errors=True)
 
     base_url: Annotated[str | None, Flag(env=BASE_URL_ENV)] = Field(
         default=None,
         description=f"API base URL: the emulator's or a gateway's (default: the credentials block's, else env "
-        f"{BASE_URL_ENV}, else {DEFAULT_BASE_URL}).",
+        f"{BASE_URL_ENV}, else {DEFAULT_BASE_URL}); no user, password or token in it (the key is sent as a header).",
     )
     anthropic_version: Annotated[str | None, Flag(choices=API_VERSIONS)] = Field(
         default=None,
@@ -185,14 +252,12 @@ class ClientSettings(BaseModel):
     @field_validator("limiter_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"limiter_url must be redis://HOST:PORT/DB (or rediss://, unix://), got {url!r}")
-        if parts.password:
-            raise ValueError(f"put the Redis password in {LIMITER_PASSWORD_ENV}, not in limiter_url")
-        return url
+        return None if url is None else _check_limiter_url(url, "limiter_url")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_without_secrets(cls, url: str | None) -> str | None:
+        return None if url is None else _check_base_url(url, "base_url")
 
     @field_validator("output_schema", mode="before")
     @classmethod
@@ -232,7 +297,7 @@ class ClientSettings(BaseModel):
 
     @property
     def api_base_url(self) -> str:
-        return (self.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        return (self.base_url or _url_from_env(BASE_URL_ENV, _check_base_url) or DEFAULT_BASE_URL).rstrip("/")
 
     @property
     def api_version(self) -> str:
@@ -241,7 +306,7 @@ class ClientSettings(BaseModel):
     @property
     def redis_url(self) -> str | None:
         """The shared limiter's Redis URL, with the password from the environment (never log it)."""
-        url = self.limiter_url or os.environ.get(LIMITER_URL_ENV) or None
+        url = self.limiter_url or _url_from_env(LIMITER_URL_ENV, _check_limiter_url)
         password = os.environ.get(LIMITER_PASSWORD_ENV)
         if url is None or not password:
             return url
@@ -251,7 +316,7 @@ class ClientSettings(BaseModel):
     @property
     def shares_limits(self) -> bool:
         """Whether the limits are kept in Redis for every process on the account."""
-        return bool(self.limiter_block or self.limiter_url or os.environ.get(LIMITER_URL_ENV))
+        return bool(self.limiter_block or self.limiter_url or _url_from_env(LIMITER_URL_ENV, _check_limiter_url))
 
     def limits(self) -> Any:
         """The limits of each limit class under these settings (a `TierLimits`)."""

@@ -9,19 +9,34 @@ seconds (RunOptions; 500 and 10 by default), whichever comes first, and when the
 that starts (again, anywhere) first downloads its parts, so it resumes: a container lost mid-shard costs
 at most its requests in flight and, per shard it was running, the records of its last part not yet
 uploaded, which are sent again.
+
+Results are found by request, not by layout: a run whose shards are cut otherwise (another `--shard-size`)
+brings, when it prepares a shard, the final answers other layouts (`.shards-M/`) hold for the shard's lines
+into the shard's own results (`copy_of` names where they came from), so nothing paid for is sent again, and
+skip, progress and merge need no other place to look. Each shard of another layout is read once per run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .engine.budget import SpendingJournal, journaled_spending
-from .engine.results_file import PartUploader, ResultsWriter, download_parts, read_part_records, read_records
-from .inputs import Shard
+from .engine.results_file import (
+    PartUploader,
+    ResultsWriter,
+    download_parts,
+    is_final,
+    read_part_records,
+    read_records,
+)
+from .inputs import Shard, iter_requests
 from .settings import RunOptions
 from .storage import Storage, is_url, join, local_path
 
@@ -29,6 +44,12 @@ __all__ = ["ShardStore", "spent_in"]
 
 _DEFAULTS = RunOptions()
 SPENDING_DIR = ".spending"
+#: The field a record copied from another layout carries: that layout's folder (the request was paid there).
+COPY_OF = "copy_of"
+_LAYOUT = re.compile(r"\.shards-(\d+)$")
+_BATCH_STATE = re.compile(r"shard-(\d+)-[^/]*\.batches\.json$")
+#: Shards of other layouts kept read (their final records) while this run's shards that overlap them prepare.
+_READ_CACHE = 8
 
 
 class ShardStore:
@@ -45,7 +66,9 @@ class ShardStore:
     ) -> None:
         self.output = output
         self.storage = storage or Storage()
-        self.location = join(output, f".shards-{shard_size}")
+        self.shard_size = shard_size
+        self.layout = f".shards-{shard_size}"
+        self.location = join(output, self.layout)
         self.remote = is_url(output)
         self.part_rows = part_rows
         self.part_seconds = part_seconds
@@ -54,6 +77,10 @@ class ShardStore:
         else:
             self.staging = local_path(self.location)
             self.staging.mkdir(parents=True, exist_ok=True)
+        self._other_layouts: list[tuple[str, int]] | None = None
+        self._read: OrderedDict[tuple[str, int], dict[tuple[int, str], dict[str, Any]]] = OrderedDict()
+        self._read_lock = threading.Lock()
+        self._other_batches: list[tuple[str, int, int, list[str]]] | None = None
 
     @classmethod
     def for_run(cls, output: str, options: RunOptions, storage: Storage) -> ShardStore:
@@ -70,11 +97,132 @@ class ShardStore:
         return self.staging / f"{self._name(shard)}.jsonl"
 
     def prepare(self, shard: Shard) -> Path:
-        """The shard's results file, brought up to date from the bucket's parts before the shard (re)starts."""
+        """The shard's results file, brought up to date before the shard (re)starts: from the bucket's parts, and
+        with the final answers that other layouts of the dataset hold for its lines (see `adopt`)."""
         path = self.results_path(shard)
         if self.remote:
             download_parts(self.storage, join(self.location, self._name(shard)), path)
+        self.adopt(shard, path)
         return path
+
+    def answered_requests(self, shard: Shard, requests_path: str) -> dict[int, str]:
+        """Prepare the shard; its lines that have a final answer, with the request digest answered.
+
+        A line answered for several digests (the input was edited, and answers came from several layouts) is
+        resolved against the input as it is now: its line counts as answered only for the request it holds."""
+        answered: dict[int, set[str]] = {}
+        for record in read_records(self.prepare(shard)):
+            if is_final(record):
+                answered.setdefault(int(record["line"]), set()).add(record.get("request_digest") or "")
+        done = {line: next(iter(digests)) for line, digests in answered.items() if len(digests) == 1}
+        several = {line: digests for line, digests in answered.items() if len(digests) > 1}
+        if several:
+            for item in iter_requests(requests_path, shard.start, shard.end, shard.first_line, self.storage):
+                digests = several.get(item.line)
+                if digests is not None and (item.digest in digests or "" in digests):
+                    done[item.line] = item.digest if item.digest in digests else ""
+        return done
+
+    # -- answers written under other layouts ---------------------------------------------------------------
+
+    def other_layouts(self) -> list[tuple[str, int]]:
+        """The other layouts at the output (folder name, shard size), looked up once per run (the output is held:
+        no other run adds one meanwhile)."""
+        if self._other_layouts is None:
+            found = []
+            for location in self.storage.list(self.output, ".shards-*"):
+                match = _LAYOUT.search(str(location).rstrip("/"))
+                if match is not None and int(match.group(1)) != self.shard_size and int(match.group(1)) > 0:
+                    found.append((f".shards-{match.group(1)}", int(match.group(1))))
+            self._other_layouts = sorted(found, key=lambda layout: layout[1])
+        return self._other_layouts
+
+    def adopt(self, shard: Shard, path: Path) -> int:
+        """Copy into the shard's results file (`path`, prepared) the final answers of other layouts for the
+        shard's lines that it does not hold yet (same line and request digest); the number copied. Where the
+        output is remote, the copies are uploaded as a part of the shard's too. Copies of copies are fine: each
+        answer is copied into a layout at most once, whatever runs alternate."""
+        layouts = self.other_layouts()
+        if not layouts or shard.line_count <= 0:
+            return 0
+        first, last = shard.first_line, shard.first_line + shard.line_count - 1
+        held = {
+            (int(record["line"]), record.get("request_digest") or "")
+            for record in read_records(path)
+            if is_final(record)
+        }
+        found: dict[tuple[int, str], dict[str, Any]] = {}
+        for layout, size in layouts:
+            for index in range((first - 1) // size, (last - 1) // size + 1):
+                for key, record in self._finals_of(layout, size, index).items():
+                    if first <= key[0] <= last and key not in held:
+                        previous = found.get(key)
+                        if previous is None or (record["status"] == "succeeded" and previous["status"] != "succeeded"):
+                            found[key] = record
+        if not found:
+            return 0
+        uploader = None
+        if self.remote:
+            remote_dir = join(self.location, self._name(shard))
+            uploader = PartUploader(self.storage, remote_dir, path, every_rows=len(found) + 1, every_s=float("inf"))
+        with ResultsWriter(path, uploader=uploader) as writer:
+            for _key, record in sorted(found.items()):
+                writer.write(record)
+        return len(found)
+
+    def unfinished_batches_of_other_layouts(self, shard: Shard) -> list[tuple[str, str]]:
+        """Batches created under other layouts for the shard's lines whose results were not collected yet, as
+        (layout, batch id or "a batch being created"): they are paid, and their answers land in that layout's
+        shards only when a run with its shard size downloads them. The states are read once per run."""
+        if self._other_batches is None:
+            self._other_batches = []
+            for layout, size in self.other_layouts():
+                for location in self.storage.list(join(self.output, layout), "shard-*.batches.json"):
+                    match = _BATCH_STATE.search(str(location))
+                    if match is None:
+                        continue
+                    unfinished = []
+                    for round_ in json.loads(self.storage.read_text(location)).get("rounds", []):
+                        if not round_.get("complete"):
+                            unfinished += [b["id"] for b in round_.get("batches", []) if not b.get("downloaded")]
+                            unfinished += ["a batch being created"] if "creating" in round_ else []
+                    if unfinished:
+                        index = int(match.group(1))
+                        self._other_batches.append((layout, index * size + 1, (index + 1) * size, unfinished))
+        first, last = shard.first_line, shard.first_line + shard.line_count - 1
+        return [
+            (layout, batch)
+            for layout, start, end, batches in self._other_batches
+            if start <= last and end >= first
+            for batch in batches
+        ]
+
+    def _finals_of(self, layout: str, size: int, index: int) -> dict[tuple[int, str], dict[str, Any]]:
+        """The final records of shard `index` of another layout, by (line, digest), marked as copies: read once
+        while this run's shards that overlap it prepare (shards run about in order: a few stay read)."""
+        key = (layout, index)
+        with self._read_lock:
+            if key in self._read:
+                self._read.move_to_end(key)
+                return self._read[key]
+            finals: dict[tuple[int, str], dict[str, Any]] = {}
+            for record in self._records_of_layout(layout, index):
+                if not is_final(record):
+                    continue
+                line_key = (int(record["line"]), record.get("request_digest") or "")
+                previous = finals.get(line_key)
+                if previous is None or (record.get("status") == "succeeded" and previous.get("status") != "succeeded"):
+                    finals[line_key] = {**record, COPY_OF: record.get(COPY_OF) or layout}
+            self._read[key] = finals
+            while len(self._read) > _READ_CACHE:
+                self._read.popitem(last=False)
+            return finals
+
+    def _records_of_layout(self, layout: str, index: int) -> Iterable[dict[str, Any]]:
+        name = f"shard-{index:05d}"
+        if self.remote:
+            return read_part_records(self.storage, join(self.output, layout, name))
+        return read_records(local_path(join(self.output, layout)) / f"{name}.jsonl")
 
     def writer(self, shard: Shard) -> ResultsWriter:
         """Appends to the shard's results file (call `prepare` first); where the output is remote, uploads."""
@@ -133,10 +281,11 @@ class ShardStore:
         return join(self.output, SPENDING_DIR)
 
     def new_journal(self) -> SpendingJournal:
-        """A spending journal for this process (uploaded as parts, every few seconds, where the output is remote)."""
+        """A spending journal for this process: a file, or where the output is remote, parts in the bucket, each
+        reservation written there before its request is sent."""
         if not self.remote:
             return SpendingJournal(local_path(self.journal_location))
-        return SpendingJournal(self.staging / SPENDING_DIR, storage=self.storage, remote_dir=self.journal_location)
+        return SpendingJournal(storage=self.storage, remote_dir=self.journal_location)
 
     def spent(self) -> float:
         return spent_in(self.output, self.storage)
@@ -150,4 +299,9 @@ def spent_in(output: str, storage: Storage | None = None) -> float:
     if journaled is not None:
         return journaled
     paths = [] if is_url(output) else sorted(local_path(output).glob(".shards-*/shard-*.jsonl"))
-    return sum(record.get("cost_usd") or 0.0 for path in paths for record in read_records(path))
+    return sum(
+        record.get("cost_usd") or 0.0
+        for path in paths
+        for record in read_records(path)
+        if COPY_OF not in record  # paid once, under the layout it was copied from
+    )

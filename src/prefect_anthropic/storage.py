@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -67,8 +67,13 @@ def local_path(location: str | os.PathLike[str]) -> Path:
 class Storage:
     """How to reach locations: the filesystem of each URL, with the storage options in force."""
 
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict, repr=False)  # keys and secrets: never in a repr or log
     _filesystems: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Called before a write that replaces or removes what may be another run's (merged outputs, markers,
+    #: summaries): raises when this run no longer holds its output (see run_lock). Writes of new immutable,
+    #: uniquely named objects (`immutable=True`: parts of results and of spending journals) are not fenced: they
+    #: cannot clobber anything, and they record requests already paid for.
+    fence: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_environment(cls, block_options: dict[str, Any] | None = None) -> Storage:
@@ -147,9 +152,14 @@ class Storage:
         if not is_url(location):
             fs.makedirs(path, exist_ok=True)
 
+    def _check_fence(self, immutable: bool) -> None:
+        if self.fence is not None and not immutable:
+            self.fence()
+
     @contextlib.contextmanager
-    def atomic_writer(self, location: str) -> Iterator[IO[bytes]]:
-        """A file to write whole: nobody sees it until it is complete, and nothing of it if writing fails."""
+    def atomic_writer(self, location: str, *, immutable: bool = False) -> Iterator[IO[bytes]]:
+        """A file to write whole: nobody sees it until it is complete, and nothing of it if writing fails.
+        Unless `immutable` (a new, uniquely named object), the run's fence is checked before it is committed."""
         if not is_url(location):
             target = local_path(location)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +169,7 @@ class Storage:
                     yield handle
                     handle.flush()
                     os.fsync(handle.fileno())
+                self._check_fence(immutable)
                 os.replace(partial, target)
             finally:
                 partial.unlink(missing_ok=True)
@@ -171,16 +182,23 @@ class Storage:
             with contextlib.suppress(Exception):
                 handle.discard()  # an upload abandoned is never committed: readers see the old object or none
             raise
+        try:
+            self._check_fence(immutable)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.discard()
+            raise
         handle.close()
 
-    def write_bytes(self, location: str, data: bytes) -> None:
-        with self.atomic_writer(location) as handle:
+    def write_bytes(self, location: str, data: bytes, *, immutable: bool = False) -> None:
+        with self.atomic_writer(location, immutable=immutable) as handle:
             handle.write(data)
 
     def write_text(self, location: str, text: str) -> None:
         self.write_bytes(location, text.encode("utf-8"))
 
     def remove(self, location: str) -> None:
+        self._check_fence(False)
         fs, path = self.filesystem(location)
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)

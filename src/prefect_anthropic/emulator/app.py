@@ -206,6 +206,12 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
     async def stats(request: Request) -> Response:
         return JSONResponse(api.ledger.as_dict())
 
+    async def billed_requests(request: Request) -> Response:
+        """One key's billed requests (`request_log` on) and its requests in flight now: a client's key, so that
+        runs sharing one emulator each read their own."""
+        key = request.query_params.get("key", "")
+        return JSONResponse({"in_flight": api.in_flight(key), "requests": api.ledger.requests_of(key)})
+
     async def reset(request: Request) -> Response:
         api.reset()
         batches.reset()
@@ -224,6 +230,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             Route("/v1/messages/batches/{batch_id}/cancel", batch_endpoint(batch_cancel), methods=["POST"]),
             Route("/v1/messages/batches/{batch_id}/results", batch_endpoint(batch_results), methods=["GET"]),
             Route("/_emulator/stats", stats, methods=["GET"]),
+            Route("/_emulator/requests", billed_requests, methods=["GET"]),
             Route("/_emulator/reset", reset, methods=["POST"]),
             Route("/_emulator/advance", advance_clock, methods=["POST"]),
         ]

@@ -97,6 +97,11 @@ class EmulatorConfig:
         "Once billed cost reaches this many dollars, answer 429 with details.error_code "
         "enforced_spend_limit_reached and no retry-after (0 = no cap).",
     )
+    request_log: bool = _opt(
+        False,
+        "Keep a record of every billed Messages request (its key, when it was admitted and billed, its cost) for "
+        "GET /_emulator/requests?key=...: which requests were paid twice, and which were in flight at a moment.",
+    )
     # Prompt caching and batches.
     batch_delay_s: float = _opt(
         2.0, "Mean time a message batch takes to process, in seconds: its requests finish one by one over it."

@@ -85,6 +85,10 @@ class Ledger:
     counted_requests: int = 0
     #: The most Messages requests of one key in flight at once.
     max_in_flight: int = 0
+    #: With `request_log`: every billed Messages request by key and body digest, each time it was billed as
+    #: (admitted at, billed at, cost in USD), wall clock. Off by default: a load test bills millions.
+    keep_requests: bool = False
+    billed_log: dict[str, dict[int, list[tuple[float, float, float]]]] = field(default_factory=dict)
     _billed_bodies: set[int] = field(default_factory=set)
 
     def admit(self) -> None:
@@ -93,7 +97,16 @@ class Ledger:
             self.first_arrival_at = now
         self.last_arrival_at = now
 
-    def bill(self, body_digest: int, model: ModelInfo, usage: Usage, *, batch: bool) -> None:
+    def bill(
+        self,
+        body_digest: int,
+        model: ModelInfo,
+        usage: Usage,
+        *,
+        batch: bool,
+        key: str | None = None,
+        admitted_at: float | None = None,
+    ) -> None:
         now = time.time()
         if self.first_request_at is None:
             self.first_request_at = now
@@ -109,6 +122,9 @@ class Ledger:
             self.unpriced_requests += 1
         else:
             self.cost_usd += cost
+        if self.keep_requests and key is not None:
+            times = self.billed_log.setdefault(key, {}).setdefault(body_digest, [])
+            times.append((now if admitted_at is None else admitted_at, now, cost or 0.0))
         if body_digest in self._billed_bodies:
             self.duplicate_billed_requests += 1
         else:
@@ -136,6 +152,13 @@ class Ledger:
             "first_arrival_at": self.first_arrival_at,
             "last_arrival_at": self.last_arrival_at,
         }
+
+    def requests_of(self, key: str) -> list[dict[str, Any]]:
+        """The billed requests of one key (with `request_log`): each billing as [admitted at, billed at, cost]."""
+        return [
+            {"digest": f"{digest:016x}", "billed": [list(times) for times in billings]}
+            for digest, billings in self.billed_log.get(key, {}).items()
+        ]
 
 
 def body_digest(raw: bytes) -> int:
@@ -183,7 +206,7 @@ class EmulatedAnthropic:
         self.models = table.extended(config.models_file) if config.models_file else table
         self.rng = random.Random(config.seed)
         self.cache = PromptCache(config.unknown_min_cacheable_tokens)
-        self.ledger = Ledger()
+        self.ledger = Ledger(keep_requests=config.request_log)
         self._buckets: dict[tuple[str, str], ClassBuckets] = {}
         #: Prompt part digests of recent replies, by message id, for `diagnostics.previous_message_id`.
         self._recent_prompts: dict[str, tuple[str, dict[str, bytes]]] = {}
@@ -191,6 +214,10 @@ class EmulatedAnthropic:
         self._in_flight: Counter[str] = Counter()
         #: Seconds added to the clock: tests jump past a cache TTL or a minute of refill without waiting.
         self.clock_offset = 0.0
+
+    def in_flight(self, key: str) -> int:
+        """Messages requests of `key` admitted and not yet produced to their last token."""
+        return self._in_flight[key]
 
     def now(self) -> float:
         return time.monotonic() + self.clock_offset
@@ -201,7 +228,7 @@ class EmulatedAnthropic:
     def reset(self) -> None:
         self.rng = random.Random(self.config.seed)
         self.cache.clear()
-        self.ledger = Ledger()
+        self.ledger = Ledger(keep_requests=self.config.request_log)
         self._buckets.clear()
         self._recent_prompts.clear()
         self._count_buckets.clear()
@@ -348,6 +375,7 @@ class EmulatedAnthropic:
                 headers=headers,
             )
         self.ledger.admit()
+        admitted_at = time.time()
         stalled = self.config.stall_rate and self.rng.random() < self.config.stall_rate
         first_token_s = self.config.stall_s if stalled else self._time_to_first_token()
         drop = bool(self.config.drop_rate) and self.rng.random() < self.config.drop_rate
@@ -372,7 +400,7 @@ class EmulatedAnthropic:
             if refused:
                 self.ledger.refused_requests += 1  # a refusal before any output is not billed
             else:
-                self.ledger.bill(body_digest(raw), model, usage, batch=False)
+                self.ledger.bill(body_digest(raw), model, usage, batch=False, key=key, admitted_at=admitted_at)
             self.ledger.streamed_requests += parsed.stream
             leave()
 

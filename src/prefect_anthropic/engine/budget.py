@@ -2,7 +2,9 @@
 
 Before each attempt is sent, its worst case is reserved: a bound on its input tokens that no tokenizer can
 exceed (the bytes of the request as sent: a token is at least one byte; an image counts as the most an
-image can cost), every input token at the dearest price it could be billed at (a cache write where the
+image can cost; what the bytes do not size, an image or PDF by URL or file id, a PDF's pages, a server
+tool's results, counts as the model's context window for each sampling pass, plus the tools' per-use fees
+times their `max_uses`), every input token at the dearest price it could be billed at (a cache write where the
 request has a breakpoint), `max_tokens` of output, and every multiplier of the model table (long context,
 fast mode, US-only inference, batch). A reply settles the reservation to its real cost; an error answer
 that is not billed (429, 5xx before any output) gives it back; anything else (a connection lost after
@@ -12,17 +14,22 @@ may have been billed. An attempt that does not fit waits while attempts in fligh
 exhausted: nothing more is sent, and every request after it becomes a `budget_exhausted` row, so the same
 command with a higher limit resumes from there.
 
-The moment an attempt is sent, its reservation is appended to a journal in the output directory, and its
-settlement when it is known, so a run that is killed, and the next run of the same dataset, know what may
-have been paid: a sent reservation without its settlement counts as spent at its worst case. (Attempts
-still waiting for the rate limiter when the run dies were never sent, and are not in the journal.)
+Before an attempt is sent, its reservation is in a journal beside the output (on object storage: written
+to the bucket, the request waiting for it), and its settlement follows when it is known, so a run that is
+killed, and the next run of the same dataset, know what may have been paid: a reservation without its
+settlement counts as spent at its worst case. (Attempts still waiting for the rate limiter when the run
+dies were never sent, and are not in the journal.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,12 +39,20 @@ from typing import Any
 import orjson
 
 from ..formatting import money
-from ..models import ModelInfo, Usage, cost_usd
+from ..models import ModelInfo, Usage, cost_usd, lookup_model, server_tool_fee, unpriced_reason
 from .caching import cached_prefix
 from .records import RequestItem, ResultRecord
-from .results_file import PartUploader
 
-__all__ = ["Budget", "SpendingJournal", "journaled_spending", "max_input_tokens", "worst_case_cost"]
+__all__ = [
+    "Budget",
+    "SpendingJournal",
+    "journaled_spending",
+    "max_input_tokens",
+    "unbudgeted_reason",
+    "worst_case_cost",
+]
+
+logger = logging.getLogger(__name__)
 
 #: The most one image can cost, in tokens (an image is scaled down to fit; high-resolution models included).
 _IMAGE_TOKENS = 5_000
@@ -47,19 +62,84 @@ _ADDED_TOKENS = 256
 _ADDED_TOKENS_WITH_TOOLS = 2_048
 
 
-def _images(body: Any) -> Iterator[dict[str, Any]]:
+#: Server tools run at Anthropic (`web_search_20250305`...): what they return becomes input tokens the
+#: request's bytes do not size, each use may start another sampling pass over the whole context (usage adds
+#: up over the passes), and some are billed per use (`[server_tool_fees]` of the model table).
+_SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "tool_search_tool_bm25", "tool_search_tool_regex")
+
+
+def _blocks(content: Any) -> Iterator[dict[str, Any]]:
+    """Every content block of a message's content, those inside tool results and documents included."""
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, dict):
+            continue
+        yield block
+        if block.get("type") == "tool_result":
+            yield from _blocks(block.get("content"))
+        source = block.get("source")
+        if block.get("type") == "document" and isinstance(source, dict) and source.get("type") == "content":
+            yield from _blocks(source.get("content"))
+
+
+def _message_blocks(body: Any) -> Iterator[dict[str, Any]]:
     for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        for block in content if isinstance(content, list) else ():
-            if isinstance(block, dict) and block.get("type") == "image":
-                source = block.get("source")
-                if isinstance(source, dict) and isinstance(source.get("data"), str):
-                    yield source
+        if isinstance(message, dict):
+            yield from _blocks(message.get("content"))
 
 
-def max_input_tokens(body: dict[str, Any], payload_bytes: int | None = None) -> int:
+def _images(body: Any) -> Iterator[dict[str, Any]]:
+    """The sources of base64 images: sized at the most an image costs, whatever their bytes."""
+    for block in _message_blocks(body):
+        source = block.get("source")
+        if block.get("type") == "image" and isinstance(source, dict) and isinstance(source.get("data"), str):
+            yield source
+
+
+def _unsized_content(body: Any) -> str | None:
+    """What in the request its bytes do not size (None when nothing): an image or document by URL or file id
+    (fetched by the API), or a base64 PDF (each page is read as text and as an image, and its streams are
+    compressed, so its tokens are not bounded by its bytes)."""
+    for block in _message_blocks(body):
+        kind = block.get("type")
+        source = block.get("source")
+        if kind not in ("image", "document") or not isinstance(source, dict):
+            continue
+        where = source.get("type")
+        if where in ("url", "file"):
+            given = "URL" if where == "url" else "file id"
+            return f"{'an image' if kind == 'image' else 'a document'} given by {given}"
+        if kind == "document" and where == "base64" and source.get("media_type") == "application/pdf":
+            return "a PDF document"
+    return None
+
+
+def _server_tools(body: Any) -> list[tuple[str, int | None]]:
+    """(name, max_uses) of every server tool the request offers; MCP servers count as one, uses unbounded."""
+    found: list[tuple[str, int | None]] = []
+    for tool in body.get("tools") or ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        name = kind.rsplit("_", 1)[0] if isinstance(kind, str) and kind.rsplit("_", 1)[-1].isdigit() else kind
+        if name in _SERVER_TOOLS:
+            uses = tool.get("max_uses")
+            found.append((name, uses if isinstance(uses, int) and not isinstance(uses, bool) and uses >= 0 else None))
+    if body.get("mcp_servers"):
+        found.append(("mcp_servers", None))
+    return found
+
+
+def max_input_tokens(
+    body: dict[str, Any], payload_bytes: int | None = None, *, context_window: int | None = None
+) -> int | None:
     """A bound on the input tokens of a request: its bytes as sent (base64 images at the most an image
-    costs), plus what the API adds."""
+    costs), plus what the API adds. Content the bytes do not size (see _unsized_content) is bounded by the
+    model's context window, and server tools by one window for each sampling pass their uses may start:
+    None when that bound is needed and not known (the window, or a tool's max_uses)."""
+    tools = _server_tools(body)
+    if tools or _unsized_content(body) is not None:
+        uses = [max_uses for _, max_uses in tools]
+        if context_window is None or None in uses:
+            return None
+        return context_window * (1 + sum(n for n in uses if n is not None))
     size = payload_bytes if payload_bytes is not None else len(orjson.dumps(body))
     for source in _images(body):
         size += _IMAGE_TOKENS - len(source["data"])
@@ -67,11 +147,34 @@ def max_input_tokens(body: dict[str, Any], payload_bytes: int | None = None) -> 
     return max(1, size) + (_ADDED_TOKENS_WITH_TOOLS if tooled else _ADDED_TOKENS)
 
 
-def worst_case_cost(
-    info: ModelInfo | str, body: dict[str, Any], *, payload_bytes: int | None = None, batch: bool = False
-) -> float | None:
-    """The most a request can cost (None when the model table cannot price it)."""
-    input_tokens = max_input_tokens(body, payload_bytes)
+def _worst_case(
+    info: ModelInfo | str, body: dict[str, Any], payload_bytes: int | None, batch: bool
+) -> tuple[float | None, str | None]:
+    """(the most a request can cost, None and why it cannot be bounded)."""
+    model = info if isinstance(info, ModelInfo) else lookup_model(info)
+    name = model.id if model is not None else str(info)
+    tools = _server_tools(body)
+    input_tokens = max_input_tokens(body, payload_bytes, context_window=model.context_window if model else None)
+    if input_tokens is None:
+        unbounded = next((tool for tool, uses in tools if uses is None), None)
+        if unbounded is not None:
+            return None, f"its server tool {unbounded} has no max_uses, so what it may cost has no bound"
+        what = _unsized_content(body) or f"server tools ({', '.join(tool for tool, _ in tools)})"
+        return None, (
+            f"it holds {what}, whose size its bytes do not tell, and the model table has no context window for "
+            f"{name!r} to bound it (set context_window in a --models-file)"
+        )
+    fees = 0.0
+    for tool, uses in tools:
+        fee = server_tool_fee(tool)
+        if fee is None:
+            return None, (
+                f"the model table has no per-use fee for the server tool {tool} (set [server_tool_fees] {tool} = "
+                "dollars in a --models-file)"
+            )
+        fees += fee * (uses or 0)
+    # Each sampling pass a server tool starts may write up to max_tokens again.
+    passes = 1 + sum(uses or 0 for _, uses in tools)
     prefix = cached_prefix(body)
     one_hour = prefix is not None and prefix.ttl_s >= 3600.0
     max_tokens = body.get("max_tokens")
@@ -80,54 +183,219 @@ def worst_case_cost(
         input_tokens=0 if prefix is not None else input_tokens,
         cache_creation_input_tokens=input_tokens if prefix is not None else 0,
         cache_creation_1h_input_tokens=input_tokens if one_hour else 0,
-        output_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0,
+        output_tokens=passes * max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0,
         speed=body.get("speed"),
         inference_geo=body.get("inference_geo"),
     )
-    return cost_usd(info, usage, batch=batch)
+    cost = cost_usd(model or name, usage, batch=batch)
+    if cost is None:
+        return None, unpriced_reason(model or name, usage)
+    # Fees are not known to take the batch discount: added at their full price.
+    return cost + fees, None
+
+
+def worst_case_cost(
+    info: ModelInfo | str, body: dict[str, Any], *, payload_bytes: int | None = None, batch: bool = False
+) -> float | None:
+    """The most a request can cost (None when it cannot be bounded: see unbudgeted_reason)."""
+    return _worst_case(info, body, payload_bytes, batch)[0]
+
+
+def unbudgeted_reason(info: ModelInfo | str | None, body: dict[str, Any]) -> str | None:
+    """Why a budget cannot be kept for this request (None when it can): the words of its row."""
+    return _worst_case(info or str(body.get("model") or "(no model)"), body, None, False)[1]
 
 
 class SpendingJournal:
     """Append-only record of one client's attempts: `{"r": id, "usd": worst}` as an attempt is sent,
-    `{"s": id, "usd": actual}` when its cost is known (0 for an answer not billed)."""
+    `{"s": id, "usd": actual}` when its cost is known (0 for an answer not billed).
 
-    def __init__(self, directory: str | os.PathLike[str], *, storage: Any = None, remote_dir: str | None = None):
+    Beside a local output, a file: each entry is handed to the OS as it is written, so a killed process's
+    reservations survive it. Beside an output on object storage (`remote_dir`), where the machine's disk does
+    not outlive the run, the journal is a directory of immutable parts `part-<n>.jsonl`, and a reservation
+    must be in a part before its request is sent: `asent` waits for that (group commit: one PUT carries every
+    reservation made while the one before it was on its way, so throughput holds). A part that cannot be
+    written is written again, under the same name and with the same content, until it is: the requests
+    waiting for it are not sent meanwhile. Settlements ride on the next part, or one every `settle_every_s`,
+    and at close: until then a rerun counts their reservations at the worst case, which is safe.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        storage: Any = None,
+        remote_dir: str | None = None,
+        settle_every_s: float = 2.0,
+        close_timeout_s: float = 300.0,
+    ):
         name = uuid.uuid4().hex
-        self.path = Path(directory) / f"{name}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the client's life
         self._open: set[int] = set()
-        #: Where the machine's disk does not outlive the run: uploaded as parts every few seconds.
-        self._uploader = (
-            PartUploader(storage, f"{remote_dir.rstrip('/')}/{name}", self.path, every_rows=100, every_s=2.0)
-            if remote_dir is not None
-            else None
-        )
+        self.remote_dir = f"{remote_dir.rstrip('/')}/{name}" if remote_dir is not None else None
+        self.storage = storage
+        self.settle_every_s = settle_every_s
+        self.close_timeout_s = close_timeout_s
+        self.parts = 0
+        self._closed = False
+        self._handle: Any = None
+        if self.remote_dir is None:
+            if directory is None:
+                raise ValueError("a spending journal needs a directory, or storage and a remote_dir")
+            self.path: Path | None = Path(directory) / f"{name}.jsonl"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the client's life
+        else:
+            self.path = None
+        # Remote: entries not in a part yet, the number of entries written so far, and of those in parts.
+        self._pending: list[bytes] = []
+        self._written = 0
+        self._durable = 0
+        self._committing = threading.Lock()  # one part at a time, from the event loop's writer or `close`
+        self._urgent = False  # a reservation waits for the next part
+        self._closing = False
+        self._give_up_at: float | None = None  # monotonic; set at close: retries stop there
+        self._wake: asyncio.Event | None = None
+        self._committed: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.remote_dir is not None
 
     def sent(self, entry: int, usd: float) -> None:
+        """Record a reservation. Locally it is durable on return; remotely, once `await commit()` returns."""
         self._open.add(entry)
         self._write({"r": entry, "usd": usd})
+
+    async def asent(self, entry: int, usd: float) -> None:
+        """Record a reservation and return once a rerun (or another worker) would read it."""
+        self.sent(entry, usd)
+        await self.commit()
 
     def settle(self, entry: int, usd: float) -> None:
         """The cost of an attempt that was sent (one never sent left nothing to settle)."""
         if entry in self._open:
             self._open.discard(entry)
-            self._write({"s": entry, "usd": usd})
+            self._write({"s": entry, "usd": usd}, urgent=False)
 
-    def _write(self, data: dict[str, Any]) -> None:
-        # Handed to the OS before the attempt is sent: a killed process's reservations survive it.
-        self._handle.write(orjson.dumps(data) + b"\n")
-        self._handle.flush()
-        if self._uploader is not None:
-            self._uploader.appended()
+    def _write(self, data: dict[str, Any], *, urgent: bool = True) -> None:
+        line = orjson.dumps(data) + b"\n"
+        if self._handle is not None:
+            # Handed to the OS before the attempt is sent: a killed process's reservations survive it.
+            self._handle.write(line)
+            self._handle.flush()
+            return
+        self._pending.append(line)
+        self._written += 1
+        if urgent:
+            self._urgent = True
+            with contextlib.suppress(RuntimeError):  # no event loop: the entry waits for `commit` or `close`
+                self._start_writer()
+                assert self._wake is not None
+                self._wake.set()
+
+    async def commit(self) -> None:
+        """Wait until every entry written so far is in a part (at once, locally). Cancelling the wait leaves
+        the entries to the next part: a reservation recorded for a request never sent only counts safe."""
+        if self._handle is not None or self._durable >= self._written:
+            return
+        self._start_writer()
+        assert self._wake is not None and self._committed is not None
+        target = self._written
+        self._urgent = True
+        self._wake.set()
+        while self._durable < target:
+            self._committed.clear()
+            await self._committed.wait()
+
+    def _start_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._wake, self._committed = asyncio.Event(), asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(self._write_parts())
+
+    async def _write_parts(self) -> None:
+        """Write what is pending as one part as soon as a reservation waits for it (settlements alone: after
+        `settle_every_s`), retrying while the store cannot be reached."""
+        assert self._wake is not None and self._committed is not None
+        while not self._closing:
+            if not self._urgent:
+                self._wake.clear()
+                if self._pending:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.settle_every_s)
+                else:
+                    await self._wake.wait()
+                if self._closing or not self._pending:
+                    continue
+            self._urgent = False
+            await asyncio.to_thread(self._commit_pending)
+            self._committed.set()
+
+    def _commit_pending(self) -> bool:
+        """Write the pending entries as the next part, retrying with backoff (once the journal is closing,
+        until its deadline): whether they are written. Runs in a thread: the event loop goes on meanwhile."""
+        assert self.remote_dir is not None
+        with self._committing:
+            count = len(self._pending)
+            if not count:
+                return True
+            data = b"".join(self._pending[:count])
+            # Retried under the same name, with the same content: a write that succeeded without us knowing it
+            # is only written again.
+            location = f"{self.remote_dir}/part-{self.parts:010d}.jsonl"
+            delay, failures = 0.1, 0
+            while True:
+                try:
+                    self.storage.write_bytes(location, data, immutable=True)
+                    break
+                except Exception as exc:
+                    failures += 1
+                    if failures == 1 or failures % 10 == 0:
+                        logger.warning(
+                            "Could not write the spending journal to %s (%s: %s); requests wait for it, retrying",
+                            location, type(exc).__name__, exc,
+                        )  # fmt: skip
+                    if self._give_up_at is not None and time.monotonic() + delay > self._give_up_at:
+                        return False
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            del self._pending[:count]
+            self._durable += count
+            self.parts += 1
+            return True
 
     def close(self) -> None:
-        if not self._handle.closed:
+        """Write what is left (remotely: retrying for up to `close_timeout_s`). Settlements that cannot be
+        written are logged, not raised: a rerun counts their reservations at the worst case."""
+        self._closing = True
+        if self._closed:
+            return
+        self._closed = True
+        if self._handle is not None:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
-            if self._uploader is not None:
-                self._uploader.upload()
+            return
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self.close_timeout_s
+        if not self._commit_pending():
+            logger.error(
+                "The spending journal could not be written to %s for %.0f s: %d entries are lost (a rerun counts "
+                "the attempts they settle at their worst case)", self.remote_dir, self.close_timeout_s,
+                len(self._pending),
+            )  # fmt: skip
+
+    async def aclose(self) -> None:
+        """`close`, without blocking the event loop."""
+        self._closing = True
+        if self._handle is None and self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self.close_timeout_s
+        if self._writer is not None and not self._writer.done():
+            assert self._wake is not None
+            self._wake.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await asyncio.to_thread(self.close)
 
 
 def _journal_total(lines: Iterable[bytes]) -> float:
@@ -203,9 +471,22 @@ class Budget:
         return next(self._entries)
 
     def sent(self, entry: int, worst_usd: float) -> None:
-        """The reserved attempt is being sent: from now on it may be billed, whatever happens to this process."""
+        """The reserved attempt is about to be sent: record it in the journal. Beside a remote output it is only
+        durable once `await acommit()` returns (see `asent`)."""
         if self.journal is not None:
             self.journal.sent(entry, worst_usd)
+
+    async def asent(self, entry: int, worst_usd: float) -> None:
+        """The reserved attempt is about to be sent: returns once the journal a rerun (or another worker) reads
+        holds its worst case, so from then on it may be billed, whatever happens to this process. While the
+        journal cannot be written it waits (nothing is sent meanwhile); it never raises for that."""
+        if self.journal is not None:
+            await self.journal.asent(entry, worst_usd)
+
+    async def acommit(self) -> None:
+        """Wait until every attempt recorded with `sent` is durable in the journal."""
+        if self.journal is not None:
+            await self.journal.commit()
 
     async def areserve(self, worst_usd: float) -> int | None:
         """`reserve`, waiting while attempts in flight hold the room it needs; None when exhausted."""
@@ -240,7 +521,7 @@ class Budget:
 
     async def aclose(self) -> None:
         if self.journal is not None:
-            self.journal.close()
+            await self.journal.aclose()
 
     @property
     def remaining_usd(self) -> float | None:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -27,9 +27,9 @@ from ..schema import OutputSchema, SchemaError, load_schema, output_format_of, w
 from ..settings import API_KEY_ENV, DEFAULT_BASE_URL, ClientSettings, MissingAPIKeyError
 from .account import Account, LimitsForClass, auth_headers
 from .adaptive import AdaptiveWindow
-from .budget import Budget, worst_case_cost
+from .budget import Budget, unbudgeted_reason, worst_case_cost
 from .caching import AutoCache, PrefixWarmer, cached_prefix
-from .errors import APIStatusError, FatalAPIError, RunStopped, ServiceUnavailableError
+from .errors import APIStatusError, FatalAPIError, OutputLost, RunStopped, ServiceUnavailableError
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import Limiter, RateLimits, Reservation
 from .preflight import Preflight
@@ -93,6 +93,7 @@ class AnthropicClient:
         output_estimator: OutputTokenEstimator | None = None,
         seed: int | None = None,
         burst_seconds: float = 0.5,
+        fence: Callable[[], Awaitable[None]] | None = None,
         **options: Any,
     ) -> None:
         if not api_key:
@@ -135,6 +136,8 @@ class AnthropicClient:
         #: Models answered but not priced by the model table, with the reason (rows get cost_usd null).
         self.unpriced_models: dict[str, str] = {}
         self._rng = random.Random(seed)
+        #: Awaited right before each request leaves: raises OutputLost when the run no longer holds its output.
+        self.fence = fence
 
     @property
     def account(self) -> Account:
@@ -394,7 +397,14 @@ class AnthropicClient:
                 if admitted is not None:
                     admitted()
                 if self.budget is not None and commit.entry is not None:
-                    self.budget.sent(commit.entry, commit.usd)
+                    try:
+                        # In the journal a rerun reads before it is sent (on a bucket: waits for the write).
+                        await self.budget.asent(commit.entry, commit.usd)
+                    except BaseException:
+                        limiter.refund(reservation)
+                        limiter.release(reservation)
+                        self._budget_refund(commit)  # never sent
+                        raise
                 try:
                     return await self._exchange_and_settle(request, attempt, commit, reservation)
                 finally:
@@ -406,6 +416,13 @@ class AnthropicClient:
         self, request: _Request, attempt: int, commit: _Commit, reservation: Reservation
     ) -> ResultRecord | _Failure:
         limiter, window, errors = request.limiter, request.window, request.errors
+        if self.fence is not None and not self._stopping_now():
+            try:
+                await self.fence()
+            except OutputLost as lost:
+                limiter.refund(reservation)
+                self._budget_refund(commit)
+                self._stop_for(lost)
         if self._stopping_now():
             limiter.refund(reservation)
             self._budget_refund(commit)
@@ -528,7 +545,8 @@ class AnthropicClient:
 
     async def _commit_budget(self, request: _Request) -> _Commit | None:
         """Reserve the attempt's worst case in the budget (waiting while attempts in flight hold the room);
-        None when it cannot fit (or cannot be priced: a budget cannot be kept for an unpriced model)."""
+        None when it cannot fit (or cannot be bounded: a budget cannot be kept for an unpriced model, nor for
+        content or server tools whose worst case the model table cannot bound, see unbudgeted_reason)."""
         if self.budget is None:
             return _Commit(0.0, None)
         info = request.info or request.model
@@ -555,8 +573,9 @@ class AnthropicClient:
     ) -> ResultRecord:
         assert self.budget is not None
         why = None
-        if info is None or info.prices is None:
-            why = f"the model table has no prices for {item.model!r}, so a budget cannot be kept for it"
+        unbudgeted = unbudgeted_reason(info or item.model, item.body)
+        if unbudgeted is not None:
+            why = f"a budget cannot be kept for it: {unbudgeted}"
         return self.budget.exhausted_record(
             item,
             why,

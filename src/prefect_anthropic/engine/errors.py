@@ -9,6 +9,7 @@ __all__ = [
     "AuthenticationError",
     "BillingError",
     "FatalAPIError",
+    "OutputLost",
     "PermissionDeniedError",
     "RunStopped",
     "ServiceUnavailableError",
@@ -67,6 +68,14 @@ class FatalAPIError(APIStatusError):
 
     def __str__(self) -> str:
         return f"{self.status} {self.error_type}: {self.message}. {self.hint}".strip()
+
+
+class OutputLost(FatalAPIError):
+    """This run no longer holds its output (another run took it over, or the hold could not be proven): it
+    stops like a fatal answer stops it, sending nothing more and saving what is in flight."""
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class AuthenticationError(FatalAPIError):

@@ -7,11 +7,15 @@ lines already succeeded, so they are never sent (or paid for) twice.
 Where the machine's disk does not outlive the run (a container of a work pool), the file is also uploaded
 as immutable parts (`PartUploader`): what was appended since the last part, every `every_rows` records or
 `every_s` seconds, whichever comes first, and at the end. A run on another machine starts from the parts.
+Uploads happen in a thread, retried with backoff: a store that cannot be reached delays parts, and never
+fails a write of a request already paid for.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -23,6 +27,8 @@ import orjson
 from .records import ResultRecord
 
 __all__ = ["LineSet", "ResultsWriter", "read_records", "succeeded_lines", "succeeded_requests"]
+
+logger = logging.getLogger(__name__)
 
 
 class LineSet:
@@ -136,7 +142,14 @@ def succeeded_requests(path: str | os.PathLike[str]) -> dict[int, str]:
 
 class PartUploader:
     """Uploads what was appended to a local file since the last upload, up to its last complete line, as a
-    new immutable part object `part-<time>-<writer>.jsonl` under `remote_dir`."""
+    new immutable part object `part-<time>-<writer>.jsonl` under `remote_dir`.
+
+    Uploads run in a thread of their own, never in the caller's (the event loop sending requests): a store
+    that is slow or unreachable delays parts, never requests. A part that cannot be written is written again
+    with backoff, under the same name and with the same bytes (so a write that succeeded unbeknownst to us is
+    only repeated); what was appended meanwhile goes in the next part. `close` uploads the rest, retrying for
+    up to `close_timeout_s` (a store may be unreachable for a while), and raises only then.
+    """
 
     def __init__(
         self,
@@ -146,35 +159,114 @@ class PartUploader:
         *,
         every_rows: int = 500,
         every_s: float = 10.0,
+        close_timeout_s: float = 300.0,
     ) -> None:
         self.storage = storage
         self.remote_dir = remote_dir.rstrip("/")
         self.local_path = Path(local_path)
         self.every_rows = every_rows
         self.every_s = every_s
+        self.close_timeout_s = close_timeout_s
         self._writer = uuid.uuid4().hex[:8]
         self._offset = self.local_path.stat().st_size if self.local_path.exists() else 0  # already uploaded
         self._rows = 0
         self._last = time.monotonic()
         self.parts = 0
+        #: Failed writes so far, and the last error (for logs and tests).
+        self.failures = 0
+        self.last_error: BaseException | None = None
+        self._part: tuple[str, int, int] | None = None  # the part being written: name, start, end
+        self._uploading = threading.Lock()
+        self._wake = threading.Condition()
+        self._due = False
+        self._closed = False
+        self._give_up_at: float | None = None
+        self._thread: threading.Thread | None = None
 
     def appended(self, rows: int = 1) -> None:
+        """Rows were appended to the file: ask for a part when enough rows or time have gone by (never blocks)."""
         self._rows += rows
         if self._rows >= self.every_rows or time.monotonic() - self._last >= self.every_s:
-            self.upload()
+            self._rows = 0
+            self._last = time.monotonic()
+            with self._wake:
+                self._due = True
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="prefect-anthropic-parts", daemon=True)
+                    self._thread.start()
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                self._due = False
+            self._upload_with_retries()
+
+    def _upload_with_retries(self) -> bool:
+        """Upload everything appended so far: whether it is uploaded (False only past the close deadline)."""
+        with self._uploading:
+            delay = 0.2
+            while True:
+                try:
+                    while self._upload_part():
+                        pass  # and what was appended while that part was on its way
+                    return True
+                except Exception as exc:
+                    self.failures += 1
+                    self.last_error = exc
+                    if self.failures == 1 or self.failures % 10 == 0:
+                        logger.warning(
+                            "Could not upload results to %s (%s: %s); they are kept here and uploaded again",
+                            self.remote_dir, type(exc).__name__, exc,
+                        )  # fmt: skip
+                    if self._give_up_at is not None and time.monotonic() + delay > self._give_up_at:
+                        return False
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    def _upload_part(self) -> bool:
+        """Upload the next part: whether there was one."""
+        if self._part is None:
+            with open(self.local_path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+            end = data.rfind(b"\n") + 1  # complete lines only
+            if not end:
+                return False
+            name = f"part-{time.time_ns():020d}-{self._writer}.jsonl"
+            self._part = (name, self._offset, self._offset + end)
+        name, start, stop = self._part
+        with open(self.local_path, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(stop - start)
+        self.storage.write_bytes(f"{self.remote_dir}/{name}", data, immutable=True)
+        self._part = None
+        self._offset = stop
+        self.parts += 1
+        return True
 
     def upload(self) -> None:
-        with open(self.local_path, "rb") as handle:
-            handle.seek(self._offset)
-            data = handle.read()
-        end = data.rfind(b"\n") + 1  # complete lines only
-        if end:
-            name = f"part-{time.time_ns():020d}-{self._writer}.jsonl"
-            self.storage.write_bytes(f"{self.remote_dir}/{name}", data[:end])
-            self._offset += end
-            self.parts += 1
-        self._rows = 0
-        self._last = time.monotonic()
+        """Upload what is there now, in the caller's thread, retrying until `close_timeout_s` from now."""
+        self._give_up_at = time.monotonic() + self.close_timeout_s
+        try:
+            if not self._upload_with_retries():
+                raise OSError(
+                    f"results could not be uploaded to {self.remote_dir} for {self.close_timeout_s:.0f} s "
+                    f"({self.last_error!r}); they are kept in {self.local_path}"
+                )
+        finally:
+            self._give_up_at = None
+
+    def close(self) -> None:
+        """Upload the rest (see `upload`) and stop the upload thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self.upload()
 
 
 def download_parts(storage: Any, remote_dir: str, local_path: str | os.PathLike[str]) -> int:
@@ -216,34 +308,61 @@ class ResultsWriter:
         if self.path.exists():
             _cut_torn_tail(self.path)
         self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the writer's life
+        self._unwritten: list[bytes] = []  # records the disk refused, written again first
         self._unsynced = 0
         self._flush_every = flush_every
         self._flush_interval = flush_interval_s
         self._last_flush = time.monotonic()
 
     def write(self, record: ResultRecord | dict[str, Any]) -> None:
+        """Save a record. Never raises: it is the answer to a request already paid for, so a write the disk
+        refuses is kept and tried again with the next one (and at close, which raises if it still fails)."""
         data = record.to_dict() if isinstance(record, ResultRecord) else record
-        self._handle.write(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
-        self._handle.flush()
-        self._unsynced += 1
-        if self._unsynced >= self._flush_every or time.monotonic() - self._last_flush >= self._flush_interval:
-            self.flush()
+        self._unwritten.append(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        try:
+            self._write_unwritten()
+            self._unsynced += 1
+            if self._unsynced >= self._flush_every or time.monotonic() - self._last_flush >= self._flush_interval:
+                self.flush()
+        except OSError as exc:
+            logger.error("Could not write to %s (%s); %d records kept to write again", self.path, exc,
+                         len(self._unwritten))  # fmt: skip
+            return
         if self.uploader is not None:
             self.uploader.appended()
 
+    def _write_unwritten(self) -> None:
+        if self._handle.closed:
+            # A record that comes after close (a request that outlived its shard) is still saved.
+            logger.warning("A record came after %s was closed; appended to it all the same", self.path)
+            with open(self.path, "ab") as late:
+                late.write(b"".join(self._unwritten))
+            self._unwritten.clear()
+            return
+        while self._unwritten:
+            self._handle.write(self._unwritten[0])
+            self._handle.flush()
+            self._unwritten.pop(0)
+
     def flush(self) -> None:
-        self._handle.flush()
-        if self._unsynced:
-            os.fsync(self._handle.fileno())
-            self._unsynced = 0
+        try:
+            self._write_unwritten()
+            self._handle.flush()
+            if self._unsynced:
+                os.fsync(self._handle.fileno())
+                self._unsynced = 0
+        except (OSError, ValueError) as exc:  # a full disk, or closed: the next write or close tries again
+            logger.error("Could not flush %s: %s", self.path, exc)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
+        """Save everything, then upload the rest (retrying for a while): raises only when that fails."""
         if not self._handle.closed:
+            self._write_unwritten()
             self.flush()
             self._handle.close()
             if self.uploader is not None:
-                self.uploader.upload()
+                self.uploader.close()
 
     def __enter__(self) -> ResultsWriter:
         return self

@@ -112,6 +112,7 @@ async def run_requests(
     waiting = asyncio.Semaphore(read_ahead)
     window = asyncio.Semaphore(client.max_concurrency + read_ahead)
     pending: set[asyncio.Task[None]] = set()
+    left_unsent = False  # a request the stop kept from being sent, though every line was read before it
 
     def report() -> None:
         progress.elapsed_s = time.monotonic() - started
@@ -120,6 +121,7 @@ async def run_requests(
             on_progress(progress)
 
     async def one(item: RequestItem) -> None:
+        nonlocal left_unsent
         admitted = False
 
         def on_admitted() -> None:
@@ -130,7 +132,8 @@ async def run_requests(
 
         try:
             record = await client.send(item, on_admitted=on_admitted)
-        except (FatalAPIError, RunStopped):
+        except (FatalAPIError, RunStopped) as error:
+            left_unsent = left_unsent or isinstance(error, RunStopped)
             return  # not sent, or the run stops: the dispatcher sees it and ends the run
         finally:
             on_admitted()
@@ -179,7 +182,11 @@ async def run_requests(
                     task.cancel()
                 await asyncio.gather(*not_done, return_exceptions=True)
             else:
-                await asyncio.gather(*pending)
+                # Every request in flight ends and is saved before anything is raised: they may be paid for.
+                outcomes = await asyncio.gather(*pending, return_exceptions=True)
+                failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+                if failed is not None:
+                    raise failed
     finally:
         tick.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -189,6 +196,6 @@ async def run_requests(
         report()
     if client.fatal_error is not None:
         raise client.fatal_error
-    if stopped:
+    if stopped or left_unsent:
         raise RunStopped(f"stopped after {progress.done} requests; run again to resume")
     return progress

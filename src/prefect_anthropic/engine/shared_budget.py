@@ -3,8 +3,11 @@
 The flow that starts a run writes the limit and what the dataset's earlier runs paid; every shard process
 (on any worker) reserves an attempt's worst case with one atomic script before sending it, and settles it
 to the real cost afterwards (settlements ride on the next reservation, or a background flush). Reservations
-are held per process, with a deadline the process renews. A process that dies with attempts in flight may
-have been billed for them: when its deadline passes, what it held is counted as spent, never given back.
+are held per process, with a deadline the process renews. Each call states this process's totals (all it
+spent since it started, all it holds now), not changes since the last call: a call that fails, or whose
+reply is lost after Redis ran it, loses nothing and counts nothing twice; the next call says it again. A
+process that dies with attempts in flight may have been billed for them: when its deadline passes, what it
+held is counted as spent, never given back.
 Each process also keeps its own journal (see `budget`), so the next run of the dataset knows the same.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -21,9 +25,12 @@ from .shared_limiter import KEY_PREFIX, SharedLimiter, SharedLimiterUnavailable
 
 __all__ = ["SharedBudget", "start_shared_budget"]
 
+logger = logging.getLogger(__name__)
+
 # KEYS: 1 the budget (hash: limit, spent, r:<process> reserved), 2 process deadlines (sorted set)
-# ARGV: 1 process, 2 lease ttl s, 3 worst case to reserve (0: none), 4 spent to add, 5 reserved to add,
-#       6 this process holds nothing now (1/0)
+# ARGV: 1 process, 2 lease ttl s, 3 worst case to reserve (0: none), 4 all this process spent since it started,
+#       5 what this process holds now (its reservations, the one asked for in ARGV 3 apart)
+# The hash keeps `s:<process>`, the spending of each process counted so far, so a total said twice counts once.
 # Returns: reserved (1/0), spent, reserved by all, limit
 _SCRIPT = """
 local t = redis.call('TIME')
@@ -36,11 +43,15 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now)) do
   redis.call('HDEL', budget, 'r:' .. dead)
   redis.call('ZREM', deadlines, dead)
 end
-if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBYFLOAT', budget, 'spent', ARGV[4]) end
-if ARGV[6] == '1' then
+local counted = tonumber(redis.call('HGET', budget, 's:' .. pid) or '0')
+if tonumber(ARGV[4]) > counted then
+  redis.call('HINCRBYFLOAT', budget, 'spent', tostring(tonumber(ARGV[4]) - counted))
+  redis.call('HSET', budget, 's:' .. pid, ARGV[4])
+end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('HSET', budget, 'r:' .. pid, ARGV[5])
+else
   redis.call('HDEL', budget, 'r:' .. pid)
-elseif tonumber(ARGV[5]) ~= 0 then
-  redis.call('HINCRBYFLOAT', budget, 'r:' .. pid, ARGV[5])
 end
 local limit, spent, reserved = nil, 0, 0
 local raw = redis.call('HGETALL', budget)
@@ -103,8 +114,14 @@ class SharedBudget(Budget):
         self.budget_id = budget_id
         self.lease_ttl_s = lease_ttl_s
         self._script: Any = None
-        self._spent_delta = 0.0
-        self._reserved_delta = 0.0
+        #: What this process spent since it started, and holds now: said whole in every call (see the module).
+        self._spent_total = 0.0
+        self._held_usd = 0.0
+        #: Changes of those totals, and the last count Redis has confirmed: the keeper says them until it has.
+        self._changes = 0
+        self._said = 0
+        #: One call at a time: each states the totals as they are after the one before it.
+        self._calling = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -123,22 +140,31 @@ class SharedBudget(Budget):
         return cls(shared, budget_id, limit_usd, journal=journal, owns_connection=True)
 
     async def _call(self, worst: float) -> bool:
-        spent, reserved = self._spent_delta, self._reserved_delta
-        self._spent_delta = self._reserved_delta = 0.0
-        argv: list[Any] = [self.shared.process_id, self.lease_ttl_s, worst, spent, reserved, int(self.holding == 0)]
-        try:
-            if self._script is None:
-                self._script = (await self.shared.connection()).register_script(_SCRIPT)
-            reply = await self._script(keys=_keys(self.budget_id), args=argv)
-        except Exception as exc:
-            raise SharedLimiterUnavailable(self.shared.url, exc) from exc
-        values = [part.decode() if isinstance(part, bytes) else str(part) for part in reply]
-        if values[0] == "-1":
-            raise SharedLimiterUnavailable(
-                self.shared.url, RuntimeError(f"the run's budget {self.budget_id} is not in Redis (expired?)")
-            )
-        self.spent_usd, self.reserved_usd = float(values[1]), float(values[2])
-        return values[0] == "1"
+        """One run of the script: this process's totals, and `worst` reserved if it fits (True)."""
+        async with self._calling:
+            spent, held, changes = self._spent_total, (self._held_usd if self.holding else 0.0), self._changes
+            argv: list[Any] = [self.shared.process_id, self.lease_ttl_s, worst, repr(spent), repr(max(0.0, held))]
+            try:
+                if self._script is None:
+                    self._script = (await self.shared.connection()).register_script(_SCRIPT)
+                reply = await self._script(keys=_keys(self.budget_id), args=argv)
+            except Exception as exc:
+                # Nothing is lost: the totals are said again by the next call (and a reservation the script may
+                # have made is overwritten by it: this process did not get it, and sends nothing for it).
+                self._changes += 1
+                raise SharedLimiterUnavailable(self.shared.url, exc) from exc
+            values = [part.decode() if isinstance(part, bytes) else str(part) for part in reply]
+            if values[0] == "-1":
+                raise SharedLimiterUnavailable(
+                    self.shared.url, RuntimeError(f"the run's budget {self.budget_id} is not in Redis (expired?)")
+                )
+            self._said = max(self._said, changes)
+            self.spent_usd, self.reserved_usd = float(values[1]), float(values[2])
+            if values[0] == "1":
+                self.holding += 1
+                self._held_usd += worst
+                return True
+            return False
 
     def reserve(self, worst_usd: float) -> int | None:
         raise TypeError("a shared budget is reserved with `await areserve(...)`")
@@ -148,12 +174,8 @@ class SharedBudget(Budget):
             self._keeper = asyncio.create_task(self._keep())
         delay = _WAIT_S[0]
         while not self.exhausted:
-            # Counted before the call: another call of this process made meanwhile must not say "I hold
-            # nothing" and clear this reservation in Redis.
-            self.holding += 1
             if await self._call(worst_usd):
                 return next(self._entries)
-            self.holding -= 1
             assert self.limit_usd is not None
             if self.spent_usd + worst_usd > self.limit_usd:
                 self.exhausted = True  # not even with every process's attempts settled at nothing
@@ -162,27 +184,29 @@ class SharedBudget(Budget):
             delay = min(delay * 2, _WAIT_S[1])
         return None
 
+    def _let_go(self, reserved_usd: float) -> None:
+        self.holding -= 1
+        self._held_usd = self._held_usd - reserved_usd if self.holding else 0.0  # no float dust left
+        self._changes += 1
+
     def settle(self, reserved_usd: float, actual_usd: float | None, entry: int | None = None) -> None:
         spent = reserved_usd if actual_usd is None else actual_usd
-        self._reserved_delta -= reserved_usd
-        self._spent_delta += spent
+        self._spent_total += spent
         if self.journal is not None and entry is not None:
             self.journal.settle(entry, spent)
-        self.holding -= 1
+        self._let_go(reserved_usd)
 
     def refund(self, reserved_usd: float, entry: int | None = None) -> None:
-        self._reserved_delta -= reserved_usd
         if self.journal is not None and entry is not None:
             self.journal.settle(entry, 0.0)
-        self.holding -= 1
+        self._let_go(reserved_usd)
 
     async def _keep(self) -> None:
         """Send settlements no reservation carried, and renew this process's hold on its reservations."""
         last = time.monotonic()
         while not self._closing:
             await asyncio.sleep(0.2)
-            pending = self._spent_delta or self._reserved_delta
-            if pending or time.monotonic() - last > self.lease_ttl_s / 3:
+            if self._said < self._changes or time.monotonic() - last > self.lease_ttl_s / 3:
                 with contextlib.suppress(SharedLimiterUnavailable):
                     await self._call(0.0)
                 last = time.monotonic()
@@ -192,9 +216,15 @@ class SharedBudget(Budget):
         if self._keeper is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._keeper, 1.0 + self.shared.timeout_s)
-        if self._spent_delta or self._reserved_delta:
-            with contextlib.suppress(SharedLimiterUnavailable):
+        deadline = time.monotonic() + 2.0 * (1.0 + self.shared.timeout_s)
+        while self._said < self._changes:  # what this process owes Redis: said again while Redis is briefly away
+            try:
                 await self._call(0.0)
+            except SharedLimiterUnavailable as exc:
+                if time.monotonic() > deadline:
+                    logger.warning("Could not record this process's spending in the shared budget: %s", exc)
+                    break
+                await asyncio.sleep(0.2)
         if self._owns_connection:
             await self.shared.aclose()
         await super().aclose()

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ..settings import is_secret_parameter
 from .errors import FatalAPIError
 from .limiter import HEADER_BUCKETS, RateLimits, Reservation
 
@@ -208,13 +210,22 @@ class SharedLimiterUnavailable(FatalAPIError):
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
+    """The URL for messages and logs: without its userinfo (a password; a lone user part may be a token too) or
+    the values of query parameters that carry secrets (`?password=`, `?token=`, `?sig=`...), whatever it is."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even a URL: say nothing of it
+        return "<a URL that cannot be parsed>"
+
+    def redacted(query: str) -> str:
+        pairs = re.split(r"([&;])", query)
+        return "".join(
+            f"{pair.split('=', 1)[0]}=***" if "=" in pair and is_secret_parameter(pair.split("=", 1)[0]) else pair
+            for pair in pairs
+        )
+
+    netloc = "***@" + parts.netloc.rsplit("@", 1)[1] if "@" in parts.netloc else parts.netloc
+    return urlunsplit(parts._replace(netloc=netloc, query=redacted(parts.query), fragment=redacted(parts.fragment)))
 
 
 async def redis_url_from_block(name: str) -> str:

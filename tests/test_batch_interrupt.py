@@ -1,0 +1,84 @@
+"""A batch round of several batches interrupted between two creates (issue 25, item 9): the lines of the batches
+never created must be sent by the next round or run, and the shard not marked done until every line has its
+answer. Real emulator batches; the interruption is a create that fails (or hangs until the run is stopped)
+before its request leaves, as a lost connection or a killed process does between two creates."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import httpx
+import pandas as pd
+import pytest
+
+from conftest import write_requests
+from prefect_anthropic import ClientSettings, batch_mode
+from prefect_anthropic.engine.batches import BatchAPI, plan_batches
+from prefect_anthropic.flows import generate_dataset, spent_in
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-batch-interrupt")
+
+
+@pytest.fixture
+def interrupt_second_create(monkeypatch):
+    """Batches of 4 requests (3 per shard of 10), and the second create of the test interrupted as `how` says:
+    "fail" raises a connection error once; "hang" never returns (the run is then stopped from outside)."""
+    monkeypatch.setattr(batch_mode, "plan_batches", functools.partial(plan_batches, max_requests=4))
+    real_create = BatchAPI.create
+    calls = {"n": 0, "how": "fail"}
+
+    async def create(self: BatchAPI, requests: list) -> dict:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            if calls["how"] == "hang":
+                await asyncio.Event().wait()
+            raise httpx.ConnectError("interrupted between two creates")
+        return await real_create(self, requests)
+
+    monkeypatch.setattr(BatchAPI, "create", create)
+    return calls
+
+
+async def run_batch(emu, requests, out, **settings_fields):
+    settings = ClientSettings(base_url=emu.base_url, max_concurrency=10, **settings_fields)
+    return await generate_dataset(
+        str(requests), str(out), settings=settings, mode="batch", batch_poll_interval_s=0.2, shard_size=10
+    )
+
+
+async def test_a_create_that_fails_between_two_creates_leaves_no_line_unsent(
+    start_emulator, tmp_path, interrupt_second_create
+):
+    emu = start_emulator(batch_delay_s=0.2)
+    requests = write_requests(tmp_path / "requests.jsonl", 10)
+    summary = await run_batch(emu, requests, tmp_path / "out", max_cost_usd=1.0)
+    frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert list(frame["status"]) == ["succeeded"] * 10, frame[["line", "status", "error_type"]]
+    assert summary["succeeded"] == 10
+    stats = emu.stats()
+    assert stats["billed_batch_requests"] == 10 and stats["duplicate_billed_requests"] == 0
+    # The reservations of the batch never created were given back: the journal holds what was paid.
+    assert spent_in(str(tmp_path / "out")) == pytest.approx(stats["cost_usd"], abs=1e-6)
+
+
+async def test_a_run_stopped_between_two_creates_is_completed_by_the_next_run(
+    start_emulator, tmp_path, interrupt_second_create
+):
+    emu = start_emulator(batch_delay_s=0.2)
+    requests = write_requests(tmp_path / "requests.jsonl", 10)
+    interrupt_second_create["how"] = "hang"
+    with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+        await asyncio.wait_for(run_batch(emu, requests, tmp_path / "out"), timeout=3)  # stopped mid-round
+    assert not list((tmp_path / "out").rglob("*.done.json"))  # nothing marked done
+    summary = await run_batch(emu, requests, tmp_path / "out")
+    frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert list(frame["status"]) == ["succeeded"] * 10, frame[["line", "status", "error_type"]]
+    assert summary["succeeded"] == 10
+    stats = emu.stats()
+    assert stats["billed_batch_requests"] == 10 and stats["duplicate_billed_requests"] == 0
