@@ -2,9 +2,10 @@
 
 Same flags, same defaults, same output layout (one JSON array per line: [request, response] or
 [request, response, metadata]; a failed request lists its errors in place of the response), plus a
-Parquet file beside it. Under the hood it runs the prefect-anthropic flow: token buckets for requests,
-input and output tokens per minute, retries, resumable shards. With no Prefect server configured
-(PREFECT_API_URL), it runs the same steps without Prefect, so nothing is paid for starting one.
+Parquet file beside it. Under the hood it is `prefect-anthropic run` (the same function, `cli.run_flow`, so
+the same path for the same flags): token buckets for requests, input and output tokens per minute, retries,
+resumable shards. With a Prefect server configured (PREFECT_API_URL) the run is a flow run on it; with none,
+the same steps run with plain asyncio, so nothing is paid for starting one (one stderr line says so).
 
     python api_request_parallel_processor.py \\
         --requests_filepath examples/requests.jsonl \\
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.logging_level)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", logging.getLevelName(max(args.logging_level, 10)))
 
-    from prefect_anthropic.cli import prefect_api_configured, run_flow
+    from prefect_anthropic.cli import run_flow
     from prefect_anthropic.settings import API_KEY_ENV, ClientSettings
 
     requests_path = Path(args.requests_filepath)
@@ -90,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         original_layout_path=str(save_path),
         parquet_beside_original=True,
         show_progress=args.logging_level <= LEVELS["INFO"] and sys.stderr.isatty(),
-        with_prefect=prefect_api_configured(),
     )
 
 

@@ -6,13 +6,15 @@ before its request leaves, as a lost connection or a killed process does between
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import threading
 
 import httpx
 import pandas as pd
 import pytest
 
-from conftest import write_requests
+from conftest import HEADERS, write_requests
 from prefect_anthropic import ClientSettings, batch_mode
 from prefect_anthropic.engine.batches import BatchAPI, plan_batches
 from prefect_anthropic.flows import generate_dataset, spent_in
@@ -31,18 +33,25 @@ def interrupt_second_create(monkeypatch):
     "fail" raises a connection error once; "hang" never returns (the run is then stopped from outside)."""
     monkeypatch.setattr(batch_mode, "plan_batches", functools.partial(plan_batches, max_requests=4))
     real_create = BatchAPI.create
-    calls = {"n": 0, "how": "fail"}
+    calls: dict = {"n": 0, "how": "fail", "hung": threading.Event()}
 
     async def create(self: BatchAPI, requests: list) -> dict:
         calls["n"] += 1
         if calls["n"] == 2:
             if calls["how"] == "hang":
+                calls["hung"].set()
                 await asyncio.Event().wait()
             raise httpx.ConnectError("interrupted between two creates")
         return await real_create(self, requests)
 
     monkeypatch.setattr(BatchAPI, "create", create)
     return calls
+
+
+def batch_ids(emu) -> list[str]:
+    headers = {**HEADERS, "x-api-key": "sk-ant-batch-interrupt"}  # batches are listed per key
+    response = httpx.get(f"{emu.base_url}/v1/messages/batches", params={"limit": 1000}, headers=headers)
+    return [batch["id"] for batch in response.json()["data"]]
 
 
 async def run_batch(emu, requests, out, **settings_fields):
@@ -73,8 +82,16 @@ async def test_a_run_stopped_between_two_creates_is_completed_by_the_next_run(
     emu = start_emulator(batch_delay_s=0.2)
     requests = write_requests(tmp_path / "requests.jsonl", 10)
     interrupt_second_create["how"] = "hang"
-    with pytest.raises((asyncio.TimeoutError, TimeoutError)):
-        await asyncio.wait_for(run_batch(emu, requests, tmp_path / "out"), timeout=3)  # stopped mid-round
+    first = asyncio.create_task(run_batch(emu, requests, tmp_path / "out"))
+    for _ in range(1200):  # up to 60 s on a loaded machine; a moment when it is not
+        if interrupt_second_create["hung"].is_set() or first.done():
+            break
+        await asyncio.sleep(0.05)
+    assert interrupt_second_create["hung"].is_set(), "the run never reached its second create"
+    first.cancel()  # stopped mid-round, between two creates
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    assert len(batch_ids(emu)) == 1
     assert not list((tmp_path / "out").rglob("*.done.json"))  # nothing marked done
     summary = await run_batch(emu, requests, tmp_path / "out")
     frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
@@ -82,3 +99,4 @@ async def test_a_run_stopped_between_two_creates_is_completed_by_the_next_run(
     assert summary["succeeded"] == 10
     stats = emu.stats()
     assert stats["billed_batch_requests"] == 10 and stats["duplicate_billed_requests"] == 0
+    assert len(batch_ids(emu)) == 3  # the first one, polled again, and one of 4 and one of 2 for the rest

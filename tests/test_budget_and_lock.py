@@ -72,8 +72,13 @@ def test_a_second_run_on_the_same_directory_sends_nothing_and_names_the_holder(s
     first = subprocess.Popen(cli_command(requests, out, emu.base_url, *flags), env=cli_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for_lines(first, out, 10)
-    second = subprocess.run(cli_command(requests, out, emu.base_url, *flags), env=cli_env(),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    # Paused while the second run starts, however long that takes on a busy machine: it still holds the OS lock.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(cli_command(requests, out, emu.base_url, *flags), env=cli_env(),
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     assert "in use by another run" in second.stderr and f"pid {first.pid}" in second.stderr
     _, stderr = first.communicate(timeout=120)

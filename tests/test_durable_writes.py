@@ -251,3 +251,19 @@ async def test_a_shared_budget_keeps_its_settlements_through_a_redis_outage(redi
     state = {name.decode(): value.decode() for name, value in raw.items()}
     assert float(state["spent"]) == pytest.approx(0.07), state
     assert not any(name.startswith("r:") and float(value) > 1e-9 for name, value in state.items()), state
+
+
+async def test_reservations_made_together_share_one_journal_write():
+    """Group commit: every reservation waiting while a part is written goes in the next one, so a burst of
+    requests costs a PUT or two, not one each; the journal reads back whole."""
+    from prefect_anthropic.engine.budget import SpendingJournal
+
+    storage, location = Storage(), f"memory://journals-{uuid.uuid4().hex}"
+    journal = SpendingJournal(storage=storage, remote_dir=location)
+    await asyncio.gather(*(journal.asent(entry, 0.01) for entry in range(200)))
+    assert 1 <= journal.parts <= 2
+    assert journaled_spending(location, storage) == pytest.approx(2.0)  # unsettled: counted at the worst case
+    for entry in range(100):
+        journal.settle(entry, 0.001)  # settlements ride on a later part, at the latest at close
+    await journal.aclose()
+    assert journaled_spending(location, storage) == pytest.approx(100 * 0.01 + 100 * 0.001)

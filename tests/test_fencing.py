@@ -209,3 +209,25 @@ def test_an_input_table_among_the_outputs_files_is_refused(prefect_server, tmp_p
     assert code == 2
     assert "would be overwritten" in capsys.readouterr().err
     assert len(pd.read_parquet(out / "results.parquet")) == 2
+
+
+def test_a_redis_lock_taken_over_is_a_lost_hold_not_a_warning(redis_url, tmp_path, monkeypatch):
+    import hashlib
+
+    import redis
+
+    from prefect_anthropic import run_lock
+    from prefect_anthropic.engine.shared_limiter import KEY_PREFIX
+    from prefect_anthropic.run_lock import OutputTakenOver, hold_output_location
+
+    monkeypatch.setattr(run_lock, "SAFE_FOR_S", 0.0)  # every check proves the hold again
+    out = tmp_path / "out"
+    with hold_output_location(str(out), None, redis_url) as hold:
+        hold.check()
+        name = f"{KEY_PREFIX}:directory-lock:{hashlib.sha256(str(out.absolute()).encode()).hexdigest()[:32]}"
+        client = redis.Redis.from_url(redis_url)
+        assert client.get(name) == hold.run_id.encode()  # the lock's token is the run id
+        client.set(name, b"another run", ex=30)  # it expired, and another machine's run took it
+        with pytest.raises(OutputTakenOver, match="no longer its own"):
+            hold.check()
+        client.close()

@@ -137,7 +137,7 @@ async def test_batch_mode_finds_answers_and_batches_of_another_layout(
     with contextlib.suppress(asyncio.CancelledError):
         await first
     with pytest.raises(BatchesOfAnotherLayout, match="--shard-size 10"):
-        await batch_run(7)
+        await asyncio.wait_for(batch_run(7), timeout=60)  # before the fix: it submitted again, and waited
     assert emu.stats()["billed_batch_requests"] == 0 and len(listed_batches(emu)) == 3  # none submitted again
     emu.advance(1_200)
     assert (await batch_run(10))["succeeded"] == LINES  # collects the three batches, submits none

@@ -109,9 +109,10 @@ async def test_the_parent_waits_until_the_old_copy_stopped_or_went_still(store):
 
     finishing = asyncio.create_task(old_copy_finishing())
     await wait_until_stopped(store, SHARD, old_id, timeout_s=30, poll_s=0.02)
-    assert stopped.is_set()  # not before the old copy said it stopped (30 s of stillness never came)
+    assert stopped.is_set()  # not before the old copy said it stopped (its 15 s margin never ran out)
     await finishing
-    # A heartbeat that went still for the timeout: returns (the old copy's fence stopped it after half of it).
+    # A copy that never says it stopped: its margin since it was superseded (half the timeout) is waited out,
+    # after which its fence lets nothing leave.
     assert old.beat() is False  # superseded: writes its beat, sees the new claim
     await wait_until_stopped(store, SHARD, old_id, timeout_s=0.1, poll_s=0.02)
 

@@ -64,16 +64,18 @@ def _settings(args: argparse.Namespace) -> ClientSettings:
 
 
 def _console_handlers() -> list[Any]:
-    """Prefect's console log handlers: they hold their own rich Console, bound to stderr."""
-    import logging
+    """The console log handlers that hold their own rich Console, bound to stderr: Prefect's (when Prefect is
+    loaded: never imported for this) and a local run's own."""
+    kinds: tuple[type, ...] = (_TerminalHandler,)
+    if "prefect.logging.handlers" in sys.modules:
+        from prefect.logging.handlers import PrefectConsoleHandler
 
-    from prefect.logging.handlers import PrefectConsoleHandler
-
+        kinds += (PrefectConsoleHandler,)
     loggers = [
         logging.getLogger(),
         *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger)),
     ]
-    return [h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)]
+    return [h for logger in loggers for h in logger.handlers if isinstance(h, kinds)]
 
 
 @contextlib.contextmanager
@@ -139,21 +141,36 @@ def run_flow(
     show_progress: bool = True,
     input_table: str | None = None,
     input_columns: list[str] | None = None,
-    with_prefect: bool = True,
+    with_prefect: bool | None = None,
     verbose: bool = False,
 ) -> int:
-    """Run the flow and turn its outcome into an exit code, with a message a user can act on (and, with
-    `verbose`, the tracebacks on the terminal too)."""
-    from prefect.exceptions import ObjectNotFound
-
+    """Run the dataset and turn its outcome into an exit code, with a message a user can act on (and, with
+    `verbose`, the tracebacks on the terminal too). `run` and the drop-in script both come here: as a flow run
+    when `runs_as_flow` says so (unless `with_prefect` decides), else with plain asyncio, said in one line."""
     from .engine import FatalAPIError, RunStopped
-    from .fanout import OutputDirectoryNotShared
     from .observability import RowsFailed
     from .pipeline import SHUTDOWN
     from .run_lock import OutputDirectoryLocked
     from .settings import MissingAPIKeyError
 
     options = options or RunOptions()
+    if with_prefect is None:
+        with_prefect = runs_as_flow(options)
+    stopping: tuple[type[BaseException], ...] = (
+        MissingAPIKeyError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+        OutputDirectoryLocked,
+    )
+    if with_prefect:  # Prefect's own errors, and a work pool's (fanout imports Prefect): a local run loads neither
+        from prefect.exceptions import ObjectNotFound
+
+        from .fanout import OutputDirectoryNotShared
+
+        stopping += (ObjectNotFound, OutputDirectoryNotShared)
+    else:
+        print(LOCAL_RUN_NOTICE, file=sys.stderr)
     run_fields: dict[str, Any] = {
         "input_table": input_table,
         "input_columns": input_columns,
@@ -170,7 +187,8 @@ def run_flow(
     SHUTDOWN.clear()
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        with _one_line_errors(verbose), _progress_bar(show_progress):
+        quiet_terminal = _one_line_errors(verbose) if with_prefect else _terminal_log(verbose)
+        with quiet_terminal, _progress_bar(show_progress):
             if with_prefect:
                 from .flows import generate_dataset
 
@@ -184,22 +202,16 @@ def run_flow(
                     **run_fields,
                 )
             else:
-                flow_run = _without_prefect(str(requests_path), str(output_dir), settings, options, run_fields)
+                flow_run = _without_prefect(
+                    str(requests_path), str(output_dir), settings, options, run_fields, client_block, credentials_block
+                )
             summary = asyncio.run(flow_run)
     except RowsFailed as failed:  # --fail-on-errors: the flow run is Failed; the dataset is written all the same
         summary = failed.summary
     except FatalAPIError as error:
         print(f"error: the run stopped: {error}", file=sys.stderr)
         return EXIT_STOPPED
-    except (
-        MissingAPIKeyError,
-        FileNotFoundError,
-        PermissionError,
-        ValueError,
-        OutputDirectoryLocked,
-        OutputDirectoryNotShared,
-        ObjectNotFound,
-    ) as error:
+    except stopping as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
     except (RunStopped, KeyboardInterrupt):
@@ -222,11 +234,31 @@ def run_flow(
     return EXIT_OK if summary["failed"] == 0 else EXIT_SOME_FAILED
 
 
+LOCAL_RUN_NOTICE = (
+    "no Prefect server configured: running locally without orchestration (same outputs, resume, lock and "
+    "budget); to see runs in the Prefect UI, `prefect server start` and set PREFECT_API_URL"
+)
+
+
+def runs_as_flow(options: RunOptions) -> bool:
+    """Whether a run is a Prefect flow run. On a configured server, always: the UI shows it. Without one, a
+    flow run would first start Prefect's temporary server (20-30 s on 2 cores, and its UI is never served), so
+    a real-time run goes through `pipeline.run_dataset` instead, the same steps with plain asyncio. Batch and
+    auto mode (their batches are polled by tasks) and work pools (workers take flow runs) need Prefect: they
+    stay flow runs and pay that start."""
+    return prefect_api_configured() or options.mode != "realtime" or bool(options.work_pool)
+
+
 def prefect_api_configured() -> bool:
-    """Whether a Prefect server is configured (PREFECT_API_URL, in the environment or the active profile):
-    without one a flow run starts a temporary server first, which costs seconds and shows nothing after."""
+    """Whether a Prefect server is configured (PREFECT_API_URL, in the environment, the active profile, or
+    the settings in force when Prefect is already loaded: a test harness's, the demo's): without one a flow
+    run starts a temporary server first, which costs seconds and shows nothing after."""
     if os.environ.get("PREFECT_API_URL"):
         return True
+    if "prefect.settings" in sys.modules:  # loaded already: its settings in force are the whole answer
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
     from .models import tomllib
 
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
@@ -239,12 +271,66 @@ def prefect_api_configured() -> bool:
 
 
 async def _without_prefect(
-    requests_path: str, output_dir: str, settings: ClientSettings, options: RunOptions, run_fields: dict[str, Any]
+    requests_path: str,
+    output_dir: str,
+    settings: ClientSettings,
+    options: RunOptions,
+    run_fields: dict[str, Any],
+    client_block: str | None = None,
+    credentials_block: str | None = None,
 ) -> dict[str, Any]:
     from .pipeline import run_dataset
     from .settings import api_key_from_env
 
-    return await run_dataset(requests_path, output_dir, settings, api_key_from_env(), options, **run_fields)
+    if client_block or credentials_block:  # read as the flow reads them (from Prefect's local database)
+        from .blocks import resolve_settings
+
+        settings, api_key = await resolve_settings(settings, client_block, credentials_block)
+    else:
+        api_key = api_key_from_env()
+    return await run_dataset(requests_path, output_dir, settings, api_key, options, **run_fields)
+
+
+class _TerminalHandler(logging.Handler):
+    """The terminal's log lines of a run without Prefect (Prefect's console handler is not loaded): through a
+    rich Console, which the progress bar swaps for its own so that lines print above it; one line a record
+    unless --verbose (the CLI says why a run stopped in its own `error: ...` line)."""
+
+    def __init__(self, level: int | str, verbose: bool) -> None:
+        from rich.console import Console
+
+        super().__init__(level)
+        self.console = Console(stderr=True)
+        self.verbose = verbose
+        self.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            one_line = _without_traceback(self.format)
+            text = self.format(record) if self.verbose else one_line(record).split("\n", 1)[0]
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _terminal_log(verbose: bool) -> Iterator[None]:
+    """The package's log lines on the terminal at the level the CLI chose (`_log_levels`: warnings, or
+    --log-level with --verbose), unless the caller set logging up itself (the drop-in's basicConfig)."""
+    if logging.getLogger().handlers:
+        yield
+        return
+    level = os.environ.get("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    logger = logging.getLogger("prefect_anthropic")
+    handler = _TerminalHandler(level, verbose)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(handler.level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 class _OneLineFailure(logging.Filter):
@@ -615,10 +701,16 @@ def prefect_defaults() -> Iterator[None]:
 
 
 def _uses_prefect(args: argparse.Namespace) -> bool:
-    """Whether the command may talk to a Prefect API (and so start an ephemeral server)."""
-    if args.command in ("run", "demo", "cancel-batches"):
+    """Whether the command may talk to a Prefect API (and so start an ephemeral server): a run that is a flow
+    run (`runs_as_flow`), or any command naming a block. A local run imports no Prefect at all."""
+    if args.command in ("demo", "cancel-batches"):
         return True
-    return bool(getattr(args, "client_block", None) or getattr(args, "credentials_block", None))
+    if args.command == "run":
+        mode, pool = getattr(args, "mode", "realtime"), getattr(args, "work_pool", None)
+        if prefect_api_configured() or mode != "realtime" or pool:
+            return True
+    blocks = ("client_block", "credentials_block", "storage_block", "limiter_block")
+    return any(getattr(args, name, None) for name in blocks)
 
 
 def stopped_message(error: BaseException) -> str:

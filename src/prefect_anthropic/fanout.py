@@ -13,7 +13,7 @@ it is launched; the attempt sends only while it can prove it holds the claim: ea
 followed by a read of the claim, and a request leaves only within a margin (half the heartbeat timeout, on a
 clock that counts a paused process's pause) of the last beat so confirmed. A copy that was superseded, or
 whose beats fail, stops sending; the parent launches the next attempt only once the previous one wrote that
-it stopped, or its heartbeat has been still for the heartbeat timeout (longer than the margin).
+it stopped, or once the margin has passed since it was superseded.
 
 Limits across machines come from the Redis-shared limiter (`limiter_url`); without it each worker process
 keeps its own limits, and the parent warns.
@@ -272,7 +272,7 @@ async def run_shard_flow(
         )
         claim = None
         if attempt_id:
-            margin_s = options.shard_heartbeat_timeout_s / 2
+            margin_s = claim_margin(options.shard_heartbeat_timeout_s)
             claim = ShardClaim(store, shard, attempt_id, margin_s=margin_s)
             heart = asyncio.create_task(claim.keep(min(HEARTBEAT_S, margin_s / 3)))
         else:
@@ -367,7 +367,7 @@ async def run_shards_on_pool(
                     timeout=0,
                     as_subflow=True,
                 )
-                state, still = await _wait_for(client, flow_run.id, store, _heartbeat_name(shard), heartbeat_timeout_s)
+                state = await _wait_for(client, flow_run.id, store, _heartbeat_name(shard), heartbeat_timeout_s)
                 if state is not None and state.is_completed():
                     worker = store.read_text(_worker_name_file(shard))
                     if worker is not None:
@@ -383,10 +383,10 @@ async def run_shards_on_pool(
                 )
                 if "does not see" in message:
                     raise OutputDirectoryNotShared(message)
-                # Superseded first, then the next copy waits until this one is known stopped or still.
+                # Superseded first; the next copy starts once this one is known stopped or its margin is out
+                # (even a still heartbeat may hide a beat landing now: a paused copy resuming).
                 previous, attempt_id = attempt_id, await asyncio.to_thread(write_claim, store, shard)
-                if not still:  # ended without its heartbeat going still (e.g. marked Crashed): it may still send
-                    await wait_until_stopped(store, shard, previous, heartbeat_timeout_s)
+                await wait_until_stopped(store, shard, previous, heartbeat_timeout_s)
             else:
                 raise RuntimeError(f"shard {shard.index} did not complete on work pool {work_pool!r}")
         if on_shard_done is not None:
@@ -403,30 +403,31 @@ _POLL_S = 1.0
 async def wait_until_stopped(
     store: ShardStore, shard: Shard, attempt: str, timeout_s: float, *, poll_s: float = _POLL_S
 ) -> None:
-    """Return once `attempt` of the shard sends nothing more: it wrote that it stopped, its heartbeat is not
-    its own (superseded before it ever beat, it can never confirm a hold), or its heartbeat has not changed
-    for `timeout_s` (its fence stopped it after half of that). Call after superseding it in the claim."""
-    name = _heartbeat_name(shard)
-    last: str | None = None
-    since = _clock()
-    while True:
-        beat = await asyncio.to_thread(store.read_text, name)
-        parsed = _parse_beat(beat)
+    """Return once `attempt` of the shard sends nothing more. Call it right after superseding the attempt in
+    the claim: from then on none of its beats confirms a hold, so its fence stops it at the latest a margin
+    (see claim_margin) after the call. Sooner when it wrote that it stopped, or when its heartbeat is not its
+    own (it never beat: any beat it makes now fails to confirm)."""
+    deadline = _clock() + claim_margin(timeout_s)
+    while _clock() <= deadline:
+        try:
+            parsed = _parse_beat(await asyncio.to_thread(store.read_text, _heartbeat_name(shard)))
+        except OSError:  # rewritten while read (s3fs FileExpired), or the store failing: the deadline holds
+            parsed = (attempt, "?")
         if parsed is None or parsed[0] != attempt or parsed[1] == "stopped":
-            return
-        if beat != last:
-            last, since = beat, _clock()
-        elif _clock() - since > timeout_s:
             return
         await asyncio.sleep(poll_s)
 
 
-async def _wait_for(
-    client: Any, flow_run_id: Any, store: ShardStore, heartbeat: str, timeout_s: float
-) -> tuple[Any, bool]:
-    """The flow run's final state, and whether its heartbeat was still for `timeout_s`. A running shard whose
-    heartbeat stops for `timeout_s` (its worker or machine is gone: nothing will ever report its end) is marked
-    Crashed, so that it can run again (its fence stopped it sending after half of that, if it is alive)."""
+def claim_margin(heartbeat_timeout_s: float) -> float:
+    """How long after its last confirmed beat a copy may still send: well within the heartbeat timeout after
+    which the parent takes a still heartbeat for a lost copy."""
+    return heartbeat_timeout_s / 2
+
+
+async def _wait_for(client: Any, flow_run_id: Any, store: ShardStore, heartbeat: str, timeout_s: float) -> Any:
+    """The flow run's final state. A running shard whose heartbeat stops for `timeout_s` (its worker or
+    machine is gone: nothing will ever report its end) is marked Crashed, so that it can run again (if it is
+    alive after all, its fence stops it: see ShardClaim)."""
     from prefect.states import Crashed
 
     last_beat: str | None = None
@@ -436,11 +437,14 @@ async def _wait_for(
         flow_run = await client.read_flow_run(flow_run_id)
         state = flow_run.state
         if state is None or state.is_final():
-            return state, False
+            return state
         if not state.is_running():
             last_change = None  # waiting for a worker is not a lost worker
             continue
-        beat = await asyncio.to_thread(store.read_text, heartbeat)
+        try:
+            beat = await asyncio.to_thread(store.read_text, heartbeat)
+        except OSError:  # rewritten while read (s3fs FileExpired), or the store failing: proves nothing
+            continue
         now = asyncio.get_running_loop().time()
         if beat != last_beat or last_change is None:
             last_beat, last_change = beat, now
@@ -449,4 +453,4 @@ async def _wait_for(
                 message=f"no heartbeat from the shard's flow run for {timeout_s:.0f} s: its worker was lost"
             )
             await client.set_flow_run_state(flow_run_id, crashed, force=True)
-            return crashed, True
+            return crashed

@@ -3,7 +3,8 @@ current version can replace or delete: the primitive run_lock builds its lock an
 that can write conditionally.
 
 - S3 (s3fs): `If-None-Match: *` to create, `If-Match: ETag` to replace and delete.
-- GCS (gcsfs): `ifGenerationMatch=0` to create, `ifGenerationMatch=generation` to replace and delete.
+- GCS (gcsfs): `ifGenerationMatch=0` to create, `ifGenerationMatch=generation` to replace and delete (through a
+  release mark: see _GCSLease.delete).
 - Azure Blob (adlfs): `If-None-Match: *` to create, `If-Match: ETag` to replace and delete.
 - memory:// (one process): the same rules under a lock.
 
@@ -12,7 +13,9 @@ Every other store (hf://, ...) has no conditional write here: `lease_object` ans
 A write refused because the object is not in the state we conditioned on raises LeaseExists (create) or
 LeaseConflict (replace, delete); every other error (connection refused, timeouts, 5xx, credentials) propagates
 as the storage library raised it, so the caller can tell "someone else holds it" from "the store is not
-answering". The client libraries retry transient failures themselves; a retried write whose first attempt
+answering". The client libraries retry transient failures themselves, for up to 85 s (Azure's defaults) on an
+unreachable store: each call here is cut at CALL_TIMEOUT_S (raising fsspec's FSTimeoutError, an
+asyncio.TimeoutError), so that a renewal answers in time to act on. A retried (or cut) write whose first attempt
 landed but whose reply was lost is then refused by its own precondition. To tell that apart from a real loss,
 a refused write reads the object back: when it holds exactly the body we wrote, the write was ours and
 succeeds. So a body must name its writer (a random run id): two holders must never write the same bytes.
@@ -33,7 +36,10 @@ from urllib.parse import quote
 if TYPE_CHECKING:
     from .storage import Storage
 
-__all__ = ["LeaseConflict", "LeaseExists", "LeaseObject", "LeaseState", "lease_object"]
+__all__ = ["CALL_TIMEOUT_S", "LeaseConflict", "LeaseExists", "LeaseObject", "LeaseState", "lease_object"]
+
+#: The longest one call to the store may take, its client's own retries included.
+CALL_TIMEOUT_S = 10.0
 
 
 class LeaseExists(Exception):
@@ -103,6 +109,13 @@ def _http_date(value: str | None) -> datetime | None:
     return email.utils.parsedate_to_datetime(value) if value else None
 
 
+def _sync(fs: Any, operation: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a coroutine function on the filesystem's event loop, cut (cancelled) after CALL_TIMEOUT_S."""
+    from fsspec.asyn import sync
+
+    return sync(fs.loop, operation, *args, timeout=CALL_TIMEOUT_S, **kwargs)
+
+
 class _Lease:
     location: str
 
@@ -156,8 +169,15 @@ class _S3Lease(_Lease):
         self.bucket, _, self.key = path.partition("/")
 
     def _put(self, body: bytes, **condition: str) -> str:
-        reply = self.fs.call_s3(
-            "put_object", Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/json", **condition
+        reply = _sync(
+            self.fs,
+            self.fs._call_s3,
+            "put_object",
+            Bucket=self.bucket,
+            Key=self.key,
+            Body=body,
+            ContentType="application/json",
+            **condition,
         )
         return str(reply["ETag"])
 
@@ -174,8 +194,6 @@ class _S3Lease(_Lease):
         return token
 
     def read(self) -> LeaseState | None:
-        from fsspec.asyn import sync
-
         async def get() -> tuple[dict[str, Any], bytes]:
             # One GET: the body, its ETag and its date belong to one version.
             reply = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
@@ -185,7 +203,7 @@ class _S3Lease(_Lease):
                 reply["Body"].close()
 
         try:
-            reply, body = sync(self.fs.loop, get)
+            reply, body = _sync(self.fs, get)
         except FileNotFoundError:
             return None
         now = _http_date(reply["ResponseMetadata"]["HTTPHeaders"].get("date"))
@@ -207,7 +225,7 @@ class _S3Lease(_Lease):
 
     def delete(self, token: str) -> None:
         try:
-            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=token)
+            _sync(self.fs, self.fs._call_s3, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=token)
         except FileNotFoundError:
             return
         except Exception as exc:
@@ -243,6 +261,9 @@ class _GCSLease(_Lease):
         self.location = location
         self.bucket, _, self.key = path.partition("/")
 
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        return _sync(self.fs, self.fs._call, *args, **kwargs)
+
     def _upload(self, body: bytes, generation: str) -> str:
         boundary = uuid.uuid4().hex
         metadata = json.dumps({"name": self.key, "contentType": "application/json"}).encode()
@@ -255,7 +276,7 @@ class _GCSLease(_Lease):
                 f"\r\n--{boundary}--\r\n".encode(),
             ]
         )
-        reply = self.fs.call(
+        reply = self._call(
             "POST",
             f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o",
             uploadType="multipart",
@@ -269,16 +290,16 @@ class _GCSLease(_Lease):
     def _read_raw(self) -> LeaseState | None:
         """The object as stored, a released one included."""
         try:
-            headers, body = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media")
+            headers, body = self._call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media")
         except FileNotFoundError:
             return None
         generation, modified = headers.get("X-Goog-Generation"), headers.get("Last-Modified")
         if generation is None or modified is None:  # a store that does not send them: ask for the metadata
             try:
-                headers, text = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key)
+                headers, text = self._call("GET", "b/{}/o/{}", self.bucket, self.key)
                 metadata = json.loads(text)
                 generation, written = str(metadata["generation"]), _rfc3339(metadata["updated"])
-                _, body = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media", generation=generation)
+                _, body = self._call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media", generation=generation)
             except FileNotFoundError:  # replaced or deleted between the two: read again
                 return self._read_raw()
         else:
@@ -342,7 +363,7 @@ class _GCSLease(_Lease):
                 return
             raise self._conflict(exc) from exc
         try:
-            self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=released)
+            self._call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=released)
         except Exception as exc:
             if not (isinstance(exc, FileNotFoundError) or _gcs_refused(exc)):
                 raise
@@ -369,9 +390,7 @@ class _AzureLease(_Lease):
         self.container, self.blob = fs.split_path(path)[:2]
 
     def _run(self, operation: Any) -> Any:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, operation)
+        return _sync(self.fs, operation)
 
     def _upload(self, body: bytes, **conditions: Any) -> str:
         from azure.storage.blob import ContentSettings

@@ -270,13 +270,21 @@ class OutputHold:
             thread.join()
 
 
+#: Words in the class names of the storage and Redis libraries' errors for "could not reach it in time": botocore's
+#: EndpointConnectionError, aiohttp's ClientOSError and ServerDisconnectedError, Azure's ServiceRequestError...
+_TRANSIENT_NAMES = (
+    "Connection", "Timeout", "Endpoint", "ServiceUnavailable", "Throttl", "ServiceRequest", "ServiceResponse",
+    "Disconnect", "ClientOSError",
+)  # fmt: skip
+
+
 def _transient(exc: BaseException) -> bool:
     """A failure that says nothing about who holds the lease: the store or Redis could not be reached, timed
     out, or answered a server error."""
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     name = type(exc).__name__
-    if any(word in name for word in ("Connection", "Timeout", "Endpoint", "ServiceUnavailable", "Throttl")):
+    if any(word in name for word in _TRANSIENT_NAMES):
         return True
     if isinstance(exc, OSError) and exc.errno in (
         errno.ECONNREFUSED,

@@ -19,6 +19,7 @@ skip, progress and merge need no other place to look. Each shard of another layo
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 import threading
@@ -26,6 +27,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from .engine.budget import SpendingJournal, journaled_spending
 from .engine.results_file import (
@@ -43,13 +46,14 @@ from .storage import Storage, is_url, join, local_path
 __all__ = ["ShardStore", "spent_in"]
 
 _DEFAULTS = RunOptions()
+logger = logging.getLogger("prefect_anthropic")
 SPENDING_DIR = ".spending"
 #: The field a record copied from another layout carries: that layout's folder (the request was paid there).
 COPY_OF = "copy_of"
 _LAYOUT = re.compile(r"\.shards-(\d+)$")
 _BATCH_STATE = re.compile(r"shard-(\d+)-[^/]*\.batches\.json$")
-#: Shards of other layouts kept read (their final records) while this run's shards that overlap them prepare.
-_READ_CACHE = 8
+#: A final record of another layout, ready to copy: (succeeded, the record as JSON with COPY_OF).
+_Copy = tuple[bool, bytes]
 
 
 class ShardStore:
@@ -78,7 +82,7 @@ class ShardStore:
             self.staging = local_path(self.location)
             self.staging.mkdir(parents=True, exist_ok=True)
         self._other_layouts: list[tuple[str, int]] | None = None
-        self._read: OrderedDict[tuple[str, int], dict[tuple[int, str], dict[str, Any]]] = OrderedDict()
+        self._read: OrderedDict[tuple[str, int], dict[tuple[int, str], _Copy]] = OrderedDict()
         self._read_lock = threading.Lock()
         self._other_batches: list[tuple[str, int, int, list[str]]] | None = None
 
@@ -151,14 +155,14 @@ class ShardStore:
             for record in read_records(path)
             if is_final(record)
         }
-        found: dict[tuple[int, str], dict[str, Any]] = {}
+        found: dict[tuple[int, str], _Copy] = {}
         for layout, size in layouts:
             for index in range((first - 1) // size, (last - 1) // size + 1):
-                for key, record in self._finals_of(layout, size, index).items():
+                for key, copy in self._finals_of(layout, size, index).items():
                     if first <= key[0] <= last and key not in held:
                         previous = found.get(key)
-                        if previous is None or (record["status"] == "succeeded" and previous["status"] != "succeeded"):
-                            found[key] = record
+                        if previous is None or (copy[0] and not previous[0]):
+                            found[key] = copy
         if not found:
             return 0
         uploader = None
@@ -166,8 +170,15 @@ class ShardStore:
             remote_dir = join(self.location, self._name(shard))
             uploader = PartUploader(self.storage, remote_dir, path, every_rows=len(found) + 1, every_s=float("inf"))
         with ResultsWriter(path, uploader=uploader) as writer:
-            for _key, record in sorted(found.items()):
-                writer.write(record)
+            for _key, (_succeeded, raw) in sorted(found.items()):
+                writer.write(orjson.loads(raw))
+        logger.info(
+            "Shard %d (%s): %d answers found under another --shard-size (%s); not sent again.",
+            shard.index,
+            shard.lines,
+            len(found),
+            ", ".join(layout for layout, _size in layouts),
+        )
         return len(found)
 
     def unfinished_batches_of_other_layouts(self, shard: Shard) -> list[tuple[str, str]]:
@@ -197,24 +208,27 @@ class ShardStore:
             for batch in batches
         ]
 
-    def _finals_of(self, layout: str, size: int, index: int) -> dict[tuple[int, str], dict[str, Any]]:
-        """The final records of shard `index` of another layout, by (line, digest), marked as copies: read once
-        while this run's shards that overlap it prepare (shards run about in order: a few stay read)."""
+    def _finals_of(self, layout: str, size: int, index: int) -> dict[tuple[int, str], _Copy]:
+        """The final records of shard `index` of another layout, by (line, digest), as copies (serialized:
+        compact while kept). Read once while the shards of this run that overlap it prepare: shards prepare
+        about in order, so two per layout stay read."""
         key = (layout, index)
         with self._read_lock:
             if key in self._read:
                 self._read.move_to_end(key)
                 return self._read[key]
-            finals: dict[tuple[int, str], dict[str, Any]] = {}
+            finals: dict[tuple[int, str], _Copy] = {}
             for record in self._records_of_layout(layout, index):
                 if not is_final(record):
                     continue
                 line_key = (int(record["line"]), record.get("request_digest") or "")
+                succeeded = record.get("status") == "succeeded"
                 previous = finals.get(line_key)
-                if previous is None or (record.get("status") == "succeeded" and previous.get("status") != "succeeded"):
-                    finals[line_key] = {**record, COPY_OF: record.get(COPY_OF) or layout}
+                if previous is None or (succeeded and not previous[0]):
+                    record[COPY_OF] = record.get(COPY_OF) or layout
+                    finals[line_key] = (succeeded, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY))
             self._read[key] = finals
-            while len(self._read) > _READ_CACHE:
+            while len(self._read) > 2 * len(self.other_layouts()):
                 self._read.popitem(last=False)
             return finals
 

@@ -198,10 +198,8 @@ def azurite_server(executable: str | None = None) -> Iterator[EmulatedStore]:
         raise FileNotFoundError("azurite is not installed (npm install -g azurite)")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
-    connection_string = (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-        f"BlobEndpoint={endpoint};"
-    )
+    account = f"AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY}"
+    connection_string = f"DefaultEndpointsProtocol=http;{account};BlobEndpoint={endpoint};"
     with tempfile.TemporaryDirectory(prefix="prefect-anthropic-azurite-") as workdir:
         # In memory (no --location, which it refuses with that), started in a directory of its own all the same.
         args = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence"]

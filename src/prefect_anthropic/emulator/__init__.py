@@ -1,8 +1,32 @@
 """A local emulator of the Anthropic API: validation, errors, rate limits, prompt caching, batches,
 fault injection and a ledger of what was billed. Every test and benchmark of the project talks to it."""
 
-from .app import create_app
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import EmulatorConfig
-from .server import RunningEmulator, emulator_in_thread, emulator_process, serve
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .server import RunningEmulator, emulator_in_thread, emulator_process, serve
 
 __all__ = ["EmulatorConfig", "RunningEmulator", "create_app", "emulator_in_thread", "emulator_process", "serve"]
+
+# The server's modules (Starlette, the engine's limiter, httpx) load on first use: the command line builds its
+# `emulator` flags from EmulatorConfig at every start, `--help` included, and needs nothing else from here.
+_EXPORTS = {
+    "create_app": "app",
+    "RunningEmulator": "server",
+    "emulator_in_thread": "server",
+    "emulator_process": "server",
+    "serve": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

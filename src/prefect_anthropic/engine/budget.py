@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,11 +424,14 @@ def journaled_spending(location: str | os.PathLike[str], storage: Any = None) ->
         journals = storage.list(str(location), "*")
         if not journals:
             return None
-        return sum(
-            _journal_total(line for part in storage.list(journal, "part-*.jsonl") for line in
-                           storage.read_bytes(part).splitlines())
-            for journal in journals
-        )  # fmt: skip
+        # A journal is many small parts (one per group of requests sent together): read them side by side.
+        parts = storage.list(str(location), "*/part-*.jsonl")
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            contents = dict(zip(parts, pool.map(storage.read_bytes, parts), strict=True))
+        by_journal: dict[str, list[bytes]] = {}
+        for part in parts:  # sorted: each journal's parts in the order they were written
+            by_journal.setdefault(part.rsplit("/", 1)[0], []).extend(contents[part].splitlines())
+        return sum(_journal_total(lines) for lines in by_journal.values())
     directory = Path(str(location).removeprefix("file://"))
     paths = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
     if not paths:
