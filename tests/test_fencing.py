@@ -8,6 +8,7 @@ one output agrees on it, as it must.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -231,3 +232,76 @@ def test_a_redis_lock_taken_over_is_a_lost_hold_not_a_warning(redis_url, tmp_pat
         with pytest.raises(OutputTakenOver, match="no longer its own"):
             hold.check()
         client.close()
+
+
+def test_a_store_without_conditional_writes_is_refused_unless_redis_holds_it(redis_url):
+    from prefect_anthropic.run_lock import OutputDirectoryLocked, hold_output_location
+
+    refused = pytest.raises(OutputDirectoryLocked, match=r"hf:// cannot write conditionally.*--limiter-url")
+    with refused, hold_output_location("hf://datasets/someone/out", Storage()):
+        pass
+    with hold_output_location("hf://datasets/someone/out", Storage(), redis_url) as hold:  # the Redis lock holds it
+        hold.check()
+
+
+def test_a_renewal_gives_the_lease_a_new_version_so_a_stale_takeover_is_refused(bucket):
+    """Review finding: the holder's body was the same at every renewal, so S3's ETag (the content's MD5) stayed
+    the same, and a run taking over on the version it read before the renewal was not refused."""
+    from prefect_anthropic.leases import LeaseConflict, lease_object
+    from prefect_anthropic.run_lock import hold_output_location
+
+    storage = Storage.from_environment()
+    out = f"{bucket}/datasets/aba"
+    with hold_output_location(out, storage) as hold:
+        lease = lease_object(storage, f"{out}/.prefect-anthropic.lease")
+        assert lease is not None
+        before = lease.read()  # what a run about to take over has read
+        assert before is not None
+        assert hold._renew(0)  # the holder renews meanwhile (it was paused, and resumed)
+        with pytest.raises(LeaseConflict):
+            lease.replace(b'{"run_id": "late taker"}', before.token)
+        hold.check()
+
+
+def test_a_redis_lock_lost_with_a_restarted_redis_is_taken_again_not_a_lost_hold(redis_url, tmp_path, monkeypatch):
+    import hashlib
+
+    import redis
+
+    from prefect_anthropic import run_lock
+    from prefect_anthropic.engine.shared_limiter import KEY_PREFIX
+    from prefect_anthropic.run_lock import hold_output_location
+
+    monkeypatch.setattr(run_lock, "SAFE_FOR_S", 0.0)
+    out = tmp_path / "out"
+    with hold_output_location(str(out), None, redis_url) as hold:
+        name = f"{KEY_PREFIX}:directory-lock:{hashlib.sha256(str(out.absolute()).encode()).hexdigest()[:32]}"
+        client = redis.Redis.from_url(redis_url)
+        client.delete(name)  # Redis restarted without its data
+        hold.check()  # still this run's: nobody else holds it, so it is taken again
+        assert client.get(name) == hold.run_id.encode()
+        client.close()
+
+
+async def test_requests_in_flight_are_saved_when_the_input_cannot_be_read_on(start_emulator, tmp_path):
+    """Review finding: an input that raised mid-shard (a store outage, a file gone) skipped the drain, and the
+    requests in flight, already paid for, were never saved."""
+    from conftest import message_body
+    from prefect_anthropic import ClientSettings
+    from prefect_anthropic.engine import AnthropicClient, ResultsWriter, read_records, run_requests
+    from prefect_anthropic.engine.records import RequestItem
+
+    emu = start_emulator(latency_ms=500)
+
+    async def items():
+        for line in range(1, 6):
+            yield RequestItem(line=line, custom_id=f"r{line}", body=message_body(f"question {line}"))
+        await asyncio.sleep(0.1)  # all five are on their way
+        raise OSError("the store holding the request file cannot be reached")
+
+    path = tmp_path / "shard.jsonl"
+    async with AnthropicClient(KEY, ClientSettings(base_url=emu.base_url)) as client:
+        with ResultsWriter(path) as writer, pytest.raises(OSError, match="cannot be reached"):
+            await run_requests(client, items(), writer=writer)
+    assert sorted(record["line"] for record in read_records(path)) == [1, 2, 3, 4, 5]
+    assert emu.stats()["billed_requests"] == 5

@@ -4,6 +4,7 @@ data through Storage, and a whole run, on gs:// and az://."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import threading
@@ -252,3 +253,34 @@ async def test_a_run_with_its_output_on_gcs_and_azure(
     again = await run_dataset(str(requests), out, settings, KEY, RunOptions(shard_size=5), storage=storage)
     assert again["requests_sent_this_run"] == 0  # resumed from the store: nothing sent twice
     assert emu.stats()["billed_requests"] == 12
+
+
+@pytest.mark.parametrize("protocol", ["gs", "az", "memory"])
+async def test_two_runs_on_one_output_the_second_sends_nothing(
+    protocol: str, request: pytest.FixtureRequest, start_emulator, tmp_path
+) -> None:
+    """Issue 25, finding 4: two runs 1 s apart on one gs:// or az:// output both sent everything (no lock across
+    processes there). Now the second is refused before sending, naming the first."""
+    from prefect_anthropic.run_lock import OutputDirectoryLocked
+
+    if protocol == "memory":
+        storage, out = Storage(), f"memory://two-runs-{uuid.uuid4().hex[:12]}/out"
+    else:
+        emulated = request.getfixturevalue("gcs" if protocol == "gs" else "azurite")
+        storage = Storage(dict(emulated.storage_options))
+        out = f"{fresh(storage, protocol)}/datasets/two"
+    emu = start_emulator(latency_ms=300, requests_per_minute=1_200, burst_seconds=1)
+    settings = ClientSettings(base_url=emu.base_url, requests_per_minute=1_200)
+    requests = write_requests(tmp_path / "requests.jsonl", 40)
+    first = asyncio.create_task(
+        run_dataset(str(requests), out, settings, KEY, RunOptions(shard_size=10), storage=storage)
+    )
+    while not first.done() and emu.stats()["billed_requests"] == 0:  # the first run holds the output and sends
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
+    second_storage = Storage(dict(storage.options))  # another process's view of the store
+    with pytest.raises(OutputDirectoryLocked, match="in use by another run"):
+        await run_dataset(str(requests), out, settings, KEY, RunOptions(shard_size=10), storage=second_storage)
+    summary = await first
+    assert summary["succeeded"] == 40
+    assert emu.stats()["billed_requests"] == 40 and emu.stats()["duplicate_billed_requests"] == 0

@@ -130,3 +130,53 @@ async def test_the_fence_stops_a_real_client_once_its_shard_is_taken_over(store,
         with pytest.raises(OutputLost, match="taken over"):
             await client.send(RequestItem(line=2, custom_id=None, body=message_body("two")))
     assert emu.stats()["requests_total"] == 1  # the superseded copy sent nothing more
+
+
+async def test_a_new_parent_waits_for_the_copy_a_killed_parent_left_before_its_first_launch(store):
+    """Review of issue 25, item 4: the first claim of a new parent superseded the attempt the claim named before
+    (a copy left by a killed parent, or by one that lost its output) without waiting for it to stop."""
+    from prefect_anthropic.fanout import take_over
+
+    clock = Clock()
+    left_id = write_claim(store, SHARD)  # the killed parent's attempt, still running on a worker
+    left = ShardClaim(store, SHARD, left_id, margin_s=30, clock=clock)
+    assert left.beat()
+    stopped = asyncio.Event()
+
+    async def left_copy_finishing() -> None:
+        while left.beat():  # beats until it sees the new claim...
+            await asyncio.sleep(0.02)
+        for count in range(5):  # ...its requests in flight end, then it says it stopped
+            await asyncio.to_thread(store.write_text, _heartbeat_name(SHARD), f"w {left_id} x{count} -")
+            await asyncio.sleep(0.02)
+        stopped.set()
+        left.stopped()
+
+    finishing = asyncio.create_task(left_copy_finishing())
+    new_id = await take_over(store, SHARD, timeout_s=60, poll_s=0.02)
+    assert stopped.is_set()  # launched only once the earlier copy stopped (its 30 s margin never ran out)
+    assert new_id != left_id and left.superseded_by == new_id
+    await finishing
+
+
+async def test_a_new_parent_also_waits_for_a_copy_only_the_heartbeat_names(store):
+    """A parent killed between superseding a copy and launching the next leaves a claim naming an attempt that
+    never ran, while the superseded copy may still be sending (its margin not out): the heartbeat names it."""
+    from prefect_anthropic.fanout import take_over
+
+    running = write_claim(store, SHARD)
+    await asyncio.to_thread(store.write_text, _heartbeat_name(SHARD), f"w {running} 7 -")
+    write_claim(store, SHARD)  # the killed parent's next attempt, never launched
+    stopped = asyncio.Event()
+
+    async def running_copy_stops() -> None:
+        await asyncio.sleep(0.2)
+        stopped.set()
+        await asyncio.to_thread(store.write_text, _heartbeat_name(SHARD), f"w {running} stopped -")
+
+    stopping = asyncio.create_task(running_copy_stops())
+    await take_over(store, SHARD, timeout_s=60, poll_s=0.02)
+    assert stopped.is_set()
+    await stopping
+    # Nothing to wait for on a fresh output, nor once the last copy said it stopped: no delay.
+    await asyncio.wait_for(take_over(store, SHARD, timeout_s=60, poll_s=0.02), 5)

@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -539,8 +541,15 @@ async def _exact_input_tokens(requests: str, settings: ClientSettings, api_key: 
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The example run as a flow run on a Prefect server whose UI stays up to look at: the configured one, or
+    a local one started in the background (and reused by the next demo); its address and how to stop it."""
     from .emulator import emulator_in_thread
 
+    try:
+        api_url, stop_command = demo_server()
+    except PrefectServerNotStarted as error:
+        print(f"error: {error}; nothing was sent", file=sys.stderr)
+        return EXIT_STOPPED
     output_dir = Path(args.output_dir)
     requests = Path(args.requests or EXAMPLES / "requests.jsonl")
     if not requests.exists() and not args.requests:  # installed without the repository's examples
@@ -577,15 +586,121 @@ def _demo(args: argparse.Namespace) -> int:
         )
         os.environ.setdefault(API_KEY_ENV, "sk-ant-fake-demo-key-for-the-emulator")
         settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200)
-        with _log_levels():
-            code = run_flow(str(requests), str(output_dir), settings, RunOptions(shard_size=50))
+        with _log_levels(), _on_prefect_api(api_url):
+            code = run_flow(str(requests), str(output_dir), settings, RunOptions(shard_size=50), with_prefect=True)
+            address = asyncio.run(_flow_run_address(str(output_dir)))
         stats = emulator.stats()
     print(
         f"The emulator billed {stats['billed_requests']} requests (${stats['cost_usd']:.4f}); "
         f"dataset: {output_dir / 'results.parquet'}",
         file=sys.stderr,
     )
+    print(f"The run in the Prefect UI (flow run, shard tasks, logs, artifacts): {address}", file=sys.stderr)
+    if stop_command:
+        print(
+            f"The Prefect server stays up for later runs (`export PREFECT_API_URL={api_url}` to record them "
+            f"there); stop it with: {stop_command}",
+            file=sys.stderr,
+        )
     return code
+
+
+class PrefectServerNotStarted(RuntimeError):
+    """The demo's local Prefect server did not answer: its process ended, or it did not start in time."""
+
+
+#: The file, in PREFECT_HOME, where the demo's background server writes its output.
+SERVER_LOG = "prefect-anthropic-server.log"
+#: Prefect's own record of its background server (`prefect server stop` reads it).
+SERVER_PID_FILE = "server.pid"
+FLOW_NAME = "anthropic-requests-to-dataset"
+
+
+def demo_server() -> tuple[str, str | None]:
+    """The API the demo records its run on, and the command that stops its server when a demo started it.
+
+    A configured server (PREFECT_API_URL) as it is. Otherwise a local server on Prefect's own host and port
+    (PREFECT_SERVER_API_HOST and _PORT: 127.0.0.1:4200), started once in the background and reused while it
+    answers. Started as `prefect server start` in a session of its own, its output in PREFECT_HOME/SERVER_LOG,
+    its process id in Prefect's pid file, so that `prefect server stop` stops it. Not `--background`: Prefect
+    3.9 keeps that server's output piped to the command that started it, which has exited by then."""
+    import prefect.settings as prefect_settings
+
+    if prefect_api_configured():
+        return str(prefect_settings.PREFECT_API_URL.value()), None
+    host = str(prefect_settings.PREFECT_SERVER_API_HOST.value())
+    port = int(prefect_settings.PREFECT_SERVER_API_PORT.value())
+    home = Path(prefect_settings.PREFECT_HOME.value()).expanduser()
+    reach = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    api_url = f"http://{f'[{reach}]' if ':' in reach else reach}:{port}/api"
+    stop = ("" if "PREFECT_HOME" not in os.environ else f"PREFECT_HOME={home} ") + "prefect server stop"
+    pid_file = home / SERVER_PID_FILE
+    if _api_healthy(api_url):
+        return api_url, stop if pid_file.exists() else None
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / SERVER_LOG
+    print(f"Starting a local Prefect server on {api_url.removesuffix('/api')} (log: {log_path})", file=sys.stderr)
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    pid_file.write_text(str(process.pid))
+    timeout = float(prefect_settings.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    deadline = time.monotonic() + timeout
+    while not _api_healthy(api_url):
+        ended = process.poll()
+        if ended is not None or time.monotonic() > deadline:
+            if ended is None:
+                process.terminate()
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
+            why = f"it ended with code {ended}" if ended is not None else f"not up in {timeout:.0f} s"
+            raise PrefectServerNotStarted(
+                f"the local Prefect server on port {port} did not start ({why}; its log: {log_path}). "
+                "Choose a free port with PREFECT_SERVER_API_PORT, or point PREFECT_API_URL at a running server"
+            )
+        time.sleep(0.25)
+    return api_url, stop
+
+
+def _api_healthy(api_url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def _on_prefect_api(api_url: str) -> Iterator[None]:
+    """Flow runs inside go to this API (Prefect is loaded: its settings, not the environment, say where)."""
+    import prefect.settings
+
+    with prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: api_url}):
+        yield
+
+
+async def _flow_run_address(output_dir: str) -> str:
+    """The UI page of the newest run of the flow into `output_dir` (the UI's runs page if none is found)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = str(PREFECT_UI_URL.value() or "").rstrip("/")
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=20,
+        )
+    for run in runs:
+        if run.parameters.get("output_dir") == output_dir:
+            return f"{ui}/runs/flow-run/{run.id}"
+    return f"{ui}/runs"
 
 
 def _emulator(args: argparse.Namespace) -> int:

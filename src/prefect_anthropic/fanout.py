@@ -54,6 +54,7 @@ __all__ = [
     "mark_shared_location",
     "run_shard_flow",
     "run_shards_on_pool",
+    "take_over",
     "wait_until_stopped",
     "write_claim",
 ]
@@ -112,6 +113,7 @@ def _claim_name(shard: Shard) -> str:
 
 
 HEARTBEAT_S = 2.0
+_POLL_S_DEFAULT = 1.0
 
 
 def _clock() -> float:
@@ -130,6 +132,34 @@ def write_claim(store: ShardStore, shard: Shard) -> str:
     """A new attempt id in the shard's claim: from now on an earlier copy still alive sends nothing more."""
     attempt_id = uuid.uuid4().hex
     store.write_text(_claim_name(shard), json.dumps({"attempt": attempt_id}))
+    return attempt_id
+
+
+def _claimed_attempt(store: ShardStore, shard: Shard) -> str | None:
+    """The attempt the shard's claim names now, or None (no claim yet, or unreadable: the heartbeat then
+    tells which copy may still send)."""
+    try:
+        text = store.read_text(_claim_name(shard))
+        holder = json.loads(text).get("attempt") if text else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(holder) if holder else None
+
+
+async def take_over(store: ShardStore, shard: Shard, timeout_s: float, *, poll_s: float = _POLL_S_DEFAULT) -> str:
+    """Supersede whatever attempt holds the shard and return a new attempt id once no earlier copy sends.
+
+    The copy named by the claim (or by the heartbeat: a parent killed while it waited leaves a claim naming
+    an attempt never launched while the copy before it still beats) may be alive, left by a killed parent
+    or by one that lost its output: launching before it stopped would have two copies sending."""
+    previous = await asyncio.to_thread(_claimed_attempt, store, shard)
+    attempt_id = await asyncio.to_thread(write_claim, store, shard)
+    try:
+        beating = _parse_beat(await asyncio.to_thread(store.read_text, _heartbeat_name(shard)))
+    except OSError:
+        beating = None
+    waited = {a for a in (previous, beating[0] if beating and beating[1] != "stopped" else None) if a and a != "-"}
+    await wait_until_stopped(store, shard, waited, timeout_s, poll_s=poll_s)
     return attempt_id
 
 
@@ -357,7 +387,7 @@ async def run_shards_on_pool(
 
     async def one(shard: Shard, client: Any) -> None:
         async with gate:
-            attempt_id = await asyncio.to_thread(write_claim, store, shard)
+            attempt_id = await take_over(store, shard, heartbeat_timeout_s)
             for attempt in range(shard_retries + 1):
                 if store.done_summary(shard) is not None:
                     break
@@ -385,8 +415,7 @@ async def run_shards_on_pool(
                     raise OutputDirectoryNotShared(message)
                 # Superseded first; the next copy starts once this one is known stopped or its margin is out
                 # (even a still heartbeat may hide a beat landing now: a paused copy resuming).
-                previous, attempt_id = attempt_id, await asyncio.to_thread(write_claim, store, shard)
-                await wait_until_stopped(store, shard, previous, heartbeat_timeout_s)
+                attempt_id = await take_over(store, shard, heartbeat_timeout_s)
             else:
                 raise RuntimeError(f"shard {shard.index} did not complete on work pool {work_pool!r}")
         if on_shard_done is not None:
@@ -397,23 +426,26 @@ async def run_shards_on_pool(
     return dict(ran)
 
 
-_POLL_S = 1.0
+_POLL_S = _POLL_S_DEFAULT
 
 
 async def wait_until_stopped(
-    store: ShardStore, shard: Shard, attempt: str, timeout_s: float, *, poll_s: float = _POLL_S
+    store: ShardStore, shard: Shard, attempt: str | set[str], timeout_s: float, *, poll_s: float = _POLL_S
 ) -> None:
-    """Return once `attempt` of the shard sends nothing more. Call it right after superseding the attempt in
-    the claim: from then on none of its beats confirms a hold, so its fence stops it at the latest a margin
-    (see claim_margin) after the call. Sooner when it wrote that it stopped, or when its heartbeat is not its
-    own (it never beat: any beat it makes now fails to confirm)."""
+    """Return once `attempt` (or each of a set) of the shard sends nothing more. Call it right after
+    superseding the attempt in the claim: from then on none of its beats confirms a hold, so its fence stops it
+    at the latest a margin (see claim_margin) after the call. Sooner when it wrote that it stopped, or when the
+    heartbeat is not its own (it never beat: any beat it makes now fails to confirm)."""
+    attempts = {attempt} if isinstance(attempt, str) else set(attempt)
+    if not attempts:
+        return
     deadline = _clock() + claim_margin(timeout_s)
     while _clock() <= deadline:
         try:
             parsed = _parse_beat(await asyncio.to_thread(store.read_text, _heartbeat_name(shard)))
         except OSError:  # rewritten while read (s3fs FileExpired), or the store failing: the deadline holds
-            parsed = (attempt, "?")
-        if parsed is None or parsed[0] != attempt or parsed[1] == "stopped":
+            parsed = (next(iter(attempts)), "?")
+        if parsed is None or parsed[0] not in attempts or parsed[1] == "stopped":
             return
         await asyncio.sleep(poll_s)
 

@@ -145,7 +145,7 @@ class OutputHold:
         self.location = location
         self.run_id = run_id or uuid.uuid4().hex
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._renewals: list[Callable[[], None]] = []
+        self._renewals: list[Callable[[], float | None]] = []
         self._renewing: list[threading.Lock] = []
         self._renewed_at: dict[int, float] = {}
         self._lost: str | None = None
@@ -154,8 +154,16 @@ class OutputHold:
         self._threads: list[threading.Thread] = []
 
     def holder_body(self) -> bytes:
+        """The lease's content: who holds it, and a nonce of this write. Every write is new bytes, so its version
+        is new too (an S3 ETag is the content's MD5: a renewal of the same bytes would keep it, and a run
+        taking over on that version would not be refused)."""
         return json.dumps(
-            {"run_id": self.run_id, "started_at": self.started_at, **_process_identity(os.getpid())}
+            {
+                "run_id": self.run_id,
+                "started_at": self.started_at,
+                "write": uuid.uuid4().hex,
+                **_process_identity(os.getpid()),
+            }
         ).encode()
 
     @property
@@ -179,9 +187,11 @@ class OutputHold:
 
     # -- renewal --------------------------------------------------------------------------------------------
 
-    def add_renewal(self, renew: Callable[[], None]) -> None:
+    def add_renewal(self, renew: Callable[[], float | None]) -> None:
         """Renew one lease in a background thread. `renew` raises OutputTakenOver when the lease is lost,
-        anything else for a transient failure (retried; the hold becomes unproven when it lasts)."""
+        anything else for a transient failure (retried; the hold becomes unproven when it lasts). It returns
+        when the lease's new term began on `_clock()` if that was before the call (an earlier write, whose
+        reply was lost, is found to have landed), else None."""
         index = len(self._renewals)
         self._renewals.append(renew)
         self._renewing.append(threading.Lock())
@@ -190,9 +200,11 @@ class OutputHold:
         self._threads.append(thread)
         thread.start()
 
-    def _renew(self, index: int) -> bool:
+    def _renew(self, index: int, *, only_if_overdue: bool = False) -> bool:
         """One renewal of lease `index`: True when it succeeded (the lease is this run's for another term)."""
         with self._renewing[index]:  # one renewal of a lease at a time: each conditions on the last's version
+            if only_if_overdue and self._lost is None and index not in self._overdue():
+                return True  # another caller renewed it while this one waited
             return self._renew_now(index)
 
     def _renew_now(self, index: int) -> bool:
@@ -200,7 +212,7 @@ class OutputHold:
             return False
         started = _clock()
         try:
-            self._renewals[index]()
+            began = self._renewals[index]()
         except OutputTakenOver as error:
             self._lose(error.message)
             return False
@@ -211,7 +223,7 @@ class OutputHold:
             logger.warning("Could not renew the lease on %s (%s); trying again", self.location, exc)
             return False
         with self._lock:
-            self._renewed_at[index] = max(self._renewed_at[index], started)
+            self._renewed_at[index] = max(self._renewed_at[index], started if began is None else began)
         return True
 
     def _keep(self, index: int) -> None:
@@ -229,7 +241,7 @@ class OutputHold:
 
     def _prove(self) -> bool:
         """Renew every overdue lease now: whether the hold is proven (False also when it is lost)."""
-        return all(self._renew(index) for index in self._overdue()) and self._lost is None
+        return all(self._renew(index, only_if_overdue=True) for index in self._overdue()) and self._lost is None
 
     def check(self) -> None:
         """Raise OutputTakenOver unless this run provably holds its output now (renewing first if overdue)."""
@@ -364,9 +376,13 @@ def _hold_in_redis(location: Path | str, limiter_url: str, hold: OutputHold | No
     def renew() -> None:
         try:
             lock.reacquire()
-        except (LockNotOwnedError, LockError) as exc:  # expired and taken, or expired: no longer ours
-            raise OutputTakenOver(0, "output_taken_over", f"its Redis lock is no longer its own ({exc})") from exc
-        client.expire(name + ":holder", int(LEASE_TTL_S))
+        except (LockNotOwnedError, LockError) as exc:
+            # Gone (Redis restarted without its data, or the key expired unclaimed): take it again if still free.
+            # Held by another token: another run has it.
+            if client.get(name) is not None or not lock.acquire(token=hold.run_id):
+                raise OutputTakenOver(0, "output_taken_over", f"its Redis lock is no longer its own ({exc})") from exc
+        client.set(name + ":holder", hold.holder_body(), ex=int(LEASE_TTL_S))
+        return None
 
     hold.add_renewal(renew)
     try:
@@ -396,18 +412,32 @@ def _hold_lease(storage: Any, location: str, hold: OutputHold) -> Iterator[None]
     except LeaseExists:
         token = _take_over(lease, location, body)
     current = [token]
+    #: Writes whose reply was lost (a timeout, a cut connection): (body, when it was started). One of them may
+    #: have landed, which the next renewal's condition then refuses: that is still this run's lease.
+    unanswered: list[tuple[bytes, float]] = []
 
-    def renew() -> None:
+    def renew() -> float | None:
+        body, started = hold.holder_body(), _clock()
         try:
-            current[0] = lease.replace(hold.holder_body(), current[0])
+            current[0] = lease.replace(body, current[0])
         except LeaseConflict as exc:
             state = None
             with contextlib.suppress(Exception):
                 state = lease.read()
+            landed = [at for sent, at in unanswered if state is not None and state.body == sent]
+            if state is not None and landed:
+                current[0] = state.token
+                unanswered.clear()
+                return landed[0]  # the term began with that write, not with this one
             holder = _parse(state.body) if state is not None else None
             raise OutputTakenOver(
                 0, "output_taken_over", f"its lease was taken over by {_describe(holder)}"
             ) from exc
+        except Exception:
+            unanswered.append((body, started))
+            raise
+        unanswered.clear()
+        return None
 
     hold.add_renewal(renew)
     try:

@@ -155,23 +155,29 @@ async def run_requests(
 
     tick = asyncio.create_task(ticker())
     stopped = False
+    reading_failed: BaseException | None = None
     try:
-        async for item in _aiter(items):
-            if already_succeeded is not None and done_before(already_succeeded, item):
-                progress.skipped += 1
-                if on_skip is not None:
-                    on_skip(item)
-                continue
-            await waiting.acquire()
-            await window.acquire()
-            if client.fatal_error is not None or client.stopping or (stop is not None and stop.is_set()):
-                window.release()
-                waiting.release()
-                stopped = True
-                break
-            task = asyncio.create_task(one(item))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+        try:
+            async for item in _aiter(items):
+                if already_succeeded is not None and done_before(already_succeeded, item):
+                    progress.skipped += 1
+                    if on_skip is not None:
+                        on_skip(item)
+                    continue
+                await waiting.acquire()
+                await window.acquire()
+                if client.fatal_error is not None or client.stopping or (stop is not None and stop.is_set()):
+                    window.release()
+                    waiting.release()
+                    stopped = True
+                    break
+                task = asyncio.create_task(one(item))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        except Exception as error:
+            # The input cannot be read on (a store unreachable, a file gone): the requests already read still go,
+            # and every one is saved, before the error is raised (they may be paid for).
+            reading_failed = error
         if pending:
             if stopped and client.fatal_error is None:
                 client.stop_admitting()
@@ -196,6 +202,8 @@ async def run_requests(
         report()
     if client.fatal_error is not None:
         raise client.fatal_error
+    if reading_failed is not None:
+        raise reading_failed
     if stopped or left_unsent:
         raise RunStopped(f"stopped after {progress.done} requests; run again to resume")
     return progress
