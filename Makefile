@@ -1,5 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+ with pip):
-#   make demo   - install into .venv, start the built-in emulator, run the main job on the example file
+#   make demo   - install into .venv, start the built-in emulator and a local Prefect server (in the background,
+#                 reused; `prefect server stop` stops it), run the main job on the example file as a flow run
+#                 there and print its address in the Prefect UI
 #   make test   - install into .venv (with test extras; the newest Prefect 3 the registry serves), run ruff,
 #                 mypy and the whole test suite but the 10^5-request load run (under 12 minutes on 2 cores)
 # `make test-load` runs the load run (about 2.5 minutes); `make test-prefect-floor` runs the fast tests again on

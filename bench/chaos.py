@@ -590,7 +590,7 @@ class Context:
             if run.hung:
                 outcome.problems.append(f"{run.label} hung (killed after {RUN_TIMEOUT_S:.0f} s): {run.said()}")
             elif run.exit == "1" and not failed_rows:
-                outcome.problems.append(f"{run.label} exit 1 with no failed row: {run.said()}")
+                outcome.problems.append(f"{run.label} exit 1 (rows failed), yet no row failed in the end: {run.said()}")
             elif run.exit not in ("0", "1", "2", "3", "k", "130"):
                 outcome.problems.append(f"{run.label} exit {run.exit}: {run.said()}")
             if run.exit not in ("0", "k") and "Traceback (most recent call last)" in run.text():

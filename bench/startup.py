@@ -10,8 +10,8 @@ the emulator (its own process, replies in milliseconds) with a fake ANTHROPIC_AP
 - Prefect home fresh (a new, empty PREFECT_HOME every run: a first run, or any new container) or warm (one
   home, used by an unmeasured run first);
 - no Prefect API configured (PREFECT_API_URL unset: the run goes without orchestration, see the README), or
-  PREFECT_API_URL set to a Prefect server this bench starts once in the background (`prefect server start
-  --background`, its own home and a free port) and stops at the end (the run is a flow run there).
+  PREFECT_API_URL set to a Prefect server this bench starts once in the background as `make demo` does (its
+  own home and a free port) and stops at the end (the run is a flow run there).
 
 Measured per run: time to the first request (launch to the emulator's `first_arrival_at`, the moment it
 admitted the first Messages request; both clocks are this machine's), time to exit, and for the same
@@ -36,15 +36,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 from _common import MODEL
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.emulator.server import free_port
 
 BIN = Path(sys.executable).parent
-CLI = [str(BIN / "prefect-anthropic")] if (BIN / "prefect-anthropic").exists() else [sys.executable, "-m",
-                                                                                     "prefect_anthropic.cli"]
+CLI = (
+    [str(BIN / "prefect-anthropic")]
+    if (BIN / "prefect-anthropic").exists()
+    else [sys.executable, "-m", "prefect_anthropic.cli"]
+)
 PREFECT = [str(BIN / "prefect")]
 
 
@@ -67,26 +68,15 @@ def clean_env(home: Path, api_url: str | None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def background_server(root: Path) -> Iterator[str]:
-    """A Prefect server in the background, as `make demo` starts one; its API URL. Stopped at the end."""
+    """A local Prefect server in the background, started as `make demo` starts one (`cli.demo_server`: its own
+    home, a free port); its API URL. Stopped at the end with `prefect server stop`."""
     home = root / "server-home"
     home.mkdir()
-    port = free_port("127.0.0.1")
-    env = clean_env(home, None)
-    subprocess.run(
-        [*PREFECT, "server", "start", "--background", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, check=True, capture_output=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
+    env = {**clean_env(home, None), "PREFECT_SERVER_API_PORT": str(free_port("127.0.0.1"))}
+    code = "from prefect_anthropic import cli\nwith cli.prefect_defaults(): print(cli.demo_server()[0])"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Prefect server did not start in 300 s")
-            time.sleep(0.5)
-        yield url
+        started = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        yield started.stdout.strip().splitlines()[-1]
     finally:
         subprocess.run([*PREFECT, "server", "stop"], env=env, capture_output=True, timeout=120)
 
@@ -177,8 +167,10 @@ def main() -> None:
                     ok, total = soak(emulator, root, url, args.soak)
                     print(f"PREFECT_API_URL {label}: {ok} of {total} runs completed (fresh homes, two at once)")
                 return
-            print("| Prefect home | PREFECT_API_URL | first request (s) | exit, 1 request (s) | --help (s) | "
-                  "estimate (s) | slowest first request (s) |")
+            print(
+                "| Prefect home | PREFECT_API_URL | first request (s) | exit, 1 request (s) | --help (s) | "
+                "estimate (s) | slowest first request (s) |"
+            )
             print("|---|---|---|---|---|---|---|")
             for label, url in setups:
                 for fresh in (True, False):

@@ -133,7 +133,8 @@ def test_output_tokens_of_a_stream_count_against_the_limit_when_its_output_is_do
 
 
 def test_the_ledger_tells_when_requests_arrived_apart_from_when_they_were_billed(start_emulator):
-    emu = start_emulator(latency_ms=300, requests_per_minute=60, burst_seconds=2)  # 2 requests, then 429
+    # 2 requests, then 429 (the next token comes 30 s later, however slowly a busy machine posts them).
+    emu = start_emulator(latency_ms=300, requests_per_minute=2, burst_seconds=60)
     assert emu.stats()["first_arrival_at"] is None
     before = time.time()
     for question in ("first", "second"):

@@ -79,7 +79,8 @@ def test_a_run_without_a_prefect_server_runs_locally_and_says_so(emulator, tmp_p
 def test_an_unreachable_prefect_server_is_one_line_and_exit_2(emulator, tmp_path):
     requests = write_requests(tmp_path / "requests.jsonl", 2)
     env = new_user_env(tmp_path / "home", PREFECT_API_URL=f"http://127.0.0.1:{free_port('127.0.0.1')}/api")
-    done = run_cli("run", str(requests), "--output-dir", str(tmp_path / "out"), "--base-url", emulator.base_url, env=env)
+    out = str(tmp_path / "out")
+    done = run_cli("run", str(requests), "--output-dir", out, "--base-url", emulator.base_url, env=env)
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "nothing was sent" in errors[0] and "Traceback" not in done.stderr

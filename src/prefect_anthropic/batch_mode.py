@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,7 +36,7 @@ from .pipeline import RUNS, SHUTDOWN, DatasetRun
 from .schema import with_output_format
 from .settings import ClientSettings
 from .shard_store import ShardStore
-from .storage import Storage
+from .storage import Storage, join
 
 __all__ = [
     "BATCH_RETRY_CHOICES",
@@ -60,6 +62,70 @@ def batch_state_name(shard: Shard) -> str:
     return f"shard-{shard.index:05d}-{shard.digest}.batches.json"
 
 
+_STATE_SUFFIX = ".batches.json"
+_RECORD_INFIX = ".batch."
+
+
+def _batch_record_location(store: ShardStore, shard: Shard, batch_id: str) -> str:
+    """Where one created batch's id is recorded, beside the shard's batch state (a name no other batch has)."""
+    return join(store.location, f"{batch_state_name(shard).removesuffix(_STATE_SUFFIX)}{_RECORD_INFIX}{batch_id}.json")
+
+
+def _batch_records(storage: Storage, state_location: str) -> list[dict[str, Any]]:
+    """The records of the batches created for the shard whose batch state is at `state_location`."""
+    directory, _, name = str(state_location).rpartition("/")  # a URL, or a POSIX path as Storage.list gives
+    pattern = f"{name.removesuffix(_STATE_SUFFIX)}{_RECORD_INFIX}*.json"
+    return [json.loads(storage.read_text(location)) for location in storage.list(directory, pattern)]
+
+
+def read_batch_state(storage: Storage, state_location: str) -> dict[str, Any]:
+    """A shard's batch state: its state file, with every batch created for it that the file does not name
+    (its fenced write failed, or the file was lost) added to the round that created it, not downloaded yet.
+
+    Every reader goes through here, so that a batch created (and so paid for) is never forgotten."""
+    state: dict[str, Any] = (
+        json.loads(storage.read_text(state_location)) if storage.exists(state_location) else {"rounds": []}
+    )
+    rounds: list[dict[str, Any]] = state.setdefault("rounds", [])
+    known = {batch["id"] for round_ in rounds for batch in round_.get("batches", [])}
+    for record in sorted(_batch_records(storage, state_location), key=lambda r: (r["round"], r.get("created", ""))):
+        while len(rounds) <= record["round"]:
+            rounds.append({"complete": False, "batches": []})
+        round_ = rounds[record["round"]]
+        creating = round_.get("creating")
+        if creating is not None and creating.get("token") == record.get("token"):
+            del round_["creating"]  # the create it announced is this batch: nothing to look for
+        if record["id"] not in known:
+            known.add(record["id"])
+            round_.setdefault("batches", []).append(
+                {"id": record["id"], "requests": record["requests"], "downloaded": False}
+            )
+            round_["complete"] = False  # its results were never collected
+    return state
+
+
+def _read_state(store: ShardStore, shard: Shard) -> dict[str, Any]:
+    return read_batch_state(store.storage, join(store.location, batch_state_name(shard)))
+
+
+async def _record_created_batch(store: ShardStore, shard: Shard, record: dict[str, Any]) -> None:
+    """Record a batch the moment it exists, in a new object of its own: it overwrites nothing, so it is
+    written even by a run that lost its output (whose fenced state writes raise), and a rerun polls the batch
+    instead of paying for it again. Retried a little: the state file is the fallback, then the search by time
+    and size (_unrecorded_batch)."""
+    data = json.dumps(record).encode("utf-8")
+    location = _batch_record_location(store, shard, record["id"])
+    for attempt in range(3):
+        try:
+            await asyncio.to_thread(store.storage.write_bytes, location, data, immutable=True)
+            return
+        except Exception as error:  # a storage fault: the state write comes next, and may still record it
+            if attempt == 2:
+                logging.getLogger(__name__).warning("Could not record batch %s: %s", record["id"], error)
+                return
+            await asyncio.sleep(0.2 * 2**attempt)
+
+
 def _batch_api(run: DatasetRun) -> BatchAPI:
     return BatchAPI.for_settings(run.api_key, run.settings)
 
@@ -81,7 +147,7 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
     run = RUNS[run_key]
     client, store = run.client, run.store
     state_name = batch_state_name(shard)
-    state = store.read_json(state_name, {"rounds": []})
+    state = _read_state(store, shard)
     if state["rounds"] and not state["rounds"][-1]["complete"] and retry_lines is None:
         last = state["rounds"][-1]
         if "creating" in last:  # stopped while creating a batch: it may exist at Anthropic without its id here
@@ -151,9 +217,16 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
             # One create at a time in a run, announced before it is sent: after a crash, the one batch that may
             # exist without its id here is found by its time and size (see _unrecorded_batch).
             async with run.batch_create_lock:
-                round_["creating"] = {"requests": len(requests), "since": datetime.now(timezone.utc).isoformat()}
+                since, token = datetime.now(timezone.utc).isoformat(), uuid.uuid4().hex
+                round_["creating"] = {"requests": len(requests), "since": since, "token": token}
                 store.write_json(state_name, state)
                 batch = await api.create(requests)
+                await _record_created_batch(
+                    store,
+                    shard,
+                    {"id": batch["id"], "requests": len(requests), "round": len(state["rounds"]) - 1,
+                     "token": token, "created": since},
+                )  # fmt: skip
                 del round_["creating"]
                 round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
                 store.write_json(state_name, state)  # recorded at once: a restart polls it instead of paying again
@@ -172,7 +245,7 @@ async def _unrecorded_batch(run: DatasetRun, api: BatchAPI, creating: dict[str, 
     known = {
         batch["id"]
         for shard in run.plan.shards
-        for round_ in run.store.read_json(batch_state_name(shard), {"rounds": []})["rounds"]
+        for round_ in _read_state(run.store, shard)["rounds"]
         for batch in round_["batches"]
     }
     since = datetime.fromisoformat(creating["since"]) - timedelta(seconds=5)
@@ -241,7 +314,7 @@ async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
     run = RUNS[run_key]
     client, store = run.client, run.store
     state_name = batch_state_name(shard)
-    state = store.read_json(state_name, {"rounds": []})
+    state = _read_state(store, shard)
     if not state["rounds"]:
         return {}  # auto mode past its cut-over: nothing went to batches
     round_ = state["rounds"][-1]
@@ -356,11 +429,15 @@ async def cancel_batches(
     settings, api_key = await resolve_settings(settings, client_block, credentials_block)
     storage = Storage.from_environment()
     canceled = []
+    ids: dict[str, None] = {}  # every batch any state or record names, in order, once
+    for location in storage.list(str(output_dir), f".shards-*/*{_STATE_SUFFIX}"):
+        for round_ in read_batch_state(storage, location)["rounds"]:
+            ids.update(dict.fromkeys(batch["id"] for batch in round_["batches"]))
+    for location in storage.list(str(output_dir), f".shards-*/*{_RECORD_INFIX}*.json"):
+        ids.update({json.loads(storage.read_text(location))["id"]: None})  # also where the state file was lost
     async with BatchAPI.for_settings(api_key, settings) as api:
-        for location in storage.list(str(output_dir), ".shards-*/*.batches.json"):
-            for round_ in json.loads(storage.read_text(location))["rounds"]:
-                for batch in round_["batches"]:
-                    if (await api.retrieve(batch["id"]))["processing_status"] == "in_progress":
-                        await api.cancel(batch["id"])
-                        canceled.append(batch["id"])
+        for batch_id in ids:
+            if (await api.retrieve(batch_id))["processing_status"] == "in_progress":
+                await api.cancel(batch_id)
+                canceled.append(batch_id)
     return canceled

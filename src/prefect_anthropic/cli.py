@@ -403,15 +403,33 @@ def _one_line_errors(verbose: bool) -> Iterator[None]:
             del handler.format  # the class's own again
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.api_key:
-        # The key goes into this process's environment, never into a flow parameter.
-        os.environ[API_KEY_ENV] = args.api_key
-    if args.storage_options:
-        # Storage credentials likewise: the environment of this process (workers bring their own).
-        from .storage import STORAGE_OPTIONS_ENV
+@contextlib.contextmanager
+def _environment(values: dict[str, str | None]) -> Iterator[None]:
+    """`values` (those not None) in this process's environment for the command's life, then the previous ones
+    again: a command run in-process (tests, notebooks) leaves no key or storage option behind."""
+    given = {name: value for name, value in values.items() if value}
+    previous = {name: os.environ.get(name) for name in given}
+    os.environ.update(given)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
-        os.environ[STORAGE_OPTIONS_ENV] = args.storage_options
+
+def _run(args: argparse.Namespace) -> int:
+    from .storage import STORAGE_OPTIONS_ENV
+
+    # The key and the storage credentials go into this process's environment, never into a flow parameter
+    # (workers bring their own).
+    with _environment({API_KEY_ENV: args.api_key, STORAGE_OPTIONS_ENV: args.storage_options}):
+        return _run_with_environment(args)
+
+
+def _run_with_environment(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         RunOptions(**explicit_options(args, RunOptions))

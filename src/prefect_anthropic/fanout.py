@@ -387,7 +387,9 @@ async def run_shards_on_pool(
 
     async def one(shard: Shard, client: Any) -> None:
         async with gate:
-            attempt_id = await take_over(store, shard, heartbeat_timeout_s)
+            # A copy an earlier parent left may still send: it stops before this parent's first launch.
+            done = await asyncio.to_thread(store.done_summary, shard)
+            attempt_id = "" if done is not None else await take_over(store, shard, heartbeat_timeout_s)
             for attempt in range(shard_retries + 1):
                 if store.done_summary(shard) is not None:
                     break

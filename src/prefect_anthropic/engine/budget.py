@@ -42,10 +42,12 @@ import orjson
 from ..formatting import money
 from ..models import ModelInfo, Usage, cost_usd, lookup_model, server_tool_fee, unpriced_reason
 from .caching import cached_prefix
+from .errors import RunStopped
 from .records import RequestItem, ResultRecord
 
 __all__ = [
     "Budget",
+    "JournalUnavailable",
     "SpendingJournal",
     "journaled_spending",
     "max_input_tokens",
@@ -207,6 +209,11 @@ def unbudgeted_reason(info: ModelInfo | str | None, body: dict[str, Any]) -> str
     return _worst_case(info or str(body.get("model") or "(no model)"), body, None, False)[1]
 
 
+class JournalUnavailable(RunStopped):
+    """A reservation could not be put in the spending journal (it is closed, or its writer failed): its request
+    is not sent, and the run stops sending; running it again resumes."""
+
+
 class SpendingJournal:
     """Append-only record of one client's attempts: `{"r": id, "usd": worst}` as an attempt is sent,
     `{"s": id, "usd": actual}` when its cost is known (0 for an answer not billed).
@@ -256,8 +263,12 @@ class SpendingJournal:
         self._closing = False
         self._give_up_at: float | None = None  # monotonic; set at close: retries stop there
         self._wake: asyncio.Event | None = None
+        #: Set whenever a part is written or a writer ends: every waiter re-checks. One per event loop, never
+        #: replaced while waiters may hold it (a new writer must wake the waiters of the one before).
         self._committed: asyncio.Event | None = None
+        self._events_loop: asyncio.AbstractEventLoop | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._lost = False  # close gave up: entries pending then were never written
 
     @property
     def remote(self) -> bool:
@@ -297,22 +308,45 @@ class SpendingJournal:
 
     async def commit(self) -> None:
         """Wait until every entry written so far is in a part (at once, locally). Cancelling the wait leaves
-        the entries to the next part: a reservation recorded for a request never sent only counts safe."""
+        the entries to the next part: a reservation recorded for a request never sent only counts safe.
+
+        Never waits forever: JournalUnavailable (so the request is not sent) once no writer can write the
+        entries: the journal closed without them, or its writer failed."""
         if self._handle is not None or self._durable >= self._written:
             return
-        self._start_writer()
-        assert self._wake is not None and self._committed is not None
         target = self._written
-        self._urgent = True
-        self._wake.set()
         while self._durable < target:
+            if self._closing and (self._lost or self._writer is None or self._writer.done()):
+                # Closed (or closing with no writer left): what is not written by now never will be here.
+                raise JournalUnavailable(
+                    "the spending journal is closed"
+                    + (f" and could not be written to {self.remote_dir}" if self._lost else "")
+                    + ": this request is not sent; run again to resume"
+                )
+            writer = self._writer
+            if writer is not None and writer.done() and not writer.cancelled() and writer.exception() is not None:
+                self._writer = None  # the next reservation starts a fresh writer
+                raise JournalUnavailable(
+                    f"the spending journal's writer failed ({writer.exception()!r}): this request is not sent; run "
+                    "again to resume"
+                ) from writer.exception()
+            self._start_writer()
+            assert self._wake is not None and self._committed is not None
+            self._urgent = True
+            self._wake.set()
             self._committed.clear()
             await self._committed.wait()
 
     def _start_writer(self) -> None:
-        if self._writer is None or self._writer.done():
-            self._wake, self._committed = asyncio.Event(), asyncio.Event()
-            self._writer = asyncio.get_running_loop().create_task(self._write_parts())
+        loop = asyncio.get_running_loop()
+        if self._events_loop is not loop:  # events belong to one loop (a journal may outlive one asyncio.run)
+            self._wake, self._committed, self._events_loop = asyncio.Event(), asyncio.Event(), loop
+        if (self._writer is None or self._writer.done()) and not self._closing:
+            self._writer = loop.create_task(self._write_parts())
+            committed = self._committed
+            assert committed is not None
+            # However the writer ends (returned, failed, cancelled, even before it ran): its waiters re-check.
+            self._writer.add_done_callback(lambda _task: committed.set())
 
     async def _write_parts(self) -> None:
         """Write what is pending as one part as soon as a reservation waits for it (settlements alone: after
@@ -380,6 +414,7 @@ class SpendingJournal:
         if self._give_up_at is None:
             self._give_up_at = time.monotonic() + self.close_timeout_s
         if not self._commit_pending():
+            self._lost = True
             logger.error(
                 "The spending journal could not be written to %s for %.0f s: %d entries are lost (a rerun counts "
                 "the attempts they settle at their worst case)", self.remote_dir, self.close_timeout_s,
@@ -387,16 +422,21 @@ class SpendingJournal:
             )  # fmt: skip
 
     async def aclose(self) -> None:
-        """`close`, without blocking the event loop."""
+        """`close`, without blocking the event loop; then every waiter is woken (returning, or raising
+        JournalUnavailable when its entry could not be written)."""
         self._closing = True
         if self._handle is None and self._give_up_at is None:
             self._give_up_at = time.monotonic() + self.close_timeout_s
-        if self._writer is not None and not self._writer.done():
-            assert self._wake is not None
-            self._wake.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-        await asyncio.to_thread(self.close)
+        try:
+            if self._writer is not None and not self._writer.done():
+                assert self._wake is not None
+                self._wake.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._writer
+            await asyncio.to_thread(self.close)
+        finally:
+            if self._committed is not None and self._events_loop is asyncio.get_running_loop():
+                self._committed.set()
 
 
 def _journal_total(lines: Iterable[bytes]) -> float:

@@ -13,6 +13,7 @@ fails a write of a request already paid for.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -307,7 +308,10 @@ class ResultsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             _cut_torn_tail(self.path)
-        self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the writer's life
+        # Unbuffered: each record goes to the OS in whole-line writes this class controls, so a write the disk
+        # cuts short can be undone (see _append_whole), never left as half a line with the rest in a buffer.
+        self._handle = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held open for the writer's life
+        self._cut_to: int | None = None  # where a failed record began, when cutting it off failed too
         self._unwritten: list[bytes] = []  # records the disk refused, written again first
         self._unsynced = 0
         self._flush_every = flush_every
@@ -335,14 +339,38 @@ class ResultsWriter:
         if self._handle.closed:
             # A record that comes after close (a request that outlived its shard) is still saved.
             logger.warning("A record came after %s was closed; appended to it all the same", self.path)
-            with open(self.path, "ab") as late:
-                late.write(b"".join(self._unwritten))
-            self._unwritten.clear()
+            with open(self.path, "ab", buffering=0) as late:
+                while self._unwritten:
+                    self._append_whole(late, self._unwritten[0])
+                    self._unwritten.pop(0)
             return
         while self._unwritten:
-            self._handle.write(self._unwritten[0])
-            self._handle.flush()
+            self._append_whole(self._handle, self._unwritten[0])
             self._unwritten.pop(0)
+
+    def _append_whole(self, handle: Any, data: bytes) -> None:
+        """Append one record's line whole, or leave the file as it was: a disk that fills up mid-line cuts the
+        write short, and the record written again later must not follow half of itself on one unparsable line
+        (it would be lost, though paid for)."""
+        fd = handle.fileno()
+        if self._cut_to is not None:  # a record that failed earlier is still partly there: cut it off first
+            os.ftruncate(fd, self._cut_to)
+            self._cut_to = None
+        start = os.fstat(fd).st_size  # appending: the line goes at the end
+        view, written = memoryview(data), 0
+        try:
+            while written < len(data):
+                count = handle.write(view[written:])  # short when the disk fills up; raises at the next write
+                if not count:
+                    raise OSError(errno.ENOSPC, "no byte written")
+                written += count
+        except OSError:
+            if written:
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    self._cut_to = start
+            raise
 
     def flush(self) -> None:
         try:
