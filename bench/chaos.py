@@ -9,7 +9,8 @@ listens on 127.0.0.1, and every process started here is stopped at exit.
 Scenarios (each run seeded: sizes, instants and durations come from `--seed`):
 
   pause-resume   SIGSTOP a run for 40-46 s (longer than the lease's 30 s), start a second run on the same
-                 output ~30 s into the pause, then SIGCONT the first: stores local, s3, gs, az.
+                 output ~30 s into the pause, then SIGCONT the first once the second sends or gave up (at most
+                 75 s): stores local, s3, gs, az.
   kill-budget    kill -9 a run with --max-cost-usd at a random instant (replies of ~11 s: requests in flight),
                  then the same command again: s3, gs.
   templates      two runs of --template over one CSV table on one output, 1 s apart (local, s3).

@@ -15,9 +15,10 @@ the emulator (its own process, replies in milliseconds) with a fake ANTHROPIC_AP
 
 Measured per run: time to the first request (launch to the emulator's `first_arrival_at`, the moment it
 admitted the first Messages request; both clocks are this machine's), time to exit, and for the same
-environment `prefect-anthropic --help` and `prefect-anthropic estimate` (launch to exit). Medians of
---repeat runs. --soak N runs N in a row, two at once, each in a fresh home, in each setup (no API, and API
-set): how many complete with exit 0 and every row written.
+environment `prefect-anthropic --help` and `prefect-anthropic estimate` (launch to exit), and the CPU time
+(user + system) the run used, which the machine's load hardly changes. Medians of --repeat runs.
+--soak N runs N in a row, two at once, each in a fresh home, in each setup (no API, and API set): how many
+complete with exit 0 and every row written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,6 +89,12 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, su
     return time.monotonic() - started, done
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children: what a run cost whatever the load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def one_run(base_url: str, work: Path, home: Path, api_url: str | None, emulator=None) -> dict[str, float | int]:
     """One run of one request; with `emulator`, reset first and the first request's arrival read after."""
     requests = write_requests(work / "one.jsonl")
@@ -94,9 +102,9 @@ def one_run(base_url: str, work: Path, home: Path, api_url: str | None, emulator
     command = [*CLI, "run", str(requests), "--output-dir", str(out), "--base-url", base_url, "--no-progress"]
     if emulator is not None:
         emulator.reset()
-    launched = time.time()
+    launched, cpu_before = time.time(), children_cpu_s()
     elapsed, done = timed(command, clean_env(home, api_url), work)
-    row: dict[str, float | int] = {"exit_s": elapsed, "code": done.returncode}
+    row: dict[str, float | int] = {"exit_s": elapsed, "code": done.returncode, "cpu_s": children_cpu_s() - cpu_before}
     if done.returncode != 0:
         print(f"  exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
     if emulator is not None:
@@ -112,12 +120,13 @@ def measure(emulator, root: Path, api_url: str | None, fresh: bool, repeat: int)
     warm_home = Path(tempfile.mkdtemp(prefix="home-warm-", dir=root))
     if not fresh:
         one_run(emulator.base_url, work, warm_home, api_url)  # warms the home (database, caches)
-    firsts, exits, helps, estimates = [], [], [], []
+    firsts, exits, helps, estimates, cpus = [], [], [], [], []
     for _ in range(repeat):
         home = Path(tempfile.mkdtemp(prefix="home-fresh-", dir=root)) if fresh else warm_home
         row = one_run(emulator.base_url, work, home, api_url, emulator)
         firsts.append(row["first_s"])
         exits.append(row["exit_s"])
+        cpus.append(row["cpu_s"])
         env = clean_env(Path(tempfile.mkdtemp(prefix="home-fresh-", dir=root)) if fresh else warm_home, api_url)
         helps.append(timed([*CLI, "--help"], env, work)[0])
         estimates.append(timed([*CLI, "estimate", str(work / "one.jsonl")], env, work)[0])
@@ -127,6 +136,7 @@ def measure(emulator, root: Path, api_url: str | None, fresh: bool, repeat: int)
         "help": statistics.median(helps),
         "estimate": statistics.median(estimates),
         "first_max": max(firsts),
+        "cpu": statistics.median(cpus),
     }
 
 
@@ -169,15 +179,15 @@ def main() -> None:
                 return
             print(
                 "| Prefect home | PREFECT_API_URL | first request (s) | exit, 1 request (s) | --help (s) | "
-                "estimate (s) | slowest first request (s) |"
+                "estimate (s) | slowest first request (s) | CPU of the run (s) |"
             )
-            print("|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|")
             for label, url in setups:
                 for fresh in (True, False):
                     cell = measure(emulator, root, url, fresh, args.repeat)
                     print(
                         f"| {'fresh' if fresh else 'warm'} | {label} | {cell['first']:.2f} | {cell['exit']:.2f} | "
-                        f"{cell['help']:.2f} | {cell['estimate']:.2f} | {cell['first_max']:.2f} |",
+                        f"{cell['help']:.2f} | {cell['estimate']:.2f} | {cell['first_max']:.2f} | {cell['cpu']:.2f} |",
                         flush=True,
                     )
     finally:

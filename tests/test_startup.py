@@ -39,11 +39,13 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
     )
 
 
-def test_imports_stay_light():
+def test_imports_stay_light(tmp_path):
     """--help and estimate load neither Prefect nor pandas nor pyarrow; the package's public names still work."""
+    requests = write_requests(tmp_path / "requests.jsonl", 3)
     code = (
         "import sys\n"
         "import prefect_anthropic, prefect_anthropic.cli\n"
+        f"assert prefect_anthropic.cli.main(['estimate', {str(requests)!r}]) == 0\n"
         "heavy = [m for m in ('prefect', 'pandas', 'pyarrow') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert prefect_anthropic.RunOptions().shard_size > 0 and 'prefect' not in sys.modules\n"

@@ -73,10 +73,14 @@ class ShardIncomplete(RuntimeError):
     """Some requests of the shard failed with errors worth retrying: the shard is retried and resumes."""
 
 
-def check_paths(requests_path: str, output_dir: str, storage: Storage) -> None:
-    """The input exists and the output location takes writes, before anything is sent."""
+def check_input(requests_path: str, storage: Storage) -> None:
+    """The input exists (checked once the output is held: another run's render is removed by the holder)."""
     if not storage.exists(requests_path):
         raise FileNotFoundError(f"requests file not found: {requests_path}")
+
+
+def check_output(output_dir: str, storage: Storage) -> None:
+    """The output location takes writes, before anything is sent."""
     probe = join(output_dir, f".write-test-{uuid.uuid4().hex}")
     try:
         storage.makedirs(output_dir)
@@ -315,7 +319,7 @@ async def open_run(
     and yield the run; the client is closed and the learned token corrections are kept at the end."""
     options = options or RunOptions()
     storage = storage or await storage_for(options.storage_block)
-    check_paths(requests_path, output_dir, storage)
+    check_output(output_dir, storage)
     check_input_outside_outputs(requests_path, output_dir, run_fields)
     own_inputs = [p for p in (requests_path, run_fields.get("input_table")) if p and is_run_input(p, output_dir)]
     held = contextlib.ExitStack()
@@ -327,6 +331,7 @@ async def open_run(
                 storage.remove(location)
         raise
     with held, _fenced(storage, hold.check):
+        check_input(requests_path, storage)
         remove_stale_run_inputs(output_dir, own_inputs, storage)
         store = ShardStore.for_run(output_dir, options, storage)
         # What earlier runs of the dataset paid (or may have: a killed run's requests in flight) is spent.
