@@ -26,7 +26,7 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not load"
+	$(BIN)/python -m pytest -m "not load" -n 3 --dist loadfile
 
 test-load: install
 	$(BIN)/python -m pytest -m load
@@ -39,6 +39,6 @@ $(FLOOR_BIN)/.installed: pyproject.toml
 	touch $@
 
 test-prefect-floor: $(FLOOR_BIN)/.installed
-	$(FLOOR_BIN)/python -m pytest -m "not slow"
+	$(FLOOR_BIN)/python -m pytest -m "not slow" -n 3 --dist loadfile
 
 .PHONY: install demo test test-load test-prefect-floor

@@ -49,10 +49,10 @@ def run_flow_process(base_url: str, path: Path, out: Path) -> tuple[float, str]:
     code = (
         "import sys, time, resource; sys.path.insert(0, 'bench')\n"
         "from prefect_anthropic.cli import run_flow\n"
-        "from prefect_anthropic.settings import ClientSettings\n"
+        "from prefect_anthropic.settings import ClientSettings, RunOptions\n"
         "t = time.monotonic()\n"
         f"rc = run_flow({str(path)!r}, {str(out)!r}, ClientSettings(base_url={base_url!r}, max_concurrency=100),"
-        " shard_size=5000, show_progress=False)\n"
+        " RunOptions(shard_size=5000), show_progress=False, with_prefect=True)\n"
         "print('RESULT', rc, time.monotonic() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
     env = {**os.environ, "ANTHROPIC_API_KEY": "bench-key", "PREFECT_LOGGING_LEVEL": "WARNING"}
