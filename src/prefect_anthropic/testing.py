@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import shutil
 import socket
@@ -100,6 +101,7 @@ def serve_moto(host: str, port: int) -> None:
 
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import run_simple
+    from werkzeug.wsgi import get_input_stream
 
     app = DomainDispatcherApplication(create_backend_app)
     guard = threading.Lock()
@@ -108,6 +110,11 @@ def serve_moto(host: str, port: int) -> None:
     def serialized(environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("REQUEST_METHOD") not in ("PUT", "POST", "DELETE"):
             return app(environ, start_response)
+        # The body is read before the key's lock is taken: a client paused halfway through sending it (botocore
+        # waits for "100 Continue" between headers and body) must not hold up every other writer of the key.
+        body = get_input_stream(environ).read()
+        environ = {**environ, "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
         key = f"{environ.get('HTTP_HOST', '')}{environ.get('PATH_INFO', '')}"
         with guard:
             lock = locks.setdefault(key, threading.Lock())
