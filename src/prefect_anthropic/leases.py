@@ -128,6 +128,13 @@ class _Lease:
         state = self.read()
         return state.token if state is not None and state.body == body else None
 
+    def _ours_or(self, body: bytes, refused: Exception) -> str:
+        """After a refused write of `body`: its token when it landed after all (see `_ours`), else `refused`."""
+        token = self._ours(body)
+        if token is None:
+            raise refused
+        return token
+
     def _exists(self, refusal: Exception) -> LeaseExists:
         error = LeaseExists(f"the lease {self.location} already exists")
         error.__cause__ = refusal
@@ -188,10 +195,7 @@ class _S3Lease(_Lease):
             if not _s3_refused(exc):
                 raise
             refusal = exc
-        token = self._ours(body)
-        if token is None:
-            raise self._exists(refusal)
-        return token
+        return self._ours_or(body, self._exists(refusal))
 
     def read(self) -> LeaseState | None:
         async def get() -> tuple[dict[str, Any], bytes]:
@@ -218,10 +222,7 @@ class _S3Lease(_Lease):
             if not _s3_refused(exc):
                 raise
             refusal = exc
-        ours = self._ours(body)
-        if ours is None:
-            raise self._conflict(refusal)
-        return ours
+        return self._ours_or(body, self._conflict(refusal))
 
     def delete(self, token: str) -> None:
         try:
@@ -341,10 +342,7 @@ class _GCSLease(_Lease):
             if not _gcs_refused(exc):
                 raise
             refusal = exc
-        ours = self._ours(body)
-        if ours is None:
-            raise self._conflict(refusal)
-        return ours
+        return self._ours_or(body, self._conflict(refusal))
 
     def delete(self, token: str) -> None:
         # Two steps, because fake-gcs-server (the GCS emulator the tests use) ignores ifGenerationMatch on
@@ -411,10 +409,7 @@ class _AzureLease(_Lease):
             if not _azure_refused(exc):
                 raise
             refusal = exc
-        token = self._ours(body)
-        if token is None:
-            raise self._exists(refusal)
-        return token
+        return self._ours_or(body, self._exists(refusal))
 
     def read(self) -> LeaseState | None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -448,10 +443,7 @@ class _AzureLease(_Lease):
             if not _azure_refused(exc):
                 raise
             refusal = exc
-        ours = self._ours(body)
-        if ours is None:
-            raise self._conflict(refusal)
-        return ours
+        return self._ours_or(body, self._conflict(refusal))
 
     def delete(self, token: str) -> None:
         from azure.core import MatchConditions
