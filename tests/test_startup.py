@@ -3,12 +3,17 @@ Prefect UI that is up; a server that cannot start is one line and exit 2, nothin
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -76,6 +81,96 @@ def test_a_run_without_a_prefect_server_runs_locally_and_says_so(emulator, tmp_p
     assert "no Prefect server configured: running locally" in drop_in.stderr
     assert (tmp_path / "dropin.jsonl").read_text().count("\n") == 3
     assert emulator.stats()["billed_requests"] == 6
+
+
+def _flow_run_of(api: str, output_dir: Path) -> dict:
+    body = {"sort": "START_TIME_DESC", "limit": 200, "flows": {"name": {"any_": ["anthropic-requests-to-dataset"]}}}
+    runs = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
+    (run,) = [run for run in runs if run["parameters"].get("output_dir") == str(output_dir)]
+    return run
+
+
+def test_with_a_prefect_server_the_first_requests_leave_while_prefect_loads(start_emulator, prefect_server, tmp_path):
+    """PREFECT_API_URL set: the run opens and sends before Prefect has loaded, and the flow run, created after
+    the first request arrived, adopts it: its shard tasks take over the shards under way, nothing is sent twice,
+    and the run is in the UI (shard tasks, artifacts) as any flow run."""
+    from prefect.settings import PREFECT_API_URL
+
+    emulator = start_emulator(seed=1, latency_ms=300)
+    api = PREFECT_API_URL.value()
+    requests = write_requests(tmp_path / "requests.jsonl", 30)
+    out = tmp_path / "out"
+    env = new_user_env(tmp_path / "home", PREFECT_API_URL=api)
+    done = run_cli(
+        "run", str(requests), "--output-dir", str(out), "--base-url", emulator.base_url, "--shard-size", "10",
+        "--no-progress", env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "running locally" not in done.stderr
+    assert emulator.stats()["billed_requests"] == 30
+    assert (out / "results.jsonl").read_text().count("\n") == 30
+    flow_run = _flow_run_of(api, out)
+    assert flow_run["state_type"] == "COMPLETED"
+    created = datetime.fromisoformat(flow_run["created"].replace("Z", "+00:00")).timestamp()
+    assert emulator.stats()["first_arrival_at"] < created  # sent before the flow run existed
+    of_run = {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
+    tasks = httpx.post(f"{api}/task_runs/filter", json=of_run, timeout=30).json()
+    assert sorted(task["name"] for task in tasks if task["name"].startswith("shard-")) == [
+        "shard-00000 (lines 1-10)", "shard-00001 (lines 11-20)", "shard-00002 (lines 21-30)"
+    ]  # fmt: skip
+    assert all(task["state_type"] == "COMPLETED" for task in tasks)
+
+
+@contextlib.contextmanager
+def healthy_but_broken_prefect_server() -> Iterator[str]:
+    """A Prefect API that answers its health check and refuses everything after (a server going away)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._answer(200 if self.path.endswith("/health") else 404)
+
+        def do_POST(self) -> None:
+            self._answer(404)
+
+        def _answer(self, status: int) -> None:
+            body = b"true" if status == 200 else b'{"detail": "gone"}'
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_flow_run_that_cannot_be_created_after_sending_began_loses_and_repays_nothing(start_emulator, tmp_path):
+    """The server answered its health check, the run began sending, then the flow run could not be created:
+    exit 2 with one line, the requests in flight are saved, and the same command resumes with the rest."""
+    emulator = start_emulator(seed=1, latency_ms=1500)
+    requests = write_requests(tmp_path / "requests.jsonl", 40)
+    out = tmp_path / "out"
+    command = ("run", str(requests), "--output-dir", str(out), "--base-url", emulator.base_url, "--no-progress")
+    with healthy_but_broken_prefect_server() as api:
+        done = run_cli(*command, env=new_user_env(tmp_path / "home", PREFECT_API_URL=api))
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    first = emulator.stats()["billed_requests"]
+    assert first > 0  # it had begun sending
+    again = run_cli(*command, env=new_user_env(tmp_path / "home"))  # no server now: runs locally, resumes
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats()["billed_requests"] == 40  # every request paid once
+    assert (out / "results.jsonl").read_text().count("\n") == 40
 
 
 def test_an_unreachable_prefect_server_is_one_line_and_exit_2(emulator, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -158,6 +159,7 @@ def run_flow(
     options = options or RunOptions()
     if with_prefect is None:
         with_prefect = runs_as_flow(options)
+    early = with_prefect and sends_early(options, client_block, credentials_block, settings.limiter_block)
     stopping: tuple[type[BaseException], ...] = (
         MissingAPIKeyError,
         FileNotFoundError,
@@ -165,13 +167,13 @@ def run_flow(
         ValueError,
         OutputDirectoryLocked,
     )
-    if with_prefect:  # Prefect's own errors, and a work pool's (fanout imports Prefect): a local run loads neither
+    if with_prefect and not early:  # Prefect's errors, a work pool's (fanout imports Prefect): these load them
         from prefect.exceptions import ObjectNotFound
 
         from .fanout import OutputDirectoryNotShared
 
         stopping += (ObjectNotFound, OutputDirectoryNotShared)
-    else:
+    if not with_prefect:
         print(LOCAL_RUN_NOTICE, file=sys.stderr)
     run_fields: dict[str, Any] = {
         "input_table": input_table,
@@ -189,9 +191,16 @@ def run_flow(
     SHUTDOWN.clear()
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        quiet_terminal = _one_line_errors(verbose) if with_prefect else _terminal_log(verbose)
+        if early:  # the flow run sets its terminal up once Prefect is loaded
+            quiet_terminal: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:
+            quiet_terminal = _one_line_errors(verbose) if with_prefect else _terminal_log(verbose)
         with quiet_terminal, _progress_bar(show_progress):
-            if with_prefect:
+            if early:
+                flow_run = _flow_run_sending_early(
+                    str(requests_path), str(output_dir), settings, options, run_fields, verbose
+                )
+            elif with_prefect:
                 from .flows import generate_dataset
 
                 flow_run = generate_dataset(
@@ -252,24 +261,98 @@ def runs_as_flow(options: RunOptions) -> bool:
 
 
 def prefect_api_configured() -> bool:
-    """Whether a Prefect server is configured (PREFECT_API_URL, in the environment, the active profile, or
-    the settings in force when Prefect is already loaded: a test harness's, the demo's): without one a flow
-    run starts a temporary server first, which costs seconds and shows nothing after."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    if "prefect.settings" in sys.modules:  # loaded already: its settings in force are the whole answer
-        from prefect.settings import PREFECT_API_URL
+    """Whether a Prefect server is configured: without one a flow run starts a temporary server first, which
+    costs seconds and shows nothing after."""
+    return configured_prefect_api()[0] is not None
 
-        return bool(PREFECT_API_URL.value())
+
+def configured_prefect_api() -> tuple[str | None, str | None]:
+    """The Prefect API URL and key in force, read without loading Prefect: the environment's, else the active
+    profile's; when Prefect is loaded already, the settings in force (a test harness's, the demo's)."""
+    if "prefect.settings" in sys.modules:  # loaded already: its settings in force are the whole answer
+        from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
+
+        return PREFECT_API_URL.value() or None, PREFECT_API_KEY.value() or None
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"], os.environ.get("PREFECT_API_KEY") or None
     from .models import tomllib
 
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
     try:
         profiles = tomllib.loads((home / "profiles.toml").read_text())
     except (OSError, ValueError):
-        return False
+        return None, None
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
-    return bool(profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+    profile = profiles.get("profiles", {}).get(active, {})
+    return profile.get("PREFECT_API_URL") or None, profile.get("PREFECT_API_KEY") or None
+
+
+def sends_early(options: RunOptions, *block_names: str | None) -> bool:
+    """Whether a flow run starts sending before Prefect is loaded (`_flow_run_sending_early`): on a configured
+    server, in real time on this machine, with no block to read first (blocks are read through Prefect)."""
+    named = (*block_names, options.storage_block)
+    return options.mode == "realtime" and not options.work_pool and not any(named) and prefect_api_configured()
+
+
+async def _prefect_server_answers() -> bool:
+    """Whether the configured Prefect server answers its health check (a run sends nothing before it does)."""
+    import httpx
+
+    url, key = configured_prefect_api()
+    if url is None:
+        return False
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            response = await http.get(url.rstrip("/") + "/health", headers=headers)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+async def _flow_run_sending_early(
+    requests_path: str,
+    output_dir: str,
+    settings: ClientSettings,
+    options: RunOptions,
+    run_fields: dict[str, Any],
+    verbose: bool,
+) -> dict[str, Any]:
+    """A flow run on a configured server whose first requests leave before Prefect has loaded.
+
+    Loading Prefect and creating the flow run take 2-3 s of CPU on 2 cores, the rest of a run's start-up well
+    under one: so the run opens (its output held, its budget journaled, as always) and its first shards start
+    sending at once, while Prefect loads in a thread; the flow run then adopts the open run, and each shard
+    task takes over the shard already under way. A server that does not answer its health check first gets
+    the ordinary start-up, which stops with Prefect's own message before anything is sent."""
+    from .pipeline import OPENED_EARLY, open_run
+    from .settings import api_key_from_env
+
+    api_key = api_key_from_env()
+    flow_parameters = {
+        "requests_path": requests_path,
+        "output_dir": output_dir,
+        "settings": settings,
+        **options.model_dump(),
+        **run_fields,
+    }
+    if not await _prefect_server_answers():
+        return await _flow_run_once_prefect_loads(flow_parameters, verbose)
+    async with open_run(requests_path, output_dir, settings, api_key, options, **run_fields) as run:
+        run.start_sending()
+        OPENED_EARLY[output_dir] = run
+        try:
+            return await _flow_run_once_prefect_loads(flow_parameters, verbose)
+        finally:
+            OPENED_EARLY.pop(output_dir, None)
+            await run.stop_sending_early()
+
+
+async def _flow_run_once_prefect_loads(flow_parameters: dict[str, Any], verbose: bool) -> dict[str, Any]:
+    flows = await asyncio.to_thread(importlib.import_module, f"{__package__}.flows")
+    with prefect_defaults(), _one_line_errors(verbose):
+        result: dict[str, Any] = await flows.generate_dataset(**flow_parameters)
+        return result
 
 
 async def _without_prefect(
@@ -836,13 +919,16 @@ def prefect_defaults() -> Iterator[None]:
 def _uses_prefect(args: argparse.Namespace) -> bool:
     """Whether the command may talk to a Prefect API (and so start an ephemeral server): a run that is a flow
     run (`runs_as_flow`), or any command naming a block. A local run imports no Prefect at all."""
+    blocks = ("client_block", "credentials_block", "storage_block", "limiter_block")
     if args.command in ("demo", "cancel-batches"):
         return True
     if args.command == "run":
         mode, pool = getattr(args, "mode", "realtime"), getattr(args, "work_pool", None)
+        options = RunOptions.model_validate({"mode": mode, "work_pool": pool})
+        if sends_early(options, *(getattr(args, name, None) for name in blocks)):
+            return False  # Prefect loads while the first requests are sent (`_flow_run_sending_early`)
         if prefect_api_configured() or mode != "realtime" or pool:
             return True
-    blocks = ("client_block", "credentials_block", "storage_block", "limiter_block")
     return any(getattr(args, name, None) for name in blocks)
 
 

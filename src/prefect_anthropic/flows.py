@@ -13,8 +13,6 @@ import os
 import uuid
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import (
     acreate_markdown_artifact,
@@ -25,12 +23,7 @@ from prefect.artifacts import (
 from prefect.logging import get_run_logger
 
 from .auto_mode import CutOver, parse_deadline
-from .batch_mode import batch_state_name, run_shard_in_batches
-from .blocks import resolve_settings
 from .engine.results_file import is_final
-from .engine.shared_budget import start_shared_budget
-from .estimate import estimate_file
-from .fanout import run_shards_on_pool
 from .formatting import duration, money, number
 from .inputs import Shard
 from .observability import RunEvents, artifact_keys, final_state, forward_logs, state_message
@@ -183,6 +176,8 @@ async def generate_dataset(
         storage_block=storage_block,
         fail_on_errors=fail_on_errors,
     )
+    from .blocks import resolve_settings  # imported where used: what comes before the first request stays short
+
     settings, api_key = await resolve_settings(settings, client_block, credentials_block)
     if options.work_pool and options.mode != "realtime":
         raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
@@ -220,9 +215,15 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
     assert tracker is not None
     keys = artifact_keys(run.output_dir)
     events = RunEvents(run.output_dir)
-    artifact_id = await acreate_progress_artifact(0.0, key=keys["progress"], description=tracker.describe())
+
+    async def create_progress() -> Any:
+        return await acreate_progress_artifact(0.0, key=keys["progress"], description=tracker.describe())
+
+    # Created beside the first requests, not before them: one API round trip less before the first send.
+    progress_artifact = asyncio.create_task(create_progress())
 
     async def publish_progress() -> None:
+        artifact_id = await asyncio.shield(progress_artifact)  # cancelling the publisher keeps the artifact
         while True:
             await asyncio.sleep(2.0)
             events.watch(run.client)
@@ -245,6 +246,8 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
     async def one_shard(shard: Shard) -> None:
         # Batches of every shard run at once (they cost no rate limit); real time, shard by shard.
         if options.mode != "realtime" and run.store.done_summary(shard) is None:
+            from .batch_mode import run_shard_in_batches
+
             left = await run_shard_in_batches(run.key, shard)
             # Auto mode leaves the shard to real time, which sends what has no answer and marks it done.
             if options.mode == "batch" and not left and not (budget is not None and budget.exhausted):
@@ -262,6 +265,8 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
     budget_id = None
     try:
         if options.work_pool:
+            from .fanout import run_shards_on_pool
+
             budget_id = await _start_shared_budget(run)
             shards_by_worker = await run_shards_on_pool(
                 run, client_block, credentials_block, budget_id=budget_id,
@@ -283,7 +288,7 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
         summary["work_pool"] = options.work_pool
         summary["shards_by_worker"] = shards_by_worker
     run.write_summary(summary)
-    await aupdate_progress_artifact(artifact_id, 100.0, description=tracker.describe())
+    await aupdate_progress_artifact(await progress_artifact, 100.0, description=tracker.describe())
     await acreate_markdown_artifact(_summary_markdown(summary), key=keys["summary"], description=state_message(summary))
     await acreate_table_artifact(
         totals.first_failures or [{"line": None, "custom_id": None, "error_type": "none", "error_message": None}],
@@ -298,6 +303,9 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
 def plan_cutover(run: DatasetRun) -> CutOver:
     """Auto mode's plan: real time's need for the requests without an answer yet, against the deadline
     (DeadlineInfeasible when even real time from now would be late)."""
+    from .batch_mode import batch_state_name
+    from .estimate import estimate_file
+
     assert run.plan is not None
     options, store = run.options, run.store
     remaining = {}
@@ -323,6 +331,8 @@ def plan_cutover(run: DatasetRun) -> CutOver:
 
 async def _start_shared_budget(run: DatasetRun) -> str | None:
     """With a work pool and a budget: the run's budget in Redis, for every worker's process to spend from."""
+    from .engine.shared_budget import start_shared_budget
+
     budget, shared = run.client.budget, run.client.shared_limiter
     if budget is None or budget.limit_usd is None or shared is None:
         return None
@@ -363,6 +373,9 @@ async def generate_dataset_from_table(
     if not isinstance(table, (str, os.PathLike)):
         # The merge reads the table again, a batch at a time: keep an in-memory table beside the output for it.
         source = join(str(output_dir), f"{SAVED_TABLE_PREFIX}{uuid.uuid4().hex[:12]}.parquet")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         frame = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
         with storage.atomic_writer(source) as handle:
             pq.write_table(frame, handle)

@@ -67,6 +67,9 @@ PERMANENT_ERRORS = frozenset(
 RUNS: dict[str, DatasetRun] = {}
 #: Set by the CLI on Ctrl-C: shards stop admitting requests, save what finishes, and end resumable.
 SHUTDOWN = threading.Event()
+#: Runs opened and sending before their flow run exists (`DatasetRun.start_sending`), by output location:
+#: the flow adopts its run from here rather than opening the location a second time.
+OPENED_EARLY: dict[str, DatasetRun] = {}
 
 
 class ShardIncomplete(RuntimeError):
@@ -182,12 +185,16 @@ class DatasetRun:
     cutover: CutOver | None = None
     #: Batch creates go one at a time (see batch_mode.submit_batches).
     batch_create_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    #: Shards started before the tasks that run them existed (`start_sending`), by index.
+    _started_early: dict[int, asyncio.Task[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
     def storage(self) -> Storage:
         return self.store.storage
 
     def plan_shards(self) -> ShardPlan:
+        if self.plan is not None:  # planned when the run started sending early
+            return self.plan
         plan = self.plan = plan_shards(self.requests_path, self.options.shard_size, self.storage)
         if plan.lines == 0:
             raise ValueError(f"requests file is empty: {self.requests_path}")
@@ -210,9 +217,29 @@ class DatasetRun:
         return plan
 
     async def run_shard(self, shard: Shard) -> dict[str, Any]:
+        started = self._started_early.pop(shard.index, None)
+        if started is not None:  # the shard's first try, under way since the run started sending
+            return await started
+        return await self._send(shard)
+
+    async def _send(self, shard: Shard) -> dict[str, Any]:
         return await run_shard_requests(
             self.client, self.requests_path, shard, self.store, progress=self.progress, stop=SHUTDOWN
         )
+
+    def start_sending(self) -> None:
+        """Start the first shards now, as many as run at once, before the tasks that run them exist (a flow
+        run whose Prefect is still loading): each shard's first `run_shard` then takes over its own."""
+        for shard in self.plan_shards().shards[: self.options.max_parallel_shards]:
+            self._started_early[shard.index] = asyncio.create_task(self._send(shard))
+
+    async def stop_sending_early(self) -> None:
+        """Shards started early that no task took over (the flow run never got to them): they stop admitting,
+        save the requests in flight, and end; a run of the same command resumes them."""
+        if self._started_early:
+            SHUTDOWN.set()
+            await asyncio.gather(*self._started_early.values(), return_exceptions=True)
+            self._started_early.clear()
 
     def merge(self) -> DatasetTotals:
         assert self.plan is not None
@@ -316,7 +343,11 @@ async def open_run(
     **run_fields: Any,
 ) -> AsyncIterator[DatasetRun]:
     """Hold the output directory, open the run's client (with the dataset's budget and spending journal),
-    and yield the run; the client is closed and the learned token corrections are kept at the end."""
+    and yield the run; the client is closed and the learned token corrections are kept at the end. A run
+    opened early (`OPENED_EARLY`) is yielded as it is: whoever opened it closes it."""
+    if (early := OPENED_EARLY.pop(output_dir, None)) is not None:
+        yield early
+        return
     options = options or RunOptions()
     storage = storage or await storage_for(options.storage_block)
     check_output(output_dir, storage)
