@@ -430,9 +430,7 @@ def _hold_lease(storage: Any, location: str, hold: OutputHold) -> Iterator[None]
                 unanswered.clear()
                 return landed[0]  # the term began with that write, not with this one
             holder = _parse(state.body) if state is not None else None
-            raise OutputTakenOver(
-                0, "output_taken_over", f"its lease was taken over by {_describe(holder)}"
-            ) from exc
+            raise OutputTakenOver(0, "output_taken_over", f"its lease was taken over by {_describe(holder)}") from exc
         except Exception:
             unanswered.append((body, started))
             raise
