@@ -54,9 +54,9 @@ import orjson
 
 from _common import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
+from prefect_anthropic.dataset.pipeline import SPENDING_DIR, run_dataset, spent_in
 from prefect_anthropic.emulator import EmulatorConfig, RunningEmulator, emulator_process
 from prefect_anthropic.emulator.tokenizer import count_tokens
-from prefect_anthropic.pipeline import SPENDING_DIR, run_dataset, spent_in
 
 TOLERANCE_USD = 1e-9
 MAX_TOKENS = 256
@@ -371,11 +371,11 @@ async def child_dataset(spec: dict[str, Any]) -> dict[str, Any]:
 async def child_shard(spec: dict[str, Any]) -> dict[str, Any]:
     """One shard of the file with a budget shared through Redis, as `fanout.run_shard_flow` runs it on a
     work-pool worker (without Prefect)."""
+    from prefect_anthropic.dataset.inputs import plan_shards
+    from prefect_anthropic.dataset.pipeline import ShardIncomplete, run_shard_requests
     from prefect_anthropic.engine import AnthropicClient
     from prefect_anthropic.engine.budget import SpendingJournal
     from prefect_anthropic.engine.shared_budget import SharedBudget
-    from prefect_anthropic.inputs import plan_shards
-    from prefect_anthropic.pipeline import ShardIncomplete, run_shard_requests
 
     settings = ClientSettings(**spec["settings"])
     output_dir = Path(spec["output_dir"])

@@ -49,7 +49,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -187,99 +186,6 @@ def stderr_to_devnull() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-
-
-# -- faults: a flaky store endpoint -----------------------------------------------------------------------
-
-
-class FlakyProxy:
-    """A TCP proxy in front of a store's endpoint that can be cut. `cut("refuse")` closes its port and drops
-    every open connection (connection refused until `restore`); `cut("blackhole")` drops them too but keeps
-    accepting, forwarding nothing (requests hang until the client gives up), as a dead route does."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = testing.free_port()
-        self.mode = "up"
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self._listen()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _listen(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(256)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._sockets.add(client)
-                if self.mode != "up":
-                    continue  # blackhole: held, never answered, dropped at `restore`
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                self._drop(client)
-                continue
-            with self._lock:
-                self._sockets.add(upstream)
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._drop(source)
-            self._drop(target)
-
-    def _drop(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            sock.close()
-
-    def _drop_all(self) -> None:
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            self._drop(sock)
-
-    def cut(self, mode: str) -> None:
-        with self._lock:
-            self.mode = mode
-        if mode == "refuse" and self._listener is not None:
-            self._drop(self._listener)
-            self._listener = None
-        self._drop_all()
-
-    def restore(self) -> None:
-        self._drop_all()
-        with self._lock:
-            self.mode = "up"
-        if self._listener is None:
-            self._listen()
-
-    def close(self) -> None:
-        self.cut("refuse")
 
 
 # -- stores -----------------------------------------------------------------------------------------------
@@ -700,12 +606,11 @@ def store_outage(ctx: Context) -> Outcome:
     assert ctx.store.port is not None
     n, max_tokens = ctx.rng.randint(30, 40), 40
     ctx.budget = round(3 * ctx.cost(n, max_tokens), 4)  # not binding: its journal must be written all the same
-    mode = ctx.rng.choice(["refuse", "blackhole"])
+    mode: Literal["refuse", "blackhole"] = ctx.rng.choice(["refuse", "blackhole"])
     requests, output = ctx.write_requests(n, max_tokens), ctx.output()
     argv = ctx.args(requests, output, concurrency=3)
-    proxy = FlakyProxy(ctx.store.port)
-    env = {"AWS_ENDPOINT_URL": proxy.url}
-    try:
+    with testing.tcp_relay(ctx.store.port) as proxy:
+        env = {"AWS_ENDPOINT_URL": f"http://{proxy.netloc}"}
         first = ctx.start("A", argv, env)
         if ctx.wait_sending(first):
             time.sleep(ctx.rng.uniform(1.0, 4.0))
@@ -718,8 +623,6 @@ def store_outage(ctx: Context) -> Outcome:
             ctx.fault(f"store {mode}", [first.key], outage)
             ctx.note(f"20 s {mode}")
         return ctx.finish(output, n, rerun=(argv, env))
-    finally:
-        proxy.close()
 
 
 def redis_restart(ctx: Context) -> Outcome:

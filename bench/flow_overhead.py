@@ -32,8 +32,8 @@ def write_file(path: Path, n: int) -> None:
 
 
 def run_engine(base_url: str, path: Path, out: Path) -> float:
+    from prefect_anthropic.dataset.inputs import iter_requests
     from prefect_anthropic.engine import AnthropicClient, ResultsWriter, run_requests
-    from prefect_anthropic.inputs import iter_requests
 
     async def go() -> None:
         async with AnthropicClient("bench-key", base_url=base_url, max_concurrency=100) as client:

@@ -45,8 +45,8 @@ import httpx
 
 from _common import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
+from prefect_anthropic.dataset.pipeline import run_dataset
 from prefect_anthropic.emulator import emulator_process
-from prefect_anthropic.pipeline import run_dataset
 from prefect_anthropic.testing import s3_server
 
 KEY = "sk-ant-bench-object-storage"

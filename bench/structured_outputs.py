@@ -15,9 +15,9 @@ import asyncio
 import time
 
 from _common import requests
+from prefect_anthropic.api.schema import OutputSchema
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.engine import AnthropicClient, run_requests
-from prefect_anthropic.schema import OutputSchema
 
 SCHEMA = {
     "type": "object",

@@ -45,7 +45,7 @@ def write_table(path: Path, rows: int) -> None:
 
 
 def measure(table: str, out: str) -> None:
-    from prefect_anthropic.tables import InputColumns, render_requests
+    from prefect_anthropic.dataset.tables import InputColumns, render_requests
 
     started = time.monotonic()
     rendered = render_requests(table, out, TEMPLATE, model="claude-haiku-5-5", max_tokens=200)

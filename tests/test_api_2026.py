@@ -15,11 +15,7 @@ import pytest
 import tomllib
 from pydantic import BaseModel
 
-from prefect_anthropic.cli import main
-from prefect_anthropic.engine import AnthropicClient, RequestItem, run_requests
-from prefect_anthropic.engine.client import auth_headers
-from prefect_anthropic.estimate import estimate_file, format_estimate
-from prefect_anthropic.models import (
+from prefect_anthropic.api.models import (
     MODELS_FILE_ENV,
     TODAY_ENV,
     ModelsFileError,
@@ -30,9 +26,13 @@ from prefect_anthropic.models import (
     unpriced_reason,
     use_models_file,
 )
-from prefect_anthropic.request_rules import API_VERSION_2023, API_VERSION_2026
+from prefect_anthropic.api.request_rules import API_VERSION_2023, API_VERSION_2026
+from prefect_anthropic.api.tiers import limits_for_tier
+from prefect_anthropic.cli import main
+from prefect_anthropic.dataset.estimate import estimate_file, format_estimate
+from prefect_anthropic.engine import AnthropicClient, RequestItem, run_requests
+from prefect_anthropic.engine.client import auth_headers
 from prefect_anthropic.settings import ClientSettings
-from prefect_anthropic.tiers import limits_for_tier
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "ANTHROPIC_API_2026.md"
 USER = [{"role": "user", "content": "Hello there"}]
@@ -436,6 +436,6 @@ def test_an_unknown_model_is_sent_priced_null_with_a_warning_then_priced_from_a_
 
 
 def test_the_shipped_table_parses_as_the_documented_format():
-    text = (Path(__file__).resolve().parents[1] / "src" / "prefect_anthropic" / "models.toml").read_text()
+    text = (Path(__file__).resolve().parents[1] / "src" / "prefect_anthropic" / "api" / "models.toml").read_text()
     entries = tomllib.loads(text)["model"]
     assert len(entries) == len(model_table().models)

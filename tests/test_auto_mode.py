@@ -15,10 +15,10 @@ import pytest
 
 from conftest import HEADERS, write_requests
 from prefect_anthropic import ClientSettings
-from prefect_anthropic.auto_mode import CutOver, DeadlineInfeasible, parse_deadline
 from prefect_anthropic.cli import main
+from prefect_anthropic.dataset.auto_mode import CutOver, DeadlineInfeasible, parse_deadline
 from prefect_anthropic.emulator import emulator_process
-from prefect_anthropic.flows import generate_dataset
+from prefect_anthropic.orchestration.flows import generate_dataset
 
 KEY = "sk-ant-auto"
 

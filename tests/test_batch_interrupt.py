@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 
 from conftest import HEADERS, message_body, write_requests
-from prefect_anthropic import ClientSettings, batch_mode
+from prefect_anthropic import ClientSettings
 from prefect_anthropic.engine.batches import BatchAPI, plan_batches
-from prefect_anthropic.flows import generate_dataset, spent_in
+from prefect_anthropic.orchestration import batch_mode
+from prefect_anthropic.orchestration.flows import generate_dataset, spent_in
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -108,8 +109,8 @@ async def test_a_batch_created_as_the_run_loses_its_output_is_never_paid_twice(s
     and size, and with another batch of that size created at the same time (another run of the key), it could
     not tell them apart and paid for the shard again. Each created batch's id is now recorded in an object of
     its own, written whatever the fence says (it overwrites nothing)."""
-    from prefect_anthropic.pipeline import RUNS
-    from prefect_anthropic.run_lock import OutputTakenOver
+    from prefect_anthropic.dataset.pipeline import RUNS
+    from prefect_anthropic.dataset.run_lock import OutputTakenOver
 
     emu = start_emulator(batch_delay_s=0.2)
     requests = write_requests(tmp_path / "requests.jsonl", 10)

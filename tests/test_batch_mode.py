@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import httpx
@@ -11,10 +12,10 @@ import pytest
 
 from conftest import HEADERS, message_body, write_requests
 from prefect_anthropic import ClientSettings
-from prefect_anthropic.batch_mode import cancel_batches
 from prefect_anthropic.engine import RequestItem
 from prefect_anthropic.engine.batches import plan_batches
-from prefect_anthropic.flows import generate_dataset
+from prefect_anthropic.orchestration.batch_mode import cancel_batches
+from prefect_anthropic.orchestration.flows import generate_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -69,8 +70,16 @@ async def test_a_multi_batch_run_end_to_end_at_half_price(start_emulator, tmp_pa
 async def test_a_restart_mid_poll_does_not_submit_again(start_emulator, tmp_path):
     emu = start_emulator(batch_delay_s=3)
     requests = write_requests(tmp_path / "requests.jsonl", 20)
-    with pytest.raises((asyncio.TimeoutError, TimeoutError)):
-        await asyncio.wait_for(run_batch(emu, requests, tmp_path / "out"), timeout=1.5)  # "crash" while polling
+    # "Crash" while polling: stopped once both batches are submitted (each takes 3 s to end), whatever the
+    # machine's speed (a fixed 1.5 s timeout fell before the submissions on a busy machine).
+    first = asyncio.create_task(run_batch(emu, requests, tmp_path / "out"))
+    for _ in range(1200):
+        if len(batch_ids(emu)) == 2 or first.done():
+            break
+        await asyncio.sleep(0.05)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
     submitted = batch_ids(emu)
     assert len(submitted) == 2
     summary = await run_batch(emu, requests, tmp_path / "out")

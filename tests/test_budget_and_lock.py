@@ -28,8 +28,8 @@ from prefect_anthropic.engine.budget import (
     max_input_tokens,
     worst_case_cost,
 )
-from prefect_anthropic.flows import generate_dataset, spent_in
-from prefect_anthropic.observability import artifact_keys
+from prefect_anthropic.orchestration.flows import generate_dataset, spent_in
+from prefect_anthropic.orchestration.observability import artifact_keys
 from prefect_anthropic.settings import ClientSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -10,9 +10,9 @@ import orjson
 import pandas as pd
 import pytest
 
+from prefect_anthropic.api.models import MODELS_FILE_ENV, resolve_model, use_models_file
+from prefect_anthropic.dataset.pipeline import run_dataset
 from prefect_anthropic.engine.budget import max_input_tokens, unbudgeted_reason, worst_case_cost
-from prefect_anthropic.models import MODELS_FILE_ENV, resolve_model, use_models_file
-from prefect_anthropic.pipeline import run_dataset
 from prefect_anthropic.settings import ClientSettings
 
 MODEL = "claude-sonnet-5-5"  # $2 / $10 per million tokens, a context window of 1M

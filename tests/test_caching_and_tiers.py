@@ -8,10 +8,10 @@ import pytest
 
 from conftest import MODEL
 from prefect_anthropic import ClientSettings
+from prefect_anthropic.api.tiers import limits_for_tier
+from prefect_anthropic.dataset.estimate import estimate_file
 from prefect_anthropic.engine import AnthropicClient, RateLimits, RequestItem, run_requests
-from prefect_anthropic.estimate import estimate_file
-from prefect_anthropic.flows import generate_dataset
-from prefect_anthropic.tiers import limits_for_tier
+from prefect_anthropic.orchestration.flows import generate_dataset
 
 
 def shared_prompt(k: int, words: int = 350) -> str:
@@ -41,7 +41,9 @@ async def test_warm_up_writes_each_prefix_once_and_every_row_reads(start_emulato
     requests = write_cached_requests(tmp_path / "requests.jsonl", prefixes=10, per_prefix=10)
     results = {}
     for use_caching in (True, False):
-        emu = start_emulator(latency_ms=100)
+        # Replies of 1 s: the 50 requests of a burst are all sent before the first write can be read, however
+        # busy the machine (with 100 ms, a loaded machine sent them far enough apart that some read).
+        emu = start_emulator(latency_ms=1000)
         # A fixed window: without warm-up, 50 requests go out together (the adaptive window would start
         # with 8 and so write less, but a burst is the case warm-up is for).
         settings = ClientSettings(

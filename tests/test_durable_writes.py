@@ -6,106 +6,29 @@ and a TCP relay the tests cut and restore to make a store unreachable."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
+from prefect_anthropic.api.models import lookup_model
+from prefect_anthropic.dataset.pipeline import run_dataset
 from prefect_anthropic.engine.budget import journaled_spending, worst_case_cost
 from prefect_anthropic.engine.shared_budget import SharedBudget, start_shared_budget
 from prefect_anthropic.engine.shared_limiter import SharedLimiter, SharedLimiterUnavailable
-from prefect_anthropic.models import lookup_model
-from prefect_anthropic.pipeline import run_dataset
 from prefect_anthropic.storage import STORAGE_OPTIONS_ENV, Storage
-from prefect_anthropic.testing import free_port
+from prefect_anthropic.testing import tcp_relay
 
 KEY = "sk-ant-fake-durable-writes"
-
-
-class Relay:
-    """A TCP relay on loopback in front of a server: `cut()` resets every connection through it and refuses new
-    ones (the server is unreachable), `restore()` listens again on the same port."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.port = free_port()
-        self.url_host = f"127.0.0.1:{self.port}"
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self.restore()
-
-    def restore(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(256)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-            listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, set()
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets.update((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-@contextlib.contextmanager
-def relay_to(port: int) -> Iterator[Relay]:
-    relay = Relay(port)
-    try:
-        yield relay
-    finally:
-        relay.cut()
 
 
 def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
@@ -131,7 +54,7 @@ def digits_requests(path: Path, n: int, max_tokens: int = 300) -> tuple[Path, fl
 _RUN = """
 import asyncio, sys
 from prefect_anthropic import ClientSettings, RunOptions
-from prefect_anthropic.pipeline import run_dataset
+from prefect_anthropic.dataset.pipeline import run_dataset
 requests, out, base_url, limit = sys.argv[1:5]
 settings = ClientSettings(base_url=base_url, max_cost_usd=float(limit), max_concurrency=50)
 asyncio.run(run_dataset(requests, out, settings, "sk-ant-fake-durable-writes", RunOptions()))
@@ -196,9 +119,9 @@ async def test_the_bucket_unreachable_mid_run_loses_no_paid_request(
         )
     )
     moto_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    with relay_to(moto_port) as relay:
+    with tcp_relay(moto_port) as relay:
         options = {
-            "client_kwargs": {"endpoint_url": f"http://{relay.url_host}"},
+            "client_kwargs": {"endpoint_url": f"http://{relay.netloc}"},
             "config_kwargs": {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1}},
         }
         monkeypatch.setenv(STORAGE_OPTIONS_ENV, json.dumps(options))
@@ -232,8 +155,8 @@ async def test_a_shared_budget_keeps_its_settlements_through_a_redis_outage(redi
 
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     budget_id = uuid.uuid4().hex
-    with relay_to(port) as relay:
-        shared = SharedLimiter(f"redis://{relay.url_host}/0", KEY)
+    with tcp_relay(port) as relay:
+        shared = SharedLimiter(f"redis://{relay.netloc}/0", KEY)
         await start_shared_budget(shared, budget_id, 1.0, 0.0)
         budget = SharedBudget(shared, budget_id, 1.0, owns_connection=True)
         first = await budget.areserve(0.1)

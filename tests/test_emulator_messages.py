@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from conftest import HEADERS, MODEL, message_body
-from prefect_anthropic.models import TODAY_ENV
+from prefect_anthropic.api.models import TODAY_ENV
 
 
 def test_message_has_the_real_shape_and_echoes_the_last_user_message(http):

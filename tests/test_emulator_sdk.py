@@ -9,7 +9,7 @@ import anthropic
 import pytest
 
 from conftest import MODEL
-from prefect_anthropic.models import TODAY_ENV
+from prefect_anthropic.api.models import TODAY_ENV
 
 
 @pytest.fixture

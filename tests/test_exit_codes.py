@@ -16,7 +16,7 @@ import pytest
 
 from conftest import message_body, write_requests
 from prefect_anthropic.cli import main
-from prefect_anthropic.run_lock import hold_output_directory
+from prefect_anthropic.dataset.run_lock import hold_output_directory
 from prefect_anthropic.settings import API_KEY_ENV
 from prefect_anthropic.storage import STORAGE_OPTIONS_ENV
 

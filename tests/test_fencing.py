@@ -102,8 +102,8 @@ def test_a_run_paused_past_its_s3_lease_stops_when_it_resumes_and_pays_nothing_t
 
 
 def test_two_runs_racing_for_a_stale_lease_one_wins_the_other_is_told_in_use(bucket, monkeypatch):
-    from prefect_anthropic import run_lock
-    from prefect_anthropic.run_lock import OutputDirectoryLocked, hold_output_location
+    from prefect_anthropic.dataset import run_lock
+    from prefect_anthropic.dataset.run_lock import OutputDirectoryLocked, hold_output_location
 
     storage = Storage.from_environment()
     out = f"{bucket}/datasets/race"
@@ -137,9 +137,9 @@ def test_two_runs_racing_for_a_stale_lease_one_wins_the_other_is_told_in_use(buc
 def test_a_hold_whose_lease_was_taken_over_refuses_every_write_and_request(bucket, monkeypatch):
     import asyncio
 
-    from prefect_anthropic import run_lock
-    from prefect_anthropic.leases import lease_object
-    from prefect_anthropic.run_lock import OutputTakenOver, hold_output_location
+    from prefect_anthropic.dataset import run_lock
+    from prefect_anthropic.dataset.leases import lease_object
+    from prefect_anthropic.dataset.run_lock import OutputTakenOver, hold_output_location
 
     storage = Storage.from_environment()
     out = f"{bucket}/datasets/taken"
@@ -217,9 +217,9 @@ def test_a_redis_lock_taken_over_is_a_lost_hold_not_a_warning(redis_url, tmp_pat
 
     import redis
 
-    from prefect_anthropic import run_lock
+    from prefect_anthropic.dataset import run_lock
+    from prefect_anthropic.dataset.run_lock import OutputTakenOver, hold_output_location
     from prefect_anthropic.engine.shared_limiter import KEY_PREFIX
-    from prefect_anthropic.run_lock import OutputTakenOver, hold_output_location
 
     monkeypatch.setattr(run_lock, "SAFE_FOR_S", 0.0)  # every check proves the hold again
     out = tmp_path / "out"
@@ -235,7 +235,7 @@ def test_a_redis_lock_taken_over_is_a_lost_hold_not_a_warning(redis_url, tmp_pat
 
 
 def test_a_store_without_conditional_writes_is_refused_unless_redis_holds_it(redis_url):
-    from prefect_anthropic.run_lock import OutputDirectoryLocked, hold_output_location
+    from prefect_anthropic.dataset.run_lock import OutputDirectoryLocked, hold_output_location
 
     refused = pytest.raises(OutputDirectoryLocked, match=r"hf:// cannot write conditionally.*--limiter-url")
     with refused, hold_output_location("hf://datasets/someone/out", Storage()):
@@ -247,8 +247,8 @@ def test_a_store_without_conditional_writes_is_refused_unless_redis_holds_it(red
 def test_a_renewal_gives_the_lease_a_new_version_so_a_stale_takeover_is_refused(bucket):
     """Review finding: the holder's body was the same at every renewal, so S3's ETag (the content's MD5) stayed
     the same, and a run taking over on the version it read before the renewal was not refused."""
-    from prefect_anthropic.leases import LeaseConflict, lease_object
-    from prefect_anthropic.run_lock import hold_output_location
+    from prefect_anthropic.dataset.leases import LeaseConflict, lease_object
+    from prefect_anthropic.dataset.run_lock import hold_output_location
 
     storage = Storage.from_environment()
     out = f"{bucket}/datasets/aba"
@@ -268,9 +268,9 @@ def test_a_redis_lock_lost_with_a_restarted_redis_is_taken_again_not_a_lost_hold
 
     import redis
 
-    from prefect_anthropic import run_lock
+    from prefect_anthropic.dataset import run_lock
+    from prefect_anthropic.dataset.run_lock import hold_output_location
     from prefect_anthropic.engine.shared_limiter import KEY_PREFIX
-    from prefect_anthropic.run_lock import hold_output_location
 
     monkeypatch.setattr(run_lock, "SAFE_FOR_S", 0.0)
     out = tmp_path / "out"

@@ -12,7 +12,7 @@ import pytest
 from conftest import message_body, write_requests
 from prefect_anthropic import AnthropicClientConfig, AnthropicCredentials, ClientSettings
 from prefect_anthropic.engine import AuthenticationError
-from prefect_anthropic.flows import generate_dataset
+from prefect_anthropic.orchestration.flows import generate_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -134,7 +134,7 @@ async def test_progress_and_summary_artifacts_have_keys_of_their_dataset(emulato
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from prefect_anthropic.observability import artifact_keys
+    from prefect_anthropic.orchestration.observability import artifact_keys
 
     requests = write_requests(tmp_path / "requests.jsonl", 12)
     await run_flow(emulator, requests, tmp_path / "out", shard_size=5)

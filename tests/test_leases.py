@@ -18,8 +18,8 @@ import pytest
 
 from conftest import write_requests
 from prefect_anthropic import ClientSettings, RunOptions
-from prefect_anthropic.leases import LeaseConflict, LeaseExists, LeaseObject, lease_object
-from prefect_anthropic.pipeline import run_dataset
+from prefect_anthropic.dataset.leases import LeaseConflict, LeaseExists, LeaseObject, lease_object
+from prefect_anthropic.dataset.pipeline import run_dataset
 from prefect_anthropic.storage import Storage
 from prefect_anthropic.testing import EmulatedStore, azurite_server, gcs_server
 
@@ -184,7 +184,7 @@ def test_stores_without_conditional_writes_have_no_lease(tmp_path) -> None:
 def test_an_unreachable_store_is_not_a_lost_lease(s3_endpoint, gcs, azurite, monkeypatch) -> None:
     """Connection refused must reach the caller as itself (or as a timeout: the clients retry it for long),
     never as LeaseExists/LeaseConflict: a run that cannot renew for a moment has not lost its lease."""
-    from prefect_anthropic import leases
+    from prefect_anthropic.dataset import leases
     from prefect_anthropic.testing import AZURITE_ACCOUNT, AZURITE_KEY, free_port
 
     monkeypatch.setattr(leases, "CALL_TIMEOUT_S", 1.0)
@@ -261,7 +261,7 @@ async def test_two_runs_on_one_output_the_second_sends_nothing(
 ) -> None:
     """Issue 25, finding 4: two runs 1 s apart on one gs:// or az:// output both sent everything (no lock across
     processes there). Now the second is refused before sending, naming the first."""
-    from prefect_anthropic.run_lock import OutputDirectoryLocked
+    from prefect_anthropic.dataset.run_lock import OutputDirectoryLocked
 
     if protocol == "memory":
         storage, out = Storage(), f"memory://two-runs-{uuid.uuid4().hex[:12]}/out"

@@ -18,8 +18,8 @@ import pytest
 from conftest import write_requests
 from prefect_anthropic import ClientSettings, RunOptions
 from prefect_anthropic.cli import main
+from prefect_anthropic.dataset.pipeline import run_dataset
 from prefect_anthropic.emulator import emulator_process
-from prefect_anthropic.pipeline import run_dataset
 from prefect_anthropic.storage import Storage, StorageError
 
 KEY = "sk-ant-fake-object-storage"
@@ -81,7 +81,7 @@ def test_a_table_on_s3_through_a_template_to_s3_killed_then_resumed(bucket, tmp_
 
 
 def test_a_second_run_on_the_same_s3_output_exits_2_naming_the_holder(bucket, tmp_path, capsys, monkeypatch):
-    from prefect_anthropic import run_lock
+    from prefect_anthropic.dataset import run_lock
 
     # A lease longer than the second run can take to start on a busy machine while the first is paused.
     monkeypatch.setattr(run_lock, "LEASE_TTL_S", 300.0)

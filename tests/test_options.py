@@ -12,11 +12,11 @@ import pytest
 
 from conftest import write_requests
 from prefect_anthropic import AnthropicClientConfig, AnthropicCredentials, ClientSettings, RunOptions
-from prefect_anthropic.blocks import resolve_settings
+from prefect_anthropic.api.models import MODELS_FILE_ENV, use_models_file
 from prefect_anthropic.cli import _settings, build_parser, main
 from prefect_anthropic.engine import AnthropicClient
-from prefect_anthropic.flows import generate_dataset
-from prefect_anthropic.models import MODELS_FILE_ENV, use_models_file
+from prefect_anthropic.orchestration.blocks import resolve_settings
+from prefect_anthropic.orchestration.flows import generate_dataset
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import write_requests
 from prefect_anthropic.cli import main
+from prefect_anthropic.dataset.progress import RunProgress
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.engine import AnthropicClient, RequestItem, run_requests
 from prefect_anthropic.engine.adaptive import AdaptiveWindow, CircuitBreaker
-from prefect_anthropic.progress import RunProgress
 
 MODEL = "claude-sonnet-5-5"
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_requests
 from prefect_anthropic.cli import main
-from prefect_anthropic.observability import artifact_keys
+from prefect_anthropic.orchestration.observability import artifact_keys
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

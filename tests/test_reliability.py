@@ -17,7 +17,7 @@ import pytest
 from conftest import message_body, write_requests
 from prefect_anthropic import ClientSettings
 from prefect_anthropic.cli import main
-from prefect_anthropic.flows import generate_dataset
+from prefect_anthropic.orchestration.flows import generate_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -163,8 +163,8 @@ async def _eventually(read, ready, timeout: float = 30.0):
 def test_a_canary_secret_in_every_channel_appears_nowhere(
     prefect_server, start_emulator, bucket, redis_with_password, tmp_path, monkeypatch, capfd, caplog
 ):
-    from prefect_anthropic.blocks import AnthropicCredentials
-    from prefect_anthropic.flows import generate_dataset
+    from prefect_anthropic.orchestration.blocks import AnthropicCredentials
+    from prefect_anthropic.orchestration.flows import generate_dataset
     from prefect_anthropic.storage import STORAGE_OPTIONS_ENV, Storage
 
     canary = f"CANARY{uuid.uuid4().hex}"

@@ -14,12 +14,12 @@ import asyncio
 import pytest
 
 from conftest import message_body
+from prefect_anthropic.dataset.inputs import Shard
+from prefect_anthropic.dataset.shard_store import ShardStore
 from prefect_anthropic.engine import AnthropicClient, RequestItem
 from prefect_anthropic.engine.errors import OutputLost
-from prefect_anthropic.fanout import ShardClaim, _heartbeat_name, wait_until_stopped, write_claim
-from prefect_anthropic.inputs import Shard
+from prefect_anthropic.orchestration.fanout import ShardClaim, _heartbeat_name, wait_until_stopped, write_claim
 from prefect_anthropic.settings import ClientSettings, RunOptions
-from prefect_anthropic.shard_store import ShardStore
 from prefect_anthropic.storage import Storage
 
 SHARD = Shard(index=3, start=0, end=100, first_line=1, line_count=10, digest="d")
@@ -135,7 +135,7 @@ async def test_the_fence_stops_a_real_client_once_its_shard_is_taken_over(store,
 async def test_a_new_parent_waits_for_the_copy_a_killed_parent_left_before_its_first_launch(store):
     """Review of issue 25, item 4: the first claim of a new parent superseded the attempt the claim named before
     (a copy left by a killed parent, or by one that lost its output) without waiting for it to stop."""
-    from prefect_anthropic.fanout import take_over
+    from prefect_anthropic.orchestration.fanout import take_over
 
     clock = Clock()
     left_id = write_claim(store, SHARD)  # the killed parent's attempt, still running on a worker
@@ -162,7 +162,7 @@ async def test_a_new_parent_waits_for_the_copy_a_killed_parent_left_before_its_f
 async def test_a_new_parent_also_waits_for_a_copy_only_the_heartbeat_names(store):
     """A parent killed between superseding a copy and launching the next leaves a claim naming an attempt that
     never ran, while the superseded copy may still be sending (its margin not out): the heartbeat names it."""
-    from prefect_anthropic.fanout import take_over
+    from prefect_anthropic.orchestration.fanout import take_over
 
     running = write_claim(store, SHARD)
     await asyncio.to_thread(store.write_text, _heartbeat_name(SHARD), f"w {running} 7 -")

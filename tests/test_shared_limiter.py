@@ -17,7 +17,8 @@ import pytest
 from conftest import write_requests
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.engine import AnthropicClient, RateLimits, RequestItem, run_requests
-from prefect_anthropic.engine.shared_limiter import SharedLimiter, SharedLimiterUnavailable, account_digest
+from prefect_anthropic.engine.shared_limiter import SharedLimiter, account_digest
+from prefect_anthropic.settings import ClientSettings
 from prefect_anthropic.testing import free_port, redis_server
 
 RPM = 1200  # 20 a second, enforced by the emulator over 1-second buckets
@@ -180,7 +181,7 @@ def test_redis_lost_mid_run_stops_admitting_then_the_run_resumes(start_emulator,
 
 
 def test_the_output_directory_lock_holds_across_machines_through_redis(redis_url, tmp_path):
-    from prefect_anthropic.run_lock import OutputDirectoryLocked, _hold_in_redis, hold_output_directory
+    from prefect_anthropic.dataset.run_lock import OutputDirectoryLocked, _hold_in_redis, hold_output_directory
 
     # What a run on another machine (no shared OS lock) meets: the Redis lock names the holder.
     with (
@@ -241,11 +242,17 @@ async def test_a_dead_process_holds_count_as_spent_never_as_given_back(redis_url
 
 @pytest.mark.usefixtures("prefect_server")
 async def test_a_redis_database_block_by_name_instead_of_a_url(redis_url):
+    """The edge reads the block (its password stays in it) into the URL the engine is given."""
+    from prefect.exceptions import ObjectNotFound
     from prefect_redis import RedisDatabase
+
+    from prefect_anthropic.orchestration.edge import resolve_run
 
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     await RedisDatabase(host="127.0.0.1", port=port, db=0).save("shared-limits-test", overwrite=True)
-    shared = SharedLimiter(None, fresh_account(), block_name="shared-limits-test")
+    setup = await resolve_run(ClientSettings(limiter_block="shared-limits-test"), api_key=fresh_account())
+    assert setup.limiter_url == f"redis://127.0.0.1:{port}/0"
+    shared = SharedLimiter(setup.limiter_url, fresh_account())
     try:
         await shared.check()
         limiter = shared.for_class("sonnet", RateLimits(600), adopt_server_limits=False)
@@ -253,6 +260,5 @@ async def test_a_redis_database_block_by_name_instead_of_a_url(redis_url):
         assert shared.url == f"redis://127.0.0.1:{port}/0" and shared.stats.admissions == 1
     finally:
         await shared.aclose()
-    missing = SharedLimiter(None, fresh_account(), block_name="no-such-block")
-    with pytest.raises(SharedLimiterUnavailable, match="RedisDatabase block 'no-such-block'"):
-        await missing.check()
+    with pytest.raises(ObjectNotFound):
+        await resolve_run(ClientSettings(limiter_block="no-such-block"), api_key=fresh_account())

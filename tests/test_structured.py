@@ -13,11 +13,11 @@ import pytest
 from pydantic import BaseModel
 
 from prefect_anthropic import ClientSettings
+from prefect_anthropic.api.schema import OutputSchema, SchemaError, load_schema, to_api_schema
 from prefect_anthropic.cli import main
+from prefect_anthropic.dataset.estimate import estimate_file
 from prefect_anthropic.engine import AnthropicClient, RequestItem, RetryPolicy, run_requests
-from prefect_anthropic.estimate import estimate_file
-from prefect_anthropic.flows import generate_dataset
-from prefect_anthropic.schema import OutputSchema, SchemaError, load_schema, to_api_schema
+from prefect_anthropic.orchestration.flows import generate_dataset
 
 MODEL = "claude-sonnet-5-5"
 PERSON = {

@@ -12,7 +12,7 @@ import pytest
 
 from prefect_anthropic import ClientSettings
 from prefect_anthropic.cli import main
-from prefect_anthropic.flows import generate_dataset_from_table
+from prefect_anthropic.orchestration.flows import generate_dataset_from_table
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 MODEL = "claude-haiku-5-5"

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_requests
-from prefect_anthropic.flows import generate_dataset
+from prefect_anthropic.orchestration.flows import generate_dataset
 from prefect_anthropic.settings import ClientSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -78,7 +78,7 @@ async def wait_for_pool(pool: str, timeout: float = 60) -> None:
 async def test_a_run_through_a_work_pool_with_two_workers_and_a_budget(
     start_emulator, redis_url, tmp_path, monkeypatch
 ):
-    from prefect_anthropic.flows import spent_in
+    from prefect_anthropic.orchestration.flows import spent_in
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     emu = start_emulator(seed=14, latency_ms=500, requests_per_minute=600, burst_seconds=1)
@@ -116,7 +116,11 @@ async def test_a_run_through_a_work_pool_with_two_workers_and_a_budget(
 
 
 async def test_a_worker_that_does_not_see_the_output_directory_refuses_the_shard(start_emulator, tmp_path):
-    from prefect_anthropic.fanout import OutputDirectoryNotShared, check_shared_location, mark_shared_location
+    from prefect_anthropic.orchestration.fanout import (
+        OutputDirectoryNotShared,
+        check_shared_location,
+        mark_shared_location,
+    )
     from prefect_anthropic.storage import Storage
 
     storage = Storage()

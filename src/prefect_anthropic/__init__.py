@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .blocks import AnthropicClientConfig, AnthropicCredentials
-    from .flows import generate_dataset, generate_dataset_from_table
+    from .orchestration.blocks import AnthropicClientConfig, AnthropicCredentials
+    from .orchestration.flows import generate_dataset, generate_dataset_from_table
     from .settings import ClientSettings, RunOptions
 
 __version__ = "0.1.0"
@@ -24,22 +25,16 @@ __all__ = [
 # Where each public name lives. Loaded on first use: the blocks import Prefect and the flows its engine
 # (1.5 s and more), which `prefect-anthropic --help`, `estimate` and a run without a Prefect server never need.
 _EXPORTS = {
-    "AnthropicClientConfig": "blocks",
-    "AnthropicCredentials": "blocks",
+    "AnthropicClientConfig": "orchestration.blocks",
+    "AnthropicCredentials": "orchestration.blocks",
     "ClientSettings": "settings",
     "RunOptions": "settings",
-    "generate_dataset": "flows",
-    "generate_dataset_from_table": "flows",
+    "generate_dataset": "orchestration.flows",
+    "generate_dataset_from_table": "orchestration.flows",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # found once; later lookups skip this function
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .api.formatting import money, number
 from .emulator.config import EmulatorConfig
-from .formatting import money, number
 from .settings import API_KEY_ENV, ClientSettings, RunOptions, add_arguments, explicit_options
 
 EXIT_OK = 0
@@ -85,7 +85,7 @@ def _console_handlers() -> list[Any]:
 def _progress_bar(enabled: bool) -> Iterator[None]:
     """A live bar on its own line at the bottom of the terminal: done, spent, projected total, $/min,
     req/min against the limit and an ETA from the limits in force. Log lines print above it."""
-    from . import progress as progress_module
+    from .dataset import progress as progress_module
 
     if not enabled:
         yield
@@ -150,10 +150,10 @@ def run_flow(
     """Run the dataset and turn its outcome into an exit code, with a message a user can act on (and, with
     `verbose`, the tracebacks on the terminal too). `run` and the drop-in script both come here: as a flow run
     when `runs_as_flow` says so (unless `with_prefect` decides), else with plain asyncio, said in one line."""
+    from .dataset.pipeline import SHUTDOWN
+    from .dataset.run_lock import OutputDirectoryLocked
     from .engine import FatalAPIError, RunStopped
-    from .observability import RowsFailed
-    from .pipeline import SHUTDOWN
-    from .run_lock import OutputDirectoryLocked
+    from .orchestration.observability import RowsFailed
     from .settings import MissingAPIKeyError
 
     options = options or RunOptions()
@@ -170,7 +170,7 @@ def run_flow(
     if with_prefect and not early:  # Prefect's errors, a work pool's (fanout imports Prefect): these load them
         from prefect.exceptions import ObjectNotFound
 
-        from .fanout import OutputDirectoryNotShared
+        from .orchestration.fanout import OutputDirectoryNotShared
 
         stopping += (ObjectNotFound, OutputDirectoryNotShared)
     if not with_prefect:
@@ -201,7 +201,7 @@ def run_flow(
                     str(requests_path), str(output_dir), settings, options, run_fields, verbose
                 )
             elif with_prefect:
-                from .flows import generate_dataset
+                from .orchestration.flows import generate_dataset
 
                 flow_run = generate_dataset(
                     requests_path=str(requests_path),
@@ -275,7 +275,7 @@ def configured_prefect_api() -> tuple[str | None, str | None]:
         return PREFECT_API_URL.value() or None, PREFECT_API_KEY.value() or None
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"], os.environ.get("PREFECT_API_KEY") or None
-    from .models import tomllib
+    from .api.models import tomllib
 
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
     try:
@@ -325,10 +325,10 @@ async def _flow_run_sending_early(
     sending at once, while Prefect loads in a thread; the flow run then adopts the open run, and each shard
     task takes over the shard already under way. A server that does not answer its health check first gets
     the ordinary start-up, which stops with Prefect's own message before anything is sent."""
-    from .pipeline import OPENED_EARLY, open_run
-    from .settings import api_key_from_env
+    from .dataset.pipeline import OPENED_EARLY, open_run
+    from .dataset.setup import RunSetup
 
-    api_key = api_key_from_env()
+    setup = RunSetup.resolve(settings, options)  # no block is named (`sends_early`): nothing to read through Prefect
     flow_parameters = {
         "requests_path": requests_path,
         "output_dir": output_dir,
@@ -338,7 +338,7 @@ async def _flow_run_sending_early(
     }
     if not await _prefect_server_answers():
         return await _flow_run_once_prefect_loads(flow_parameters, verbose)
-    async with open_run(requests_path, output_dir, settings, api_key, options, **run_fields) as run:
+    async with open_run(requests_path, output_dir, setup, **run_fields) as run:
         run.start_sending()
         OPENED_EARLY[output_dir] = run
         try:
@@ -349,7 +349,7 @@ async def _flow_run_sending_early(
 
 
 async def _flow_run_once_prefect_loads(flow_parameters: dict[str, Any], verbose: bool) -> dict[str, Any]:
-    flows = await asyncio.to_thread(importlib.import_module, f"{__package__}.flows")
+    flows = await asyncio.to_thread(importlib.import_module, f"{__package__}.orchestration.flows")
     with prefect_defaults(), _one_line_errors(verbose):
         result: dict[str, Any] = await flows.generate_dataset(**flow_parameters)
         return result
@@ -364,16 +364,12 @@ async def _without_prefect(
     client_block: str | None = None,
     credentials_block: str | None = None,
 ) -> dict[str, Any]:
-    from .pipeline import run_dataset
-    from .settings import api_key_from_env
+    from .dataset.pipeline import run_with_setup
+    from .orchestration.edge import resolve_run
 
-    if client_block or credentials_block:  # read as the flow reads them (from Prefect's local database)
-        from .blocks import resolve_settings
-
-        settings, api_key = await resolve_settings(settings, client_block, credentials_block)
-    else:
-        api_key = api_key_from_env()
-    return await run_dataset(requests_path, output_dir, settings, api_key, options, **run_fields)
+    # Blocks named are read as the flow reads them (from Prefect's local database); none, no Prefect.
+    setup = await resolve_run(settings, options, client_block=client_block, credentials_block=credentials_block)
+    return await run_with_setup(requests_path, output_dir, setup, **run_fields)
 
 
 class _TerminalHandler(logging.Handler):
@@ -526,12 +522,12 @@ def _run_with_environment(args: argparse.Namespace) -> int:
 def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
     requests_path, input_table, columns = args.requests, None, None
     if args.template is not None:
-        from .pipeline import storage_for
-        from .tables import TableError, render_requests, template_text
+        from .dataset.tables import TableError, render_requests, template_text
+        from .orchestration.edge import resolve_storage
 
         columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
         try:
-            storage = asyncio.run(storage_for(getattr(args, "storage_block", None)))
+            storage = asyncio.run(resolve_storage(getattr(args, "storage_block", None)))
             # Every row is rendered before anything is sent: a template error costs nothing.
             rendered = render_requests(
                 args.requests,
@@ -552,7 +548,7 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
         return EXIT_STOPPED
     options = RunOptions(**explicit_options(args, RunOptions))
     if options.deadline:
-        from .auto_mode import absolute_deadline
+        from .dataset.auto_mode import absolute_deadline
 
         try:  # a duration counts from the command's start, Prefect's start-up included
             options = options.model_copy(update={"deadline": absolute_deadline(options.deadline)})
@@ -575,7 +571,7 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _cancel_batches(args: argparse.Namespace) -> int:
-    from .batch_mode import cancel_batches
+    from .orchestration.batch_mode import cancel_batches
 
     if args.api_key:
         os.environ[API_KEY_ENV] = args.api_key
@@ -586,9 +582,9 @@ def _cancel_batches(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from .auto_mode import auto_estimate
+    from .dataset.auto_mode import auto_estimate
+    from .dataset.estimate import estimate_file, format_estimate
     from .engine import FatalAPIError
-    from .estimate import estimate_file, format_estimate
     from .settings import MissingAPIKeyError
 
     if args.api_key:
@@ -618,15 +614,15 @@ def _resolved(args: argparse.Namespace) -> tuple[ClientSettings, str]:
     settings = _settings(args)
     if not (args.client_block or args.credentials_block):
         return settings, api_key_from_env()
-    from .blocks import resolve_settings
+    from .orchestration.blocks import resolve_settings
 
     return asyncio.run(resolve_settings(settings, args.client_block, args.credentials_block))
 
 
 async def _exact_input_tokens(requests: str, settings: ClientSettings, api_key: str) -> dict[int, int]:
-    from .estimate import prepared_requests
+    from .dataset.estimate import prepared_requests
+    from .dataset.token_count import count_input_tokens
     from .settings import MissingAPIKeyError
-    from .token_count import count_input_tokens
 
     if not api_key:
         raise MissingAPIKeyError(f"estimate --exact asks the API: set {API_KEY_ENV} or pass --api-key")

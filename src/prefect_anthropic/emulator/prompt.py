@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from ..models import ModelInfo, ModelTable, model_table
-from ..request_rules import API_VERSION_2023, rejections
+from ..api.models import ModelInfo, ModelTable, model_table
+from ..api.request_rules import API_VERSION_2023, rejections
 from .errors import APIError, invalid
 from .structured import check_schema
 from .tokenizer import MESSAGE_OVERHEAD, REQUEST_OVERHEAD, count_tokens

@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
+from ..api.models import ModelInfo, Usage, cost_usd, model_table
+from ..api.request_rules import API_VERSIONS
 from ..engine.limiter import TokenBucket
-from ..models import ModelInfo, Usage, cost_usd, model_table
-from ..request_rules import API_VERSIONS
 from .cache import CacheOutcome, PromptCache
 from .config import EmulatorConfig
 from .errors import APIError

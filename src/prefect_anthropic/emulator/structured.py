@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..schema import compile_errors
+from ..api.schema import compile_errors
 from .errors import invalid
 
 __all__ = ["check_schema", "generate_value"]
 
 
 def check_schema(schema: Any) -> None:
-    """Raise the API's 400 for a schema it cannot compile (the rules live in prefect_anthropic.schema)."""
+    """Raise the API's 400 for a schema it cannot compile (the rules live in prefect_anthropic.api.schema)."""
     if not isinstance(schema, dict):
         raise invalid("output_config.format.schema: Input should be a valid dictionary")
     problems = compile_errors(schema, "output_config.format.schema")
@@ -31,28 +32,30 @@ def check_schema(schema: Any) -> None:
 _WORDS = ("alpha", "bravo", "delta", "echo", "kilo", "lima", "oscar", "romeo", "sierra", "tango")
 
 
-def _string(fmt: str | None, rng: random.Random) -> str:
-    if fmt == "date-time":
-        return f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:00:00Z"
-    if fmt == "date":
-        return f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-    if fmt == "time":
-        return f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:00Z"
-    if fmt == "duration":
-        return f"PT{rng.randint(1, 59)}M"
-    if fmt == "email":
-        return f"{rng.choice(_WORDS)}@example.com"
-    if fmt == "hostname":
-        return f"{rng.choice(_WORDS)}.example.com"
-    if fmt == "uri":
-        return f"https://example.com/{rng.choice(_WORDS)}"
-    if fmt == "ipv4":
-        return ".".join(str(rng.randint(1, 254)) for _ in range(4))
-    if fmt == "ipv6":
-        return ":".join(f"{rng.randint(0, 65535):x}" for _ in range(8))
-    if fmt == "uuid":
-        hexes = "".join(rng.choice(string.hexdigits[:16]) for _ in range(32))
-        return f"{hexes[:8]}-{hexes[8:12]}-4{hexes[13:16]}-a{hexes[17:20]}-{hexes[20:]}"
+def _uuid4(rng: random.Random) -> str:
+    hexes = "".join(rng.choice(string.hexdigits[:16]) for _ in range(32))
+    return f"{hexes[:8]}-{hexes[8:12]}-4{hexes[13:16]}-a{hexes[17:20]}-{hexes[20:]}"
+
+
+#: A value of each string `format` the API supports, drawn from a generator (any other format: a few words).
+_FORMATTED: Mapping[str, Callable[[random.Random], str]] = {
+    "date-time": lambda rng: f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:00:00Z",
+    "date": lambda rng: f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+    "time": lambda rng: f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:00Z",
+    "duration": lambda rng: f"PT{rng.randint(1, 59)}M",
+    "email": lambda rng: f"{rng.choice(_WORDS)}@example.com",
+    "hostname": lambda rng: f"{rng.choice(_WORDS)}.example.com",
+    "uri": lambda rng: f"https://example.com/{rng.choice(_WORDS)}",
+    "ipv4": lambda rng: ".".join(str(rng.randint(1, 254)) for _ in range(4)),
+    "ipv6": lambda rng: ":".join(f"{rng.randint(0, 65535):x}" for _ in range(8)),
+    "uuid": _uuid4,
+}
+
+
+def _string(fmt: Any, rng: random.Random) -> str:
+    draw = _FORMATTED.get(fmt) if isinstance(fmt, str) else None
+    if draw is not None:
+        return draw(rng)
     return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 3)))
 
 

@@ -22,11 +22,11 @@ from typing import Any, ClassVar
 
 import httpx
 
-from ..corrections import load_token_corrections
-from ..models import request_limit_class
-from ..request_rules import API_VERSION_2026
+from ..api.models import request_limit_class
+from ..api.request_rules import API_VERSION_2026
 from ..settings import ClientSettings
 from .adaptive import AdaptiveWindow, CircuitBreaker
+from .corrections import load_token_corrections
 from .estimator import InputTokenEstimator, OutputTokenEstimator
 from .limiter import Limiter, RateLimiter, RateLimits
 from .shared_limiter import SharedLimiter
@@ -111,6 +111,7 @@ class Account:
         limits: LimitsForClass,
         adopts: Callable[[str], bool],
         burst_seconds: float,
+        limiter_url: str | None = None,
         input_estimator: InputTokenEstimator | None = None,
         output_estimator: OutputTokenEstimator | None = None,
     ) -> None:
@@ -126,17 +127,15 @@ class Account:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.slots = asyncio.Semaphore(settings.max_concurrency)
         _allow_open_files(settings.max_concurrency + 256)
-        redis_url = settings.redis_url
         #: Limits shared with every process on the account through Redis (None: this process's own).
         self.shared_limiter = (
             SharedLimiter(
-                redis_url,
+                limiter_url,
                 api_key,
-                block_name=settings.limiter_block,
                 max_in_flight=settings.shared_max_concurrency or 0,
                 burst_seconds=burst_seconds,
             )
-            if redis_url or settings.limiter_block
+            if limiter_url
             else None
         )
         timeout = httpx.Timeout(settings.timeout_s, connect=min(5.0, settings.timeout_s))
@@ -172,6 +171,7 @@ class Account:
         *,
         limits: LimitsForClass | None = None,
         burst_seconds: float = 0.5,
+        limiter_url: str | None = None,
         input_estimator: InputTokenEstimator | None = None,
         output_estimator: OutputTokenEstimator | None = None,
     ) -> Account:
@@ -183,7 +183,7 @@ class Account:
         if not private:
             digest = hashlib.sha256(api_key.encode()).hexdigest()
             fields = tuple(repr(getattr(settings, name)) for name in _SHARED_FIELDS)
-            key = (id(asyncio.get_running_loop()), digest, settings.api_base_url, burst_seconds, *fields)
+            key = (id(asyncio.get_running_loop()), digest, settings.api_base_url, burst_seconds, limiter_url, *fields)
             account = cls._open.get(key)
             if account is not None:
                 account._users += 1
@@ -194,6 +194,7 @@ class Account:
             limits=limits or tier_limits,
             adopts=(lambda _cls: False) if limits is not None else tier_limits.adopts_server_limits,
             burst_seconds=burst_seconds,
+            limiter_url=limiter_url,
             input_estimator=input_estimator,
             output_estimator=output_estimator,
         )

@@ -39,8 +39,8 @@ from typing import Any
 
 import orjson
 
-from ..formatting import money
-from ..models import ModelInfo, Usage, cost_usd, lookup_model, server_tool_fee, unpriced_reason
+from ..api.formatting import money
+from ..api.models import ModelInfo, Usage, cost_usd, lookup_model, server_tool_fee, unpriced_reason
 from .caching import cached_prefix
 from .errors import RunStopped
 from .records import RequestItem, ResultRecord

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from ..schema import output_format_of
+from ..api.schema import output_format_of
 
 __all__ = ["AutoCache", "CachedPrefix", "PrefixWarmer", "cached_prefix"]
 

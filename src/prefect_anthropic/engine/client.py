@@ -21,9 +21,9 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 import orjson
 
-from ..models import ModelInfo, Usage, lookup_model, unpriced_reason, use_models_file
-from ..request_rules import FAST_MODE_BETA
-from ..schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
+from ..api.models import ModelInfo, Usage, lookup_model, unpriced_reason, use_models_file
+from ..api.request_rules import FAST_MODE_BETA
+from ..api.schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
 from ..settings import API_KEY_ENV, DEFAULT_BASE_URL, ClientSettings, MissingAPIKeyError
 from .account import Account, LimitsForClass, auth_headers
 from .adaptive import AdaptiveWindow
@@ -94,6 +94,7 @@ class AnthropicClient:
         seed: int | None = None,
         burst_seconds: float = 0.5,
         fence: Callable[[], Awaitable[None]] | None = None,
+        limiter_url: str | None = None,
         **options: Any,
     ) -> None:
         if not api_key:
@@ -109,6 +110,9 @@ class AnthropicClient:
         self._account_options: dict[str, Any] = {
             "limits": _same_for_every_class(limits) if isinstance(limits, RateLimits) else limits,
             "burst_seconds": burst_seconds,
+            # The shared limiter's Redis, password included (resolved at the edge: a flag, the environment
+            # or a block); by default the settings' own.
+            "limiter_url": limiter_url or settings.redis_url,
             "input_estimator": input_estimator,
             "output_estimator": output_estimator,
         }

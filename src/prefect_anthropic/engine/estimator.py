@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ..schema import output_format_of
+from ..api.schema import output_format_of
 
 __all__ = ["InputTokenEstimator", "OutputTokenEstimator", "load_encoder"]
 

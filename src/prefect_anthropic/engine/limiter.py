@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..api.limits import RateLimits
+
 __all__ = ["Limiter", "RateLimiter", "RateLimits", "Reservation", "TokenBucket"]
 
 Clock = Callable[[], float]
@@ -75,28 +77,6 @@ class TokenBucket:
         """Empty the bucket and accrue nothing before `until` (the server said: not before then)."""
         self.level = min(self.level, 0.0)
         self.updated = max(self.updated, until)
-
-
-@dataclass(frozen=True)
-class RateLimits:
-    """Per-minute limits of one model class; None means unlimited."""
-
-    requests_per_minute: float | None = None
-    input_tokens_per_minute: float | None = None
-    output_tokens_per_minute: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive or None (unlimited), got {value}")
-
-    def as_dict(self) -> dict[str, float | None]:
-        return {
-            "requests_per_minute": self.requests_per_minute,
-            "input_tokens_per_minute": self.input_tokens_per_minute,
-            "output_tokens_per_minute": self.output_tokens_per_minute,
-        }
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..models import lookup_model
-from ..request_rules import FAST_MODE_BETA, drop_parameters, rejections
+from ..api.models import lookup_model
+from ..api.request_rules import FAST_MODE_BETA, drop_parameters, rejections
 from .records import RequestItem, ResultRecord
 
 __all__ = ["Preflight"]

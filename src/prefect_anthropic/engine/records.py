@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 import orjson
 
-from ..models import Usage, cost_usd, lookup_model
-from ..schema import OutputSchema, parse_reply
+from ..api.models import Usage, cost_usd, lookup_model
+from ..api.schema import OutputSchema, parse_reply
 
 __all__ = ["RequestItem", "ResultRecord", "message_columns", "record_from_message", "validate_record"]
 

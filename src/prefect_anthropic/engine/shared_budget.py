@@ -134,9 +134,13 @@ class SharedBudget(Budget):
         limit_usd: float,
         *,
         journal: SpendingJournal | None = None,
+        limiter_url: str | None = None,
     ) -> SharedBudget:
-        """The run's budget through a Redis connection of its own (the one the settings' limiter names)."""
-        shared = SharedLimiter(settings.redis_url, api_key, block_name=settings.limiter_block)
+        """The run's budget through a Redis connection of its own (the shared limiter's, resolved at the edge)."""
+        url = limiter_url or settings.redis_url
+        if url is None:
+            raise ValueError("a shared budget needs the shared limiter's Redis (--limiter-url or --limiter-block)")
+        shared = SharedLimiter(url, api_key)
         return cls(shared, budget_id, limit_usd, journal=journal, owns_connection=True)
 
     async def _call(self, worst: float) -> bool:

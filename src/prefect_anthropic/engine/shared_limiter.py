@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..settings import is_secret_parameter
 from .errors import FatalAPIError
@@ -228,26 +228,6 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=redacted(parts.query), fragment=redacted(parts.fragment)))
 
 
-async def redis_url_from_block(name: str) -> str:
-    """The URL (password included: never log it) of a prefect-redis `RedisDatabase` block, read from the
-    Prefect API as a block document: prefect-redis itself need not be installed."""
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        document = await client.read_block_document_by_name(
-            name, block_type_slug="redis-database", include_secrets=True
-        )
-    data = document.data
-
-    def plain(value: Any) -> str:
-        return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value or "")
-
-    username, password = plain(data.get("username")), plain(data.get("password"))
-    auth = f"{quote(username, safe='')}:{quote(password, safe='')}@" if username or password else ""
-    scheme = "rediss" if data.get("ssl") else "redis"
-    return f"{scheme}://{auth}{data.get('host') or 'localhost'}:{data.get('port') or 6379}/{data.get('db') or 0}"
-
-
 def account_digest(api_key: str) -> str:
     """Who the account is, without the key: one-way, short, the same on every machine."""
     return hashlib.sha256(b"prefect-anthropic/account/" + api_key.encode()).hexdigest()[:24]
@@ -266,21 +246,19 @@ class SharedLimiter:
 
     def __init__(
         self,
-        url: str | None,
+        url: str,
         api_key: str,
         *,
-        block_name: str | None = None,
         max_in_flight: int = 0,
         lease_ttl_s: float = 15.0,
         burst_seconds: float = 0.5,
         timeout_s: float = 5.0,
     ) -> None:
-        if not url and not block_name:
-            raise ValueError("a shared limiter needs a Redis URL or a RedisDatabase block name")
-        #: For messages: the URL without its password (or the block's name until it is read).
-        self.url = redact_url(url) if url else f"RedisDatabase block {block_name!r}"
+        if not url:
+            raise ValueError("a shared limiter needs a Redis URL")
+        #: For messages: the URL without its password.
+        self.url = redact_url(url)
         self._url = url
-        self.block_name = block_name
         self.timeout_s = timeout_s
         self.account = account_digest(api_key)
         self.max_in_flight = max_in_flight
@@ -306,17 +284,11 @@ class SharedLimiter:
         return ":".join((KEY_PREFIX, "{" + self.account + "}", *parts))
 
     async def connection(self) -> Any:
-        """The Redis client (a block is read, on this machine, the first time)."""
+        """The Redis client, connected on first use."""
         if self._redis is None:
             import redis.asyncio as redis
 
             url = self._url
-            if url is None:
-                try:
-                    url = await redis_url_from_block(self.block_name or "")
-                except Exception as exc:
-                    raise SharedLimiterUnavailable(self.url, exc) from exc
-                self.url = redact_url(url)
             # Thousands of requests may ask at once: they queue for a few connections (a Lua call takes well
             # under a millisecond), never open one each.
             pool = redis.BlockingConnectionPool.from_url(

@@ -8,17 +8,17 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .corrections import load_token_corrections
-from .engine.caching import cached_prefix
-from .engine.estimator import InputTokenEstimator
-from .engine.preflight import Preflight
-from .engine.records import RequestItem
-from .formatting import duration, money, number
+from ..api.formatting import duration, money, number
+from ..api.models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
+from ..api.schema import OutputSchema, with_output_format
+from ..engine.caching import cached_prefix
+from ..engine.corrections import load_token_corrections
+from ..engine.estimator import InputTokenEstimator
+from ..engine.preflight import Preflight
+from ..engine.records import RequestItem
+from ..settings import ClientSettings
+from ..storage import Storage
 from .inputs import iter_requests
-from .models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
-from .schema import OutputSchema, with_output_format
-from .settings import ClientSettings
-from .storage import Storage
 
 __all__ = ["estimate_file", "format_estimate"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -20,19 +21,20 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..api.schema import OutputSchema
+from ..engine import AnthropicClient, FatalAPIError, RunStopped, run_requests
+from ..engine.budget import Budget
+from ..engine.corrections import save_token_corrections
+from ..engine.records import RequestItem, ResultRecord
+from ..settings import ClientSettings, RunOptions
+from ..storage import Storage, is_url, join, local_path
 from .auto_mode import CutOver
-from .corrections import save_token_corrections
-from .engine import AnthropicClient, FatalAPIError, RunStopped, run_requests
-from .engine.budget import Budget
-from .engine.records import RequestItem, ResultRecord
 from .inputs import Shard, ShardPlan, iter_requests, plan_shards
 from .outputs import DatasetTotals, merge_results
 from .progress import RunProgress
 from .run_lock import OutputDirectoryLocked, hold_output_location
-from .schema import OutputSchema
-from .settings import ClientSettings, RunOptions
+from .setup import RunSetup
 from .shard_store import ShardStore, spent_in
-from .storage import Storage, is_url, join, local_path
 from .tables import is_run_input, remove_stale_run_inputs
 
 __all__ = [
@@ -172,7 +174,8 @@ class DatasetRun:
     options: RunOptions
     client: AnthropicClient
     store: ShardStore
-    api_key: str = field(repr=False, default="")
+    #: What the run was resolved from (its key and the shared limiter's URL: not printed).
+    setup: RunSetup | None = field(repr=False, default=None)
     input_table: str | None = None
     input_columns: list[str] | None = None
     original_layout_path: str | None = None
@@ -191,6 +194,14 @@ class DatasetRun:
     @property
     def storage(self) -> Storage:
         return self.store.storage
+
+    @property
+    def api_key(self) -> str:
+        return self.setup.api_key if self.setup is not None else ""
+
+    @property
+    def limiter_url(self) -> str | None:
+        return self.setup.limiter_url if self.setup is not None else None
 
     def plan_shards(self) -> ShardPlan:
         if self.plan is not None:  # planned when the run started sending early
@@ -314,32 +325,11 @@ class DatasetRun:
         self.storage.write_text(join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
 
 
-async def storage_for(storage_block: str | None) -> Storage:
-    """How to reach the run's locations: the environment's storage options, over a block's when one is named."""
-    if storage_block is None:
-        return Storage.from_environment()
-    from .storage import block_storage_options
-
-    return Storage.from_environment(await block_storage_options(storage_block))
-
-
-async def _lock_url(settings: ClientSettings) -> str | None:
-    """Where the one-run-per-directory lock is kept across machines: the shared limiter's Redis."""
-    if settings.redis_url is None and settings.limiter_block:
-        from .engine.shared_limiter import redis_url_from_block
-
-        return await redis_url_from_block(settings.limiter_block)
-    return settings.redis_url
-
-
 @contextlib.asynccontextmanager
 async def open_run(
     requests_path: str,
     output_dir: str,
-    settings: ClientSettings,
-    api_key: str,
-    options: RunOptions | None = None,
-    storage: Storage | None = None,
+    setup: RunSetup,
     **run_fields: Any,
 ) -> AsyncIterator[DatasetRun]:
     """Hold the output directory, open the run's client (with the dataset's budget and spending journal),
@@ -348,14 +338,13 @@ async def open_run(
     if (early := OPENED_EARLY.pop(output_dir, None)) is not None:
         yield early
         return
-    options = options or RunOptions()
-    storage = storage or await storage_for(options.storage_block)
+    settings, options, storage = setup.settings, setup.options, setup.storage
     check_output(output_dir, storage)
     check_input_outside_outputs(requests_path, output_dir, run_fields)
     own_inputs = [p for p in (requests_path, run_fields.get("input_table")) if p and is_run_input(p, output_dir)]
     held = contextlib.ExitStack()
     try:
-        hold = held.enter_context(hold_output_location(output_dir, storage, await _lock_url(settings)))
+        hold = held.enter_context(hold_output_location(output_dir, storage, setup.limiter_url))
     except OutputDirectoryLocked:
         for location in own_inputs:  # rendered for this run, which does not run: never left behind
             with contextlib.suppress(OSError):
@@ -369,9 +358,12 @@ async def open_run(
         budget = Budget(settings.max_cost_usd, spent_usd=store.spent(), journal=store.new_journal())
         if budget.limit_usd is not None:
             logger.info("Budget $%.4f, $%.4f spent by earlier runs.", budget.limit_usd, budget.spent_usd)
-        async with AnthropicClient(api_key, settings, budget=budget, fence=hold.ensure) as client:
+        client = AnthropicClient(
+            setup.api_key, settings, budget=budget, fence=hold.ensure, limiter_url=setup.limiter_url
+        )
+        async with client:
             await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending
-            run = DatasetRun(requests_path, output_dir, settings, options, client, store, api_key, **run_fields)
+            run = DatasetRun(requests_path, output_dir, settings, options, client, store, setup, **run_fields)
             RUNS[run.key] = run
             try:
                 yield run
@@ -443,13 +435,25 @@ async def run_dataset(
     settings: ClientSettings,
     api_key: str,
     options: RunOptions | None = None,
+    *,
+    storage: Storage | None = None,
     **run_fields: Any,
 ) -> dict[str, Any]:
-    """The whole run with plain asyncio, no Prefect: the same steps and outputs as the flow."""
-    options = options or RunOptions()
+    """The whole run with plain asyncio, no Prefect: the same steps and outputs as the flow. The settings,
+    options, key and storage are taken as given (the key from ANTHROPIC_API_KEY when empty), the storage
+    options and the shared limiter's URL otherwise from the environment (`RunSetup.resolve`)."""
+    setup = RunSetup.resolve(settings, options, api_key=api_key)
+    if storage is not None:
+        setup = dataclasses.replace(setup, storage=storage)
+    return await run_with_setup(requests_path, output_dir, setup, **run_fields)
+
+
+async def run_with_setup(requests_path: str, output_dir: str, setup: RunSetup, **run_fields: Any) -> dict[str, Any]:
+    """`run_dataset` with its configuration resolved already (`orchestration.edge.resolve_run`)."""
+    options = setup.options
     if options.mode != "realtime" or options.work_pool:
         raise ValueError("batch mode and work pools run through the Prefect flow")
-    async with open_run(requests_path, output_dir, settings, api_key, options, **run_fields) as run:
+    async with open_run(requests_path, output_dir, setup, **run_fields) as run:
         plan = run.plan_shards()
         gate = asyncio.Semaphore(options.max_parallel_shards)
 

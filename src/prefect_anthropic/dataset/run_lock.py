@@ -45,7 +45,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .engine.errors import OutputLost
+from ..engine.errors import OutputLost
 
 __all__ = [
     "LOCK_FILE",
@@ -355,7 +355,7 @@ def _hold_in_redis(location: Path | str, limiter_url: str, hold: OutputHold | No
     import redis
     from redis.exceptions import LockError, LockNotOwnedError
 
-    from .engine.shared_limiter import KEY_PREFIX, SharedLimiterUnavailable
+    from ..engine.shared_limiter import KEY_PREFIX, SharedLimiterUnavailable
 
     hold = hold or OutputHold(str(location))
     path = str(location.resolve()) if isinstance(location, Path) else location
@@ -489,7 +489,7 @@ def hold_output_location(
 ) -> Iterator[OutputHold]:
     """Hold an output directory or URL for the duration of the block (yielding the hold, whose `check` and
     `ensure` fence writes and requests), or raise OutputDirectoryLocked at once."""
-    from .storage import is_url, local_path
+    from ..storage import is_url, local_path
 
     hold = hold or OutputHold(location)
     with contextlib.ExitStack() as stack:

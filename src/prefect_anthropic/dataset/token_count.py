@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import orjson
 
-from .corrections import corrections_path
-from .engine.client import auth_headers
-from .engine.errors import APIStatusError, FatalAPIError
-from .engine.limiter import RateLimiter, RateLimits
-from .engine.records import RequestItem
-from .engine.retry import RetryPolicy, retry_after_seconds
+from ..engine.client import auth_headers
+from ..engine.corrections import corrections_path
+from ..engine.errors import APIStatusError, FatalAPIError
+from ..engine.limiter import RateLimiter, RateLimits
+from ..engine.records import RequestItem
+from ..engine.retry import RetryPolicy, retry_after_seconds
 
 __all__ = ["COUNT_TOKENS_FIELDS", "count_body", "count_input_tokens"]
 

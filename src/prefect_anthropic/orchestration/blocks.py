@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, model_validator
 
-from .engine import AnthropicClient
-from .settings import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL, ClientSettings, MissingAPIKeyError, api_key_from_env
+from ..engine import AnthropicClient
+from ..settings import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL, ClientSettings, MissingAPIKeyError, api_key_from_env
 
-__all__ = ["AnthropicClientConfig", "AnthropicCredentials", "resolve_settings"]
+__all__ = [
+    "AnthropicClientConfig",
+    "AnthropicCredentials",
+    "block_storage_options",
+    "redis_url_from_block",
+    "resolve_settings",
+]
 
 _LOGO = HttpUrl("https://upload.wikimedia.org/wikipedia/commons/7/78/Anthropic_logo.svg")
 _DOCS = HttpUrl("https://github.com/prefect-anthropic/prefect-anthropic#configuration")
@@ -125,3 +132,54 @@ def require_key(api_key: str) -> str:
             "No Anthropic API key: set ANTHROPIC_API_KEY, pass --api-key, or name an AnthropicCredentials block."
         )
     return api_key
+
+
+async def redis_url_from_block(name: str) -> str:
+    """The URL (password included: never log it) of a prefect-redis `RedisDatabase` block, read from the
+    Prefect API as a block document: prefect-redis itself need not be installed."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        document = await client.read_block_document_by_name(
+            name, block_type_slug="redis-database", include_secrets=True
+        )
+    data = document.data
+
+    def plain(value: Any) -> str:
+        return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value or "")
+
+    username, password = plain(data.get("username")), plain(data.get("password"))
+    auth = f"{quote(username, safe='')}:{quote(password, safe='')}@" if username or password else ""
+    scheme = "rediss" if data.get("ssl") else "redis"
+    return f"{scheme}://{auth}{data.get('host') or 'localhost'}:{data.get('port') or 6379}/{data.get('db') or 0}"
+
+
+async def block_storage_options(name: str) -> dict[str, Any]:
+    """Storage options from a Prefect block by name: prefect-aws's S3Bucket (its AwsCredentials and client
+    parameters), read as a block document so that prefect-aws need not be installed here."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        document = await client.read_block_document_by_name(name, block_type_slug="s3-bucket", include_secrets=True)
+    data = document.data
+
+    def plain(value: Any) -> Any:
+        return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+    credentials = data.get("credentials") or {}
+    if hasattr(credentials, "data"):
+        credentials = credentials.data
+    options: dict[str, Any] = {}
+    names = (("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"), ("token", "aws_session_token"))
+    for ours, theirs in names:
+        if credentials.get(theirs):
+            options[ours] = plain(credentials[theirs])
+    client_kwargs: dict[str, Any] = {}
+    if credentials.get("region_name"):
+        client_kwargs["region_name"] = credentials["region_name"]
+    parameters = credentials.get("aws_client_parameters") or {}
+    if parameters.get("endpoint_url"):
+        client_kwargs["endpoint_url"] = parameters["endpoint_url"]
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options

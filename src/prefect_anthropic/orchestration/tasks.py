@@ -14,11 +14,11 @@ from prefect.assets import add_asset_metadata, materialize
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 
-from .engine import FatalAPIError, RunStopped
-from .inputs import Shard, ShardPlan
-from .outputs import DatasetTotals
-from .pipeline import RUNS
-from .storage import is_url, local_path
+from ..dataset.inputs import Shard, ShardPlan
+from ..dataset.outputs import DatasetTotals
+from ..dataset.pipeline import RUNS
+from ..engine import FatalAPIError, RunStopped
+from ..storage import is_url, local_path
 
 __all__ = ["merge_materializing", "merge_shards", "plan_request_shards", "run_shard"]
 

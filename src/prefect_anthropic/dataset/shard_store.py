@@ -30,8 +30,8 @@ from typing import Any
 
 import orjson
 
-from .engine.budget import SpendingJournal, journaled_spending
-from .engine.results_file import (
+from ..engine.budget import SpendingJournal, journaled_spending
+from ..engine.results_file import (
     PartUploader,
     ResultsWriter,
     download_parts,
@@ -39,9 +39,9 @@ from .engine.results_file import (
     read_part_records,
     read_records,
 )
+from ..settings import RunOptions
+from ..storage import Storage, is_url, join, local_path
 from .inputs import Shard, iter_requests
-from .settings import RunOptions
-from .storage import Storage, is_url, join, local_path
 
 __all__ = ["ShardStore", "spent_in"]
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .formatting import duration, money, number
+from ..api.formatting import duration, money, number
 
 __all__ = ["RowsFailed", "RunEvents", "artifact_keys", "final_state", "forward_logs", "state_message"]
 
@@ -131,7 +131,7 @@ class RunEvents:
                 "budget.exhausted",
                 {"budget_usd": budget.limit_usd, "spent_usd": round(budget.spent_usd, 6)},
             )
-        from .engine.errors import ServiceUnavailableError
+        from ..engine.errors import ServiceUnavailableError
 
         if isinstance(client.fatal_error, ServiceUnavailableError) and "breaker" not in self._emitted:
             self._emitted.add("breaker")

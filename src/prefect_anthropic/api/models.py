@@ -232,7 +232,7 @@ class ModelTable:
 
 def _read_text(path: str | os.PathLike[str]) -> str:
     """A local file's text, or a URL's (s3://, gs://...: a models file kept in the bucket beside the data)."""
-    from .storage import Storage, is_url, local_path
+    from ..storage import Storage, is_url, local_path
 
     if is_url(path):
         return Storage.from_environment().read_text(str(path))

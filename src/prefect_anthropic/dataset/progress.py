@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .engine.limiter import RateLimits
-from .engine.records import ResultRecord
-from .engine.results_file import LineSet
-from .formatting import duration, money, number
+from ..api.formatting import duration, money, number
+from ..api.limits import RateLimits
+from ..engine.records import ResultRecord
+from ..engine.results_file import LineSet
 
 __all__ = ["RunProgress", "listeners"]
 

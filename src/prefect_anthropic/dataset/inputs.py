@@ -19,8 +19,8 @@ from typing import IO, Any
 
 import orjson
 
-from .engine.records import RequestItem
-from .storage import Storage, is_url, local_path
+from ..engine.records import RequestItem
+from ..storage import Storage, is_url, local_path
 
 __all__ = ["MAX_REQUEST_BYTES", "Shard", "ShardPlan", "iter_requests", "parse_line", "plan_shards"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine.limiter import RateLimits
+from .limits import RateLimits
 
 __all__ = ["TIERS", "TIER_NAMES", "TierLimits", "limits_for_tier"]
 

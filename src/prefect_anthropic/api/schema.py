@@ -255,7 +255,7 @@ def load_schema(source: str | os.PathLike[str] | dict[str, Any] | type) -> Outpu
         return OutputSchema(model_json_schema())
     if isinstance(source, dict):
         return OutputSchema(source)
-    from .storage import Storage, is_url, local_path
+    from ..storage import Storage, is_url, local_path
 
     try:
         text = Storage.from_environment().read_text(str(source)) if is_url(source) else local_path(source).read_text()

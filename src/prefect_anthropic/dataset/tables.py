@@ -27,7 +27,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from jinja2 import Environment, StrictUndefined, TemplateError, UndefinedError
 
-from .storage import Storage, is_url, join
+from ..storage import Storage, is_url, join
 
 __all__ = [
     "TABLE_SUFFIXES",

@@ -19,11 +19,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .engine.records import message_columns
+from ..api.models import Usage, cost_usd
+from ..api.schema import OutputSchema
+from ..engine.records import message_columns
+from ..storage import Storage, join, local_path
 from .inputs import Shard, iter_requests
-from .models import Usage, cost_usd
-from .schema import OutputSchema
-from .storage import Storage, join, local_path
 from .tables import InputColumns
 
 __all__ = ["PARQUET_SCHEMA", "DatasetTotals", "final_records", "merge_results", "parquet_schema"]
@@ -138,7 +138,7 @@ class DatasetTotals:
     def warnings(self) -> list[str]:
         return [
             f"No price for {model}: its {rows:,} rows have cost_usd null and are left out of the cost. Add the "
-            "model's prices with --models-file (the format of prefect_anthropic/models.toml)."
+            "model's prices with --models-file (the format of prefect_anthropic/api/models.toml)."
             for model, rows in sorted(self.unpriced_rows.items())
         ]
 

@@ -36,17 +36,17 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from .blocks import resolve_settings
-from .engine import AnthropicClient
-from .engine.budget import Budget
-from .engine.errors import OutputLost
-from .engine.shared_budget import SharedBudget
-from .inputs import Shard
+from ..dataset.inputs import Shard
+from ..dataset.pipeline import SHUTDOWN, DatasetRun, run_shard_requests
+from ..dataset.shard_store import ShardStore
+from ..engine import AnthropicClient
+from ..engine.budget import Budget
+from ..engine.errors import OutputLost
+from ..engine.shared_budget import SharedBudget
+from ..settings import ClientSettings, RunOptions
+from ..storage import Storage, is_url, join, local_path
+from .edge import resolve_run
 from .observability import forward_logs
-from .pipeline import SHUTDOWN, DatasetRun, run_shard_requests, storage_for
-from .settings import ClientSettings, RunOptions
-from .shard_store import ShardStore
-from .storage import Storage, is_url, join, local_path
 
 __all__ = [
     "OutputDirectoryNotShared",
@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 SHARD_FLOW_NAME = "anthropic-dataset-shard"
-SHARD_FLOW_ENTRYPOINT = "prefect_anthropic.fanout:run_shard_flow"
+SHARD_FLOW_ENTRYPOINT = "prefect_anthropic.orchestration.fanout:run_shard_flow"
 SHARED_MARKER = ".prefect-anthropic-directory-id"
 
 
@@ -280,7 +280,6 @@ async def run_shard_flow(
     settings: ClientSettings,
     client_block: str | None = None,
     credentials_block: str | None = None,
-    storage_block: str | None = None,
     location_id: str = "",
     budget_id: str | None = None,
     attempt_id: str = "",
@@ -288,15 +287,17 @@ async def run_shard_flow(
     """One shard on a worker, with a client of its own: the same steps as in one process, resuming from the
     shard's results (parts in the bucket, or a file on a shared disk), in any working directory."""
     with forward_logs():
-        storage = await storage_for(storage_block)
+        setup = await resolve_run(settings, options, client_block=client_block, credentials_block=credentials_block)
+        settings, api_key, storage = setup.settings, setup.api_key, setup.storage
         check_shared_location(storage, output, location_id)
         if not storage.exists(requests_path):
             raise OutputDirectoryNotShared(f"worker {worker_name()} does not see the request file {requests_path}")
-        settings, api_key = await resolve_settings(settings, client_block, credentials_block)
         store = ShardStore.for_run(output, options, storage)
         journal = store.new_journal()
         budget = (
-            SharedBudget.connect(settings, api_key, budget_id, settings.max_cost_usd, journal=journal)
+            SharedBudget.connect(
+                settings, api_key, budget_id, settings.max_cost_usd, journal=journal, limiter_url=setup.limiter_url
+            )
             if budget_id is not None and settings.max_cost_usd is not None
             else Budget(None, journal=journal)
         )
@@ -311,7 +312,8 @@ async def run_shard_flow(
             if claim is not None:
                 await claim.confirmed()  # the hold proven (or lost) before anything is sent
             fence = claim.fence if claim is not None else None
-            async with AnthropicClient(api_key, settings, budget=budget, fence=fence) as client:
+            client = AnthropicClient(api_key, settings, budget=budget, fence=fence, limiter_url=setup.limiter_url)
+            async with client:
                 await client.check_limiter()
                 summary = await run_shard_requests(client, requests_path, shard, store, stop=SHUTDOWN)
         finally:
@@ -359,7 +361,7 @@ async def run_shards_on_pool(
     options = run.options
     work_pool = options.work_pool
     assert work_pool is not None and run.plan is not None
-    if not run.settings.shares_limits:
+    if run.limiter_url is None:
         logger.warning(
             "--work-pool without --limiter-url: each worker process keeps its own rate limits, so together "
             "they may send more than the account allows. Give them a shared Redis with --limiter-url."
@@ -379,7 +381,6 @@ async def run_shards_on_pool(
         "settings": run.settings,
         "client_block": client_block,
         "credentials_block": credentials_block,
-        "storage_block": options.storage_block,
         "location_id": location_id,
         "budget_id": budget_id,
     }

@@ -23,20 +23,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from .blocks import resolve_settings
-from .engine import RunStopped
-from .engine.batches import BatchAPI, batch_custom_id, batch_result_record, line_of_custom_id, plan_batches
-from .engine.budget import unbudgeted_reason, worst_case_cost
-from .engine.records import RequestItem, ResultRecord, validate_record
-from .engine.runner import done_before
-from .inputs import Shard, iter_requests
-from .models import lookup_model
-from .outputs import final_records
-from .pipeline import RUNS, SHUTDOWN, DatasetRun
-from .schema import with_output_format
-from .settings import ClientSettings
-from .shard_store import ShardStore
-from .storage import Storage, join
+from ..api.models import lookup_model
+from ..api.schema import with_output_format
+from ..dataset.inputs import Shard, iter_requests
+from ..dataset.outputs import final_records
+from ..dataset.pipeline import RUNS, SHUTDOWN, DatasetRun
+from ..dataset.shard_store import ShardStore
+from ..engine import RunStopped
+from ..engine.batches import BatchAPI, batch_custom_id, batch_result_record, line_of_custom_id, plan_batches
+from ..engine.budget import unbudgeted_reason, worst_case_cost
+from ..engine.records import RequestItem, ResultRecord, validate_record
+from ..engine.runner import done_before
+from ..settings import ClientSettings
+from ..storage import Storage, join
+from .edge import resolve_run
 
 __all__ = [
     "BATCH_RETRY_CHOICES",
@@ -426,8 +426,8 @@ async def cancel_batches(
     credentials_block: str | None = None,
 ) -> list[str]:
     """Cancel every batch of an output directory that has not ended; return their ids."""
-    settings, api_key = await resolve_settings(settings, client_block, credentials_block)
-    storage = Storage.from_environment()
+    setup = await resolve_run(settings, client_block=client_block, credentials_block=credentials_block)
+    settings, api_key, storage = setup.settings, setup.api_key, setup.storage
     canceled = []
     ids: dict[str, None] = {}  # every batch any state or record names, in order, once
     for location in storage.list(str(output_dir), f".shards-*/*{_STATE_SUFFIX}"):

@@ -28,13 +28,14 @@ import json
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 if TYPE_CHECKING:
-    from .storage import Storage
+    from ..storage import Storage
 
 __all__ = ["CALL_TIMEOUT_S", "LeaseConflict", "LeaseExists", "LeaseObject", "LeaseState", "lease_object"]
 
@@ -122,6 +123,37 @@ class _Lease:
     def read(self) -> LeaseState | None:
         raise NotImplementedError
 
+    def _refused(self, exc: BaseException) -> bool:
+        """Whether the store refused a conditional request because the object is not in the state it named."""
+        raise NotImplementedError
+
+    def _gone(self, exc: BaseException) -> bool:
+        """Whether the store answered that the object is not there."""
+        return isinstance(exc, FileNotFoundError)
+
+    def _conditional_write(self, body: bytes, write: Callable[[], str], *, replacing: bool) -> str:
+        """The token of `write()`, a conditional write of `body`. Refused (when `replacing`, also by the object
+        being gone: not the version we hold either): the token all the same if the write landed after all (see
+        `_ours`), else LeaseConflict when `replacing`, LeaseExists when creating."""
+        try:
+            return write()
+        except Exception as exc:
+            if not (self._refused(exc) or (replacing and self._gone(exc))):
+                raise
+            refusal = exc
+        return self._ours_or(body, self._conflict(refusal) if replacing else self._exists(refusal))
+
+    def _conditional_delete(self, delete: Callable[[], object]) -> None:
+        """Run `delete()`, a conditional delete: already gone is fine; refused, see `_refused_delete`."""
+        try:
+            delete()
+        except Exception as exc:
+            if self._gone(exc):
+                return
+            if not self._refused(exc):
+                raise
+            self._refused_delete(exc)
+
     def _ours(self, body: bytes) -> str | None:
         """After a refused write: the object's token when it holds exactly `body` (our own write, landed by an
         earlier attempt of a request the client retried after losing its reply), else None."""
@@ -188,14 +220,11 @@ class _S3Lease(_Lease):
         )
         return str(reply["ETag"])
 
+    def _refused(self, exc: BaseException) -> bool:
+        return _s3_refused(exc)
+
     def create(self, body: bytes) -> str:
-        try:
-            return self._put(body, IfNoneMatch="*")
-        except Exception as exc:
-            if not _s3_refused(exc):
-                raise
-            refusal = exc
-        return self._ours_or(body, self._exists(refusal))
+        return self._conditional_write(body, lambda: self._put(body, IfNoneMatch="*"), replacing=False)
 
     def read(self) -> LeaseState | None:
         async def get() -> tuple[dict[str, Any], bytes]:
@@ -214,25 +243,12 @@ class _S3Lease(_Lease):
         return LeaseState(body, str(reply["ETag"]), _age(now, reply["LastModified"]))
 
     def replace(self, body: bytes, token: str) -> str:
-        try:
-            return self._put(body, IfMatch=token)
-        except FileNotFoundError as exc:  # gone: not the version we hold either
-            refusal: Exception = exc
-        except Exception as exc:
-            if not _s3_refused(exc):
-                raise
-            refusal = exc
-        return self._ours_or(body, self._conflict(refusal))
+        return self._conditional_write(body, lambda: self._put(body, IfMatch=token), replacing=True)
 
     def delete(self, token: str) -> None:
-        try:
-            _sync(self.fs, self.fs._call_s3, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=token)
-        except FileNotFoundError:
-            return
-        except Exception as exc:
-            if not _s3_refused(exc):
-                raise
-            self._refused_delete(exc)
+        self._conditional_delete(
+            lambda: _sync(self.fs, self.fs._call_s3, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=token)
+        )
 
 
 # -- GCS ------------------------------------------------------------------------------------------------
@@ -264,6 +280,9 @@ class _GCSLease(_Lease):
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         return _sync(self.fs, self.fs._call, *args, **kwargs)
+
+    def _refused(self, exc: BaseException) -> bool:
+        return _gcs_refused(exc)
 
     def _upload(self, body: bytes, generation: str) -> str:
         boundary = uuid.uuid4().hex
@@ -334,15 +353,7 @@ class _GCSLease(_Lease):
         raise self._exists(refusal)
 
     def replace(self, body: bytes, token: str) -> str:
-        try:
-            return self._upload(body, token)
-        except FileNotFoundError as exc:
-            refusal: Exception = exc
-        except Exception as exc:
-            if not _gcs_refused(exc):
-                raise
-            refusal = exc
-        return self._ours_or(body, self._conflict(refusal))
+        return self._conditional_write(body, lambda: self._upload(body, token), replacing=True)
 
     def delete(self, token: str) -> None:
         # Two steps, because fake-gcs-server (the GCS emulator the tests use) ignores ifGenerationMatch on
@@ -390,6 +401,14 @@ class _AzureLease(_Lease):
     def _run(self, operation: Any) -> Any:
         return _sync(self.fs, operation)
 
+    def _refused(self, exc: BaseException) -> bool:
+        return _azure_refused(exc)
+
+    def _gone(self, exc: BaseException) -> bool:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        return isinstance(exc, ResourceNotFoundError)
+
     def _upload(self, body: bytes, **conditions: Any) -> str:
         from azure.storage.blob import ContentSettings
 
@@ -403,13 +422,8 @@ class _AzureLease(_Lease):
         return str(self._run(upload))
 
     def create(self, body: bytes) -> str:
-        try:
-            return self._upload(body, overwrite=False)  # If-None-Match: *
-        except Exception as exc:
-            if not _azure_refused(exc):
-                raise
-            refusal = exc
-        return self._ours_or(body, self._exists(refusal))
+        # overwrite=False: If-None-Match: *
+        return self._conditional_write(body, lambda: self._upload(body, overwrite=False), replacing=False)
 
     def read(self) -> LeaseState | None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -433,34 +447,20 @@ class _AzureLease(_Lease):
 
     def replace(self, body: bytes, token: str) -> str:
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceNotFoundError
 
-        try:
+        def upload() -> str:
             return self._upload(body, overwrite=True, etag=token, match_condition=MatchConditions.IfNotModified)
-        except ResourceNotFoundError as exc:
-            refusal: Exception = exc
-        except Exception as exc:
-            if not _azure_refused(exc):
-                raise
-            refusal = exc
-        return self._ours_or(body, self._conflict(refusal))
+
+        return self._conditional_write(body, upload, replacing=True)
 
     def delete(self, token: str) -> None:
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceNotFoundError
 
         async def delete() -> None:
             async with self.fs.service_client.get_blob_client(self.container, self.blob) as client:
                 await client.delete_blob(etag=token, match_condition=MatchConditions.IfNotModified)
 
-        try:
-            self._run(delete)
-        except ResourceNotFoundError:
-            return
-        except Exception as exc:
-            if not _azure_refused(exc):
-                raise
-            self._refused_delete(exc)
+        self._conditional_delete(lambda: self._run(delete))
 
 
 # -- memory:// ------------------------------------------------------------------------------------------

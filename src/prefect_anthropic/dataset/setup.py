@@ -1,0 +1,47 @@
+"""What a run is given: its configuration resolved at the edge (flags, blocks, the environment, the defaults).
+
+Below this nothing reads a flag, a block or an environment variable: the data path and the engine take a
+`RunSetup`. Blocks are read by `orchestration.edge.resolve_run`, which ends here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..settings import ClientSettings, RunOptions, api_key_from_env
+from ..storage import Storage
+
+__all__ = ["RunSetup"]
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """A run's settings, options, storage, API key and shared limiter's Redis URL, each resolved once."""
+
+    settings: ClientSettings
+    options: RunOptions
+    storage: Storage
+    api_key: str = field(repr=False)
+    #: The shared limiter's (and the lock's) Redis, its password included: never log it.
+    limiter_url: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(
+        cls,
+        settings: ClientSettings | None = None,
+        options: RunOptions | None = None,
+        *,
+        api_key: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        limiter_url: str | None = None,
+    ) -> RunSetup:
+        """Given values first, then the environment (ANTHROPIC_API_KEY, the storage options, the limiter's
+        URL and password), then the defaults. A block's values come in as given values."""
+        settings = settings if settings is not None else ClientSettings()
+        return cls(
+            settings=settings,
+            options=options if options is not None else RunOptions(),
+            storage=Storage.from_environment(storage_options),
+            api_key=api_key or api_key_from_env(),
+            limiter_url=limiter_url or settings.redis_url,
+        )

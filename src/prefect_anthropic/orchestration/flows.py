@@ -1,0 +1,397 @@
+"""The flow: a request file in, a dataset out (results.parquet, results.jsonl, summary.json).
+
+input -> shards (byte ranges, planned in one pass) -> one task per shard, all awaited on the flow's event
+loop so they share the run's rate-limited client -> shard results files -> merge -> Parquet + JSONL. The
+steps themselves are `pipeline.DatasetRun`'s; this module runs them as Prefect tasks and shows progress,
+the summary and the failed lines as artifacts in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.logging import get_run_logger
+
+from ..api.formatting import duration, money, number
+from ..dataset.auto_mode import CutOver, parse_deadline
+from ..dataset.inputs import Shard
+from ..dataset.outputs import final_records
+from ..dataset.pipeline import (
+    DatasetRun,
+    ShardIncomplete,
+    open_run,
+    raise_first_error,
+    spent_in,
+)
+from ..dataset.tables import SAVED_TABLE_PREFIX, PromptFunction, render_requests
+from ..engine.results_file import is_final
+from ..settings import ClientSettings, RunOptions
+from ..storage import join
+from .edge import resolve_run, resolve_storage
+from .observability import RunEvents, artifact_keys, final_state, forward_logs, state_message
+from .tasks import merge_materializing, plan_request_shards, run_shard
+
+__all__ = ["generate_dataset", "generate_dataset_from_table", "spent_in"]
+
+_DEFAULTS = RunOptions()
+
+
+def _limit_text(value: float | None, unit: str) -> str:
+    return f"{number(value)} {unit}" if value is not None else f"no {unit} limit"
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    cost_line = f"{money(summary['cost_usd'])} (without caching {money(summary['cost_usd_without_caching'])})"
+    if summary["budget_usd"] is not None:
+        cost_line += f"; budget {money(summary['budget_usd'])}"
+        cost_line += ", **stopped by the budget**" if summary["stopped_by_budget"] else ""
+    keys = summary.get("artifacts") or {}
+    lines = [
+        f"# Anthropic dataset run: {state_message(summary)}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| requests | {number(summary['requests'])} |",
+        f"| sent in this run | {number(summary['requests_sent_this_run'])} |",
+        f"| succeeded | {number(summary['succeeded'])} |",
+        f"| failed | {number(summary['failed'])} |",
+        f"| input tokens | {number(summary['input_tokens'])} |",
+        f"| output tokens | {number(summary['output_tokens'])} |",
+        f"| cache reads | {number(summary['cache_read_input_tokens'])} (hit rate {summary['cache_hit_rate']:.1%}) |",
+        f"| estimated input tokens | {number(summary['estimated_input_tokens'])} "
+        f"(real {number(summary['real_input_tokens'])}) |",
+        f"| cost | {cost_line} |",
+        f"| wall time | {duration(summary['wall_time_s'])} |",
+        f"| achieved rate | {number(summary['achieved_requests_per_minute'])} req/min |",
+    ]
+    for cls, limits in summary["limits"].items():
+        lines.append(
+            f"| limits ({cls}) | {_limit_text(limits['requests_per_minute'], 'req/min')}, "
+            f"{_limit_text(limits['input_tokens_per_minute'], 'input tok/min')}, "
+            f"{_limit_text(limits['output_tokens_per_minute'], 'output tok/min')} |"
+        )
+    if summary["warnings"]:
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {warning}" for warning in summary["warnings"]]
+    if summary["failed_by_error_type"]:
+        lines += ["", "## Failures by error type", ""]
+        lines += [f"- `{kind}`: {number(count)}" for kind, count in sorted(summary["failed_by_error_type"].items())]
+        if "failures" in keys:
+            lines += ["", f"Failed lines: [{keys['failures']}](/artifacts/key/{keys['failures']})."]
+    if "progress" in keys:
+        lines += ["", f"This dataset's runs: [{keys['progress']}](/artifacts/key/{keys['progress']})."]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="anthropic-requests-to-dataset", log_prints=True)
+async def generate_dataset(
+    requests_path: str,
+    output_dir: str,
+    settings: ClientSettings | None = None,
+    client_block: str | None = None,
+    credentials_block: str | None = None,
+    shard_size: int = _DEFAULTS.shard_size,
+    max_parallel_shards: int = _DEFAULTS.max_parallel_shards,
+    shard_retries: int = _DEFAULTS.shard_retries,
+    shard_retry_delay_s: float = _DEFAULTS.shard_retry_delay_s,
+    mode: Literal["realtime", "batch", "auto"] = _DEFAULTS.mode,
+    deadline: str | None = _DEFAULTS.deadline,
+    deadline_margin: float = _DEFAULTS.deadline_margin,
+    deadline_slack_s: float = _DEFAULTS.deadline_slack_s,
+    batch_retry: Literal["none", "batch", "realtime"] = _DEFAULTS.batch_retry,
+    batch_poll_interval_s: float = _DEFAULTS.batch_poll_interval_s,
+    work_pool: str | None = _DEFAULTS.work_pool,
+    shard_heartbeat_timeout_s: float = _DEFAULTS.shard_heartbeat_timeout_s,
+    part_rows: int = _DEFAULTS.part_rows,
+    part_seconds: float = _DEFAULTS.part_seconds,
+    storage_block: str | None = _DEFAULTS.storage_block,
+    fail_on_errors: bool = _DEFAULTS.fail_on_errors,
+    original_layout_path: str | None = None,
+    parquet_beside_original: bool = False,
+    input_table: str | None = None,
+    input_columns: list[str] | None = None,
+) -> dict[str, Any]:
+    """Send every request of a JSONL file to the Anthropic Messages API and write the dataset.
+
+    Args:
+        requests_path: JSONL file, one Messages API body (or Batches-style custom_id/params) per line.
+        output_dir: Where results.parquet, results.jsonl and summary.json go; a re-run resumes from here.
+        settings: How requests are sent (no secrets); the fields set here are laid over the client block's.
+        client_block: Name of a saved AnthropicClientConfig block (its settings and key).
+        credentials_block: Name of a saved AnthropicCredentials block; else ANTHROPIC_API_KEY is used.
+        shard_size: Lines per shard task.
+        max_parallel_shards: Shards running at once (they share one client and its limits).
+        shard_retries: Retries of a shard that ended with retryable failures (each resumes).
+        shard_retry_delay_s: Base of the exponential backoff between shard retries, in seconds.
+        mode: "realtime" (Messages API, at the rate limits), "batch" (Message Batches API, half price) or
+            "auto" (batches until the latest moment real time can still finish by `deadline`).
+        deadline: Auto mode: an ISO 8601 time with its zone, or a duration from the start (90m, 6h).
+        deadline_margin: Auto mode: real time's estimated duration is planned at x (1 + this).
+        deadline_slack_s: Auto mode: seconds kept in hand besides (last replies, cancel, writing the dataset).
+        batch_retry: Batch mode: send expired or server-failed requests again in a follow-up batch or in
+            real time.
+        batch_poll_interval_s: Batch mode: the longest wait between two polls of a batch, in seconds.
+        work_pool: Run each shard as a flow run on this Prefect work pool (any worker of the pool, on any
+            machine, takes shards).
+        shard_heartbeat_timeout_s: With a work pool: a running shard whose heartbeat stops this long is taken
+            as lost with its worker and run again (it resumes).
+        part_rows: With the output on object storage: a shard's results are uploaded as a new part every this
+            many records (or part_seconds, whichever comes first); a container lost mid-shard loses at most that.
+        part_seconds: With the output on object storage: the longest time between two parts.
+        storage_block: A Prefect block by name (prefect-aws's S3Bucket) whose credentials reach URL inputs and
+            outputs (default: the environment's).
+        fail_on_errors: End the flow run Failed (not Completed) when rows failed; either way the state's
+            message says how many.
+        original_layout_path: Also write the original script's JSONL layout here.
+        parquet_beside_original: Write the Parquet file beside `original_layout_path` (the drop-in script).
+        input_table: The table the request file was rendered from (one line per row, see
+            `generate_dataset_from_table`): its columns are put beside the result columns.
+        input_columns: Which of the table's columns to keep (default: all).
+    """
+    options = RunOptions(
+        shard_size=shard_size,
+        max_parallel_shards=max_parallel_shards,
+        shard_retries=shard_retries,
+        shard_retry_delay_s=shard_retry_delay_s,
+        mode=mode,
+        deadline=deadline,
+        deadline_margin=deadline_margin,
+        deadline_slack_s=deadline_slack_s,
+        batch_retry=batch_retry,
+        batch_poll_interval_s=batch_poll_interval_s,
+        work_pool=work_pool,
+        shard_heartbeat_timeout_s=shard_heartbeat_timeout_s,
+        part_rows=part_rows,
+        part_seconds=part_seconds,
+        storage_block=storage_block,
+        fail_on_errors=fail_on_errors,
+    )
+    setup = await resolve_run(settings, options, client_block=client_block, credentials_block=credentials_block)
+    settings = setup.settings
+    if options.work_pool and options.mode != "realtime":
+        raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
+    if options.mode == "auto" and not options.deadline:
+        raise ValueError("--mode auto needs --deadline (an ISO 8601 time with its zone, or a duration such as 6h)")
+    if options.mode == "auto":
+        parse_deadline(options.deadline or "")  # a malformed deadline stops the run before anything is sent
+    if options.work_pool and settings.max_cost_usd is not None and setup.limiter_url is None:
+        raise ValueError(
+            "--max-cost-usd with --work-pool needs --limiter-url: the budget is kept in Redis so that every "
+            "worker spends from the same one"
+        )
+    with forward_logs():
+        async with open_run(
+            requests_path,
+            output_dir,
+            setup,
+            input_table=input_table,
+            input_columns=input_columns,
+            original_layout_path=original_layout_path,
+            parquet_beside_original=parquet_beside_original,
+        ) as run:
+            summary = await _run(run, client_block, credentials_block)
+    # Completed (or, with fail_on_errors and failed rows, Failed) with a message saying what happened.
+    return final_state(summary, options.fail_on_errors)
+
+
+async def _run(run: DatasetRun, client_block: str | None, credentials_block: str | None) -> dict[str, Any]:
+    logger = get_run_logger()
+    options = run.options
+    plan = plan_request_shards(run.key)
+    tracker = run.progress
+    assert tracker is not None
+    keys = artifact_keys(run.output_dir)
+    events = RunEvents(run.output_dir)
+
+    async def create_progress() -> Any:
+        return await acreate_progress_artifact(0.0, key=keys["progress"], description=tracker.describe())
+
+    # Created beside the first requests, not before them: one API round trip less before the first send.
+    progress_artifact = asyncio.create_task(create_progress())
+
+    async def publish_progress() -> None:
+        artifact_id = await asyncio.shield(progress_artifact)  # cancelling the publisher keeps the artifact
+        while True:
+            await asyncio.sleep(2.0)
+            events.watch(run.client)
+            await aupdate_progress_artifact(artifact_id, tracker.percent, description=tracker.describe())
+
+    publisher = asyncio.create_task(publish_progress())
+    gate = asyncio.Semaphore(options.max_parallel_shards)
+    retries = options.shard_retries
+    shard_task = run_shard.with_options(
+        retries=retries, retry_delay_seconds=[options.shard_retry_delay_s * 2**n for n in range(retries)]
+    )
+    budget = run.client.budget
+
+    if options.mode == "auto":
+        run.cutover = plan_cutover(run)
+        tracker.phase, tracker.phase_detail = run.cutover.short, run.cutover.describe
+        log = logger.warning if run.cutover.late else logger.info
+        log("Auto mode: %s.", run.cutover.describe())
+
+    async def one_shard(shard: Shard) -> None:
+        # Batches of every shard run at once (they cost no rate limit); real time, shard by shard.
+        if options.mode != "realtime" and run.store.done_summary(shard) is None:
+            from .batch_mode import run_shard_in_batches
+
+            left = await run_shard_in_batches(run.key, shard)
+            # Auto mode leaves the shard to real time, which sends what has no answer and marks it done.
+            if options.mode == "batch" and not left and not (budget is not None and budget.exhausted):
+                run.store.mark_done(shard, {"shard": shard.index, "requests": shard.line_count})
+        async with gate:
+            try:
+                # Real-time mode, or what batch mode left for it: sends only the lines not yet answered.
+                await shard_task(run.key, shard)
+            except ShardIncomplete as error:  # its failed rows are in the dataset as errors
+                logger.warning(
+                    "Shard %d (%s) ended with failures after its retries: %s", shard.index, shard.lines, error
+                )
+
+    shards_by_worker: dict[str, int] = {}
+    budget_id = None
+    try:
+        if options.work_pool:
+            from .fanout import run_shards_on_pool
+
+            budget_id = await _start_shared_budget(run)
+            shards_by_worker = await run_shards_on_pool(
+                run, client_block, credentials_block, budget_id=budget_id,
+                on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
+            )  # fmt: skip
+        else:
+            raise_first_error(await asyncio.gather(*(one_shard(s) for s in plan.shards), return_exceptions=True))
+    finally:
+        publisher.cancel()
+        events.watch(run.client)
+
+    inputs = [run.input_table] if run.input_table is not None else [run.requests_path]
+    totals = merge_materializing(run.key, run.output_dir, inputs)(run.key)
+    summary = run.summary(totals)
+    summary["artifacts"] = keys
+    if options.work_pool:
+        # The budget was spent by the workers' processes: their budget_exhausted rows say it stopped them.
+        summary["stopped_by_budget"] |= budget_id is not None and bool(totals.errors_by_type.get("budget_exhausted"))
+        summary["work_pool"] = options.work_pool
+        summary["shards_by_worker"] = shards_by_worker
+    run.write_summary(summary)
+    await aupdate_progress_artifact(await progress_artifact, 100.0, description=tracker.describe())
+    await acreate_markdown_artifact(_summary_markdown(summary), key=keys["summary"], description=state_message(summary))
+    await acreate_table_artifact(
+        totals.first_failures or [{"line": None, "custom_id": None, "error_type": "none", "error_message": None}],
+        key=keys["failures"],
+        description=f"Failed lines: the first {number(len(totals.first_failures))} of {number(totals.failed)}",
+    )
+    events.finished(summary)
+    logger.info("Done: %s", state_message(summary))
+    return summary
+
+
+def plan_cutover(run: DatasetRun) -> CutOver:
+    """Auto mode's plan: real time's need for the requests without an answer yet, against the deadline
+    (DeadlineInfeasible when even real time from now would be late)."""
+    from ..dataset.estimate import estimate_file
+    from .batch_mode import batch_state_name
+
+    assert run.plan is not None
+    options, store = run.options, run.store
+    remaining = {}
+    resumed = False
+    for shard in run.plan.shards:
+        if store.done_summary(shard) is not None:
+            resumed = True
+            continue
+        records = final_records(store.records(shard)).values()
+        answered = sum(1 for record in records if is_final(record))
+        remaining[shard.index] = max(0, shard.line_count - answered)
+        resumed |= bool(records) or store.read_text(batch_state_name(shard)) is not None
+    estimate = estimate_file(run.requests_path, run.settings, storage=run.storage)
+    return CutOver.plan(
+        options.deadline or "",
+        estimate,
+        margin=options.deadline_margin,
+        slack_s=options.deadline_slack_s,
+        remaining=remaining,
+        resumed=resumed,
+    )
+
+
+async def _start_shared_budget(run: DatasetRun) -> str | None:
+    """With a work pool and a budget: the run's budget in Redis, for every worker's process to spend from."""
+    from ..engine.shared_budget import start_shared_budget
+
+    budget, shared = run.client.budget, run.client.shared_limiter
+    if budget is None or budget.limit_usd is None or shared is None:
+        return None
+    budget_id = uuid.uuid4().hex
+    await start_shared_budget(shared, budget_id, budget.limit_usd, budget.spent_usd)
+    return budget_id
+
+
+async def generate_dataset_from_table(
+    table: Any,
+    output_dir: str | os.PathLike[str],
+    prompt: str | PromptFunction,
+    *,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    id_column: str | None = None,
+    columns: list[str] | None = None,
+    settings: ClientSettings | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """A table in, a dataset out: each row renders `prompt` into a request, and the dataset keeps the
+    table's columns beside the result columns, in the table's row order.
+
+    Args:
+        table: A .csv, .parquet or .jsonl path, a pandas DataFrame or a pyarrow Table.
+        prompt: A Jinja2 template of the user message (strict: an undefined column is an error), or one
+            rendering a whole request body as JSON; or a function of the row returning the user message, a
+            list of messages or a request body.
+        model, max_tokens: Added to every request that does not set them.
+        system: A Jinja2 template of the system prompt.
+        id_column: The column giving each row's custom_id (default: a digest of the row).
+        columns: The table's columns to keep in the outputs (default: all).
+        settings, options: As for `generate_dataset` (schema, caching, batch mode, budget, ...).
+    """
+    storage = await resolve_storage(options.get("storage_block"))
+    source: Any = table
+    if not isinstance(table, (str, os.PathLike)):
+        # The merge reads the table again, a batch at a time: keep an in-memory table beside the output for it.
+        source = join(str(output_dir), f"{SAVED_TABLE_PREFIX}{uuid.uuid4().hex[:12]}.parquet")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        frame = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
+        with storage.atomic_writer(source) as handle:
+            pq.write_table(frame, handle)
+    rendered = render_requests(
+        source,
+        output_dir,
+        prompt,
+        model=model,
+        max_tokens=max_tokens,
+        system=system,
+        id_column=id_column,
+        storage=storage,
+    )
+    result: dict[str, Any] = await generate_dataset(
+        str(rendered.requests_path),
+        str(output_dir),
+        settings=settings,
+        input_table=str(source),
+        input_columns=columns,
+        **options,
+    )
+    return result
