@@ -19,7 +19,7 @@ from typing import Any
 
 from .api.formatting import money, number
 from .emulator.config import EmulatorConfig
-from .settings import API_KEY_ENV, ClientSettings, RunOptions, add_arguments, explicit_options
+from .settings import API_KEY_ENV, ClientSettings, RunOptions, add_arguments, environment_set, explicit_options
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -482,29 +482,14 @@ def _one_line_errors(verbose: bool) -> Iterator[None]:
             del handler.format  # the class's own again
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str | None]) -> Iterator[None]:
-    """`values` (those not None) in this process's environment for the command's life, then the previous ones
-    again: a command run in-process (tests, notebooks) leaves no key or storage option behind."""
-    given = {name: value for name, value in values.items() if value}
-    previous = {name: os.environ.get(name) for name in given}
-    os.environ.update(given)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _run(args: argparse.Namespace) -> int:
     from .storage import STORAGE_OPTIONS_ENV
 
     # The key and the storage credentials go into this process's environment, never into a flow parameter
     # (workers bring their own).
-    with _environment({API_KEY_ENV: args.api_key, STORAGE_OPTIONS_ENV: args.storage_options}):
+    # For the command's life only: a command run in-process (tests, notebooks) leaves no key behind.
+    given = {API_KEY_ENV: args.api_key, STORAGE_OPTIONS_ENV: args.storage_options}
+    with environment_set({name: value for name, value in given.items() if value}):
         return _run_with_environment(args)
 
 

@@ -14,9 +14,10 @@ A field left None is resolved where it is used: from the environment of the proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -122,6 +123,22 @@ def _url_from_env(name: str, check: Callable[[str, str], str]) -> str | None:
 
 def api_key_from_env() -> str:
     return os.environ.get(API_KEY_ENV, "")
+
+
+@contextlib.contextmanager
+def environment_set(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` in this process's environment (and so in the processes it starts) for the block, then the
+    previous ones again: what a command or a test server sets is never left behind."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass(frozen=True)

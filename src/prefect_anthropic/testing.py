@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from .emulator.server import free_port
+from .settings import environment_set
 
 __all__ = [
     "EmulatedStore",
@@ -53,21 +53,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """`values` in this process's environment (and so the ones it starts) for the block, then the previous ones."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -106,7 +91,7 @@ def s3_server() -> Iterator[str]:
     }
     try:
         _wait_for_port(process, port, "moto_server")
-        with _environment(environment):
+        with environment_set(environment):
             yield environment["AWS_ENDPOINT_URL"]
     finally:
         _stop(process)
@@ -173,7 +158,7 @@ def gcs_server() -> Iterator[EmulatedStore]:
     environment = {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     try:
         _wait_for_port(process, port, "fake-gcs-server")
-        with _environment(environment):
+        with environment_set(environment):
             with contextlib.suppress(ImportError):
                 import fsspec
                 from gcsfs.core import GCSFileSystem
@@ -210,7 +195,7 @@ def azurite_server(executable: str | None = None) -> Iterator[EmulatedStore]:
         process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_for_port(process, port, "azurite-blob")
-            with _environment({"AZURE_STORAGE_CONNECTION_STRING": connection_string}):
+            with environment_set({"AZURE_STORAGE_CONNECTION_STRING": connection_string}):
                 yield EmulatedStore(endpoint, {"connection_string": connection_string})
         finally:
             _stop(process)

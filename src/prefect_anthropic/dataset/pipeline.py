@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import threading
@@ -170,12 +169,10 @@ class DatasetRun:
 
     requests_path: str
     output_dir: str
-    settings: ClientSettings
-    options: RunOptions
     client: AnthropicClient
     store: ShardStore
-    #: What the run was resolved from (its key and the shared limiter's URL: not printed).
-    setup: RunSetup | None = field(repr=False, default=None)
+    #: What the run was resolved from: its settings and options, key and shared limiter's URL (not printed).
+    setup: RunSetup = field(repr=False)
     input_table: str | None = None
     input_columns: list[str] | None = None
     original_layout_path: str | None = None
@@ -196,12 +193,20 @@ class DatasetRun:
         return self.store.storage
 
     @property
+    def settings(self) -> ClientSettings:
+        return self.setup.settings
+
+    @property
+    def options(self) -> RunOptions:
+        return self.setup.options
+
+    @property
     def api_key(self) -> str:
-        return self.setup.api_key if self.setup is not None else ""
+        return self.setup.api_key
 
     @property
     def limiter_url(self) -> str | None:
-        return self.setup.limiter_url if self.setup is not None else None
+        return self.setup.limiter_url
 
     def plan_shards(self) -> ShardPlan:
         if self.plan is not None:  # planned when the run started sending early
@@ -363,7 +368,7 @@ async def open_run(
         )
         async with client:
             await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending
-            run = DatasetRun(requests_path, output_dir, settings, options, client, store, setup, **run_fields)
+            run = DatasetRun(requests_path, output_dir, client, store, setup, **run_fields)
             RUNS[run.key] = run
             try:
                 yield run
@@ -442,9 +447,7 @@ async def run_dataset(
     """The whole run with plain asyncio, no Prefect: the same steps and outputs as the flow. The settings,
     options, key and storage are taken as given (the key from ANTHROPIC_API_KEY when empty), the storage
     options and the shared limiter's URL otherwise from the environment (`RunSetup.resolve`)."""
-    setup = RunSetup.resolve(settings, options, api_key=api_key)
-    if storage is not None:
-        setup = dataclasses.replace(setup, storage=storage)
+    setup = RunSetup.resolve(settings, options, api_key=api_key, storage=storage)
     return await run_with_setup(requests_path, output_dir, setup, **run_fields)
 
 

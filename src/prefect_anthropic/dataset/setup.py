@@ -32,16 +32,18 @@ class RunSetup:
         options: RunOptions | None = None,
         *,
         api_key: str | None = None,
+        storage: Storage | None = None,
         storage_options: dict[str, Any] | None = None,
         limiter_url: str | None = None,
     ) -> RunSetup:
         """Given values first, then the environment (ANTHROPIC_API_KEY, the storage options, the limiter's
-        URL and password), then the defaults. A block's values come in as given values."""
+        URL and password), then the defaults. A block's values come in as given values; a `storage` given
+        is used as it is (its options are its own)."""
         settings = settings if settings is not None else ClientSettings()
         return cls(
             settings=settings,
             options=options if options is not None else RunOptions(),
-            storage=Storage.from_environment(storage_options),
+            storage=storage if storage is not None else Storage.from_environment(storage_options),
             api_key=api_key or api_key_from_env(),
             limiter_url=limiter_url or settings.redis_url,
         )
