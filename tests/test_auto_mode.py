@@ -79,9 +79,11 @@ async def test_batches_that_finish_before_the_cutover_cost_half_of_real_time(sta
 
 @pytest.mark.usefixtures("prefect_server")
 async def test_slow_batches_give_way_to_real_time_by_the_deadline_nothing_paid_twice(start_emulator, tmp_path):
-    # Batches of 10 finish one request every 6 s; real time needs 6 s (60 requests at 600/min), so with 5 s in
+    # Batches of 10 finish one request every 3 s; real time needs 6 s (60 requests at 600/min), so with 5 s in
     # hand the cut-over comes about 7.5 s before a 20 s deadline: a few rows from batches, the rest real time.
-    emu = start_emulator(batch_delay_s=60, batch_cancel_s=1.0, requests_per_minute=600, latency_ms=50)
+    # (One request every 6 s left a single row per batch in the window when start-up was quick, none when a busy
+    # machine took 2 s more to start: every request then went real time.)
+    emu = start_emulator(batch_delay_s=30, batch_cancel_s=1.0, requests_per_minute=600, latency_ms=50)
     requests = write_requests(tmp_path / "requests.jsonl", 60)
     settings = ClientSettings(base_url=emu.base_url, requests_per_minute=600)
     deadline = (datetime.now(timezone.utc) + timedelta(seconds=20)).isoformat()
