@@ -12,10 +12,14 @@ from conftest import MODEL
 from prefect_anthropic.api.models import TODAY_ENV
 
 
-@pytest.fixture
-def sdk(start_emulator):
+@pytest.fixture(params=[None, "2023-06-01"], ids=["sdk-default-version", "version-2023-06-01"])
+def sdk(start_emulator, request):
+    """The SDK as it comes (its own default API version), and pinned to the older 2023-06-01."""
     emu = start_emulator(batch_delay_s=0.3)
-    return anthropic.Anthropic(api_key="sk-ant-fake-sdk-key", base_url=emu.base_url, max_retries=0)
+    headers = {"anthropic-version": request.param} if request.param else None
+    return anthropic.Anthropic(
+        api_key="sk-ant-fake-sdk-key", base_url=emu.base_url, max_retries=0, default_headers=headers
+    )
 
 
 def test_sdk_creates_a_message(sdk):
