@@ -54,7 +54,8 @@ import orjson
 
 from _common import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
-from prefect_anthropic.dataset.pipeline import SPENDING_DIR, run_dataset, spent_in
+from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_store import SPENDING_DIR, spent_in
 from prefect_anthropic.emulator import EmulatorConfig, RunningEmulator, emulator_process
 from prefect_anthropic.emulator.tokenizer import count_tokens
 
@@ -373,20 +374,21 @@ async def child_shard(spec: dict[str, Any]) -> dict[str, Any]:
     work-pool worker (without Prefect)."""
     from prefect_anthropic.dataset.inputs import plan_shards
     from prefect_anthropic.dataset.pipeline import ShardIncomplete, run_shard_requests
+    from prefect_anthropic.dataset.shard_store import ShardStore
     from prefect_anthropic.engine import AnthropicClient
-    from prefect_anthropic.engine.budget import SpendingJournal
     from prefect_anthropic.engine.shared_budget import SharedBudget
+    from prefect_anthropic.storage import Storage
 
     settings = ClientSettings(**spec["settings"])
     output_dir = Path(spec["output_dir"])
     shard = plan_shards(spec["requests"], spec["shard_size"]).shards[spec["shard"]]
-    journal = SpendingJournal(output_dir / SPENDING_DIR)
-    budget = SharedBudget.connect(settings, spec["key"], spec["budget_id"], spec["limit"], journal=journal)
+    store = ShardStore.for_run(str(output_dir), RunOptions(shard_size=spec["shard_size"]), Storage())
+    budget = SharedBudget.connect(settings, spec["key"], spec["budget_id"], spec["limit"], journal=store.new_journal())
     outcome: dict[str, Any] = {"shard": spec["shard"]}
     async with AnthropicClient(spec["key"], settings, budget=budget) as client:
         await client.check_limiter()
         try:
-            outcome["summary"] = await run_shard_requests(client, spec["requests"], shard, spec["work_dir"])
+            outcome["summary"] = await run_shard_requests(client, spec["requests"], shard, store)
         except ShardIncomplete as error:
             outcome["incomplete"] = str(error)
     return outcome
@@ -499,8 +501,7 @@ def scenario_shared(seed: int, work: Path, redis_url: str) -> RunResult:
     run_dir.mkdir()
     requests_path = write_requests(run_dir / "requests.jsonl", lines, seed)
     output_dir = run_dir / "out"
-    work_dir = output_dir / ".shards"
-    work_dir.mkdir(parents=True)
+    output_dir.mkdir(parents=True)
     setup = describe(
         n=lines, e529=pct(e529), e500=pct(e500), drop=pct(drop), lat=latency, conc=f"{concurrency[0]}+{concurrency[1]}"
     )
@@ -514,7 +515,7 @@ def scenario_shared(seed: int, work: Path, redis_url: str) -> RunResult:
         for index in (0, 1):
             settings = {"base_url": emu.base_url, "max_cost_usd": budget, "limiter_url": redis_url,
                         "max_concurrency": concurrency[index]}  # fmt: skip
-            spec = {"requests": str(requests_path), "output_dir": str(output_dir), "work_dir": str(work_dir),
+            spec = {"requests": str(requests_path), "output_dir": str(output_dir),
                     "settings": settings, "key": key, "budget_id": budget_id, "limit": budget,
                     "shard_size": lines // 2, "shard": index}  # fmt: skip
             children.append(spawn_child("shard", spec))
@@ -523,7 +524,7 @@ def scenario_shared(seed: int, work: Path, redis_url: str) -> RunResult:
         if failures:
             result.error = "; ".join(failures)
         finish(result, emu, output_dir, rows=False)
-    result.succeeded, result.exhausted, errors = rows_from_results(sorted(work_dir.glob("shard-*.jsonl")))
+    result.succeeded, result.exhausted, errors = rows_from_results(sorted(output_dir.glob(".shards-*/shard-*.jsonl")))
     incomplete = sum(1 for _, outcome, _ in outcomes if outcome is not None and "incomplete" in outcome)
     notes = [f"other error rows {errors}"] if errors else []
     notes += [f"{incomplete} shard(s) ended with retryable failures"] if incomplete else []
