@@ -54,7 +54,7 @@ import orjson
 
 from _common import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 from prefect_anthropic.dataset.shard_store import SPENDING_DIR, spent_in
 from prefect_anthropic.emulator import EmulatorConfig, RunningEmulator, emulator_process
 from prefect_anthropic.emulator.tokenizer import count_tokens

@@ -803,12 +803,14 @@ class Bench:
             return
         try:
             with stderr_to_devnull():
-                endpoint = self.stack.enter_context(server())
+                store = self.stack.enter_context(server())
+            # Its clients, here and in the runs (their environment is this one's), reach it through the environment.
+            os.environ.update(store.environment)
             root = make_bucket({"s3": "s3", "gs": "gs", "az": "az"}[name])
         except Exception as error:  # a fixture whose server is not installed here: skip that store, say why
             self.skipped[name] = f"{fixture}() failed: {type(error).__name__}: {str(error)[:120]}"
             return
-        url = str(getattr(endpoint, "endpoint", endpoint))  # s3_server yields its URL, the others an EmulatedStore
+        url = store.endpoint
         port = int(url.rsplit(":", 1)[1].split("/")[0]) if name == "s3" else None
         self.stores[name] = Store(name, root, port)
 

@@ -45,7 +45,7 @@ import httpx
 
 from _common import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.testing import s3_server
 
@@ -189,7 +189,8 @@ def main() -> int:
         flush=True,
     )
     try:
-        with s3_server(), emulator_process(**emulator_options) as emu:
+        with s3_server() as store, emulator_process(**emulator_options) as emu:
+            os.environ.update(store.environment)  # s3fs here and in the runs reaches moto
             bucket = f"s3://bench-{uuid.uuid4().hex[:12]}"
             s3fs_filesystem().mkdir(bucket)
             # Untimed: imports, the s3 filesystem and its connection pool, the emulator's first requests.

@@ -86,14 +86,24 @@ def write_requests(path, n: int, *, start: int = 0, text: str = "Question {i}: w
     return path
 
 
+@contextlib.contextmanager
+def environment_of(store):
+    """What reaches an emulated object store (`EmulatedStore.environment`) in this process's environment, so in
+    the processes it starts too, for the block."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in store.environment.items():
+            patch.setenv(name, value)
+        yield store
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API on loopback (moto's standalone server), reached over HTTP by s3fs as the real S3 would
     be: AWS_ENDPOINT_URL and fake credentials in the environment, for this process and the ones it starts."""
     from prefect_anthropic.testing import s3_server
 
-    with s3_server() as endpoint:
-        yield endpoint
+    with s3_server() as store, environment_of(store):
+        yield store.endpoint
 
 
 @pytest.fixture

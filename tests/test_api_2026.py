@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 from pathlib import Path
 
@@ -55,13 +54,9 @@ def sdk_2023(emulator):
 
 
 @pytest.fixture(autouse=True)
-def shipped_table_only():
-    """Each test starts from the shipped table; a --models-file given in a test does not outlive it."""
-    os.environ.pop(MODELS_FILE_ENV, None)
-    use_models_file(None)
-    yield
-    os.environ.pop(MODELS_FILE_ENV, None)
-    use_models_file(None)
+def shipped_table_only(monkeypatch):
+    """Each test starts from the shipped table (no models file in the environment)."""
+    monkeypatch.delenv(MODELS_FILE_ENV, raising=False)
 
 
 # -- the model table ---------------------------------------------------------------------------------------
@@ -127,9 +122,12 @@ def test_a_models_file_adds_and_overrides_entries(tmp_path, monkeypatch):
         '[[model]]\nid = "claude-sonnet-5-5"\nmin_cacheable_tokens = 2048\n'
     )
     use_models_file(extra)
-    assert lookup_model("claude-newmodel-6").prices.output == 2.0
-    sonnet = lookup_model("claude-sonnet-5-5")
+    assert lookup_model("claude-newmodel-6", models_file=extra).prices.output == 2.0
+    sonnet = lookup_model("claude-sonnet-5-5", models_file=extra)
     assert sonnet.min_cacheable_tokens == 2048 and sonnet.prices.input == 2.0  # the rest of the entry stays
+    assert lookup_model("claude-newmodel-6") is None  # the file is used where it is named
+    monkeypatch.setenv(MODELS_FILE_ENV, str(extra))
+    assert lookup_model("claude-newmodel-6").prices.output == 2.0  # or where the environment names it
     bad = tmp_path / "bad.toml"
     bad.write_text('[[model]]\nid = "x"\nrejects = ["colour"]\n')
     with pytest.raises(ModelsFileError, match="colour"):

@@ -16,8 +16,9 @@ import pytest
 
 from conftest import HEADERS, message_body, write_requests
 from prefect_anthropic import ClientSettings
+from prefect_anthropic.dataset import batch_mode
+from prefect_anthropic.dataset.setup import RunSetup
 from prefect_anthropic.engine.batches import BatchAPI, plan_batches
-from prefect_anthropic.orchestration import batch_mode
 from prefect_anthropic.orchestration.flows import generate_dataset, spent_in
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -49,10 +50,24 @@ def interrupt_second_create(monkeypatch):
     return calls
 
 
-def batch_ids(emu) -> list[str]:
+def batches(emu) -> list[dict]:
     headers = {**HEADERS, "x-api-key": "sk-ant-batch-interrupt"}  # batches are listed per key
     response = httpx.get(f"{emu.base_url}/v1/messages/batches", params={"limit": 1000}, headers=headers)
-    return [batch["id"] for batch in response.json()["data"]]
+    return response.json()["data"]
+
+
+def batch_ids(emu) -> list[str]:
+    return [batch["id"] for batch in batches(emu)]
+
+
+async def all_ended(emu, within_s: float = 60.0) -> bool:
+    """Every batch at the emulator has ended (the other dataset's runs on after ours was collected)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while any(batch["processing_status"] != "ended" for batch in batches(emu)):
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
 
 
 async def run_batch(emu, requests, out, **settings_fields):
@@ -109,13 +124,20 @@ async def test_a_batch_created_as_the_run_loses_its_output_is_never_paid_twice(s
     and size, and with another batch of that size created at the same time (another run of the key), it could
     not tell them apart and paid for the shard again. Each created batch's id is now recorded in an object of
     its own, written whatever the fence says (it overwrites nothing)."""
-    from prefect_anthropic.dataset.pipeline import RUNS
     from prefect_anthropic.dataset.run_lock import OutputTakenOver
 
     emu = start_emulator(batch_delay_s=0.2)
     requests = write_requests(tmp_path / "requests.jsonl", 10)
     real_create = BatchAPI.create
     created: list[str] = []
+    runs = []
+    real_submit = batch_mode.submit_batches
+
+    async def submit(run, shard, retry_lines=None):
+        runs.append(run)
+        return await real_submit(run, shard, retry_lines)
+
+    monkeypatch.setattr(batch_mode, "submit_batches", submit)
 
     def lost() -> None:
         raise OutputTakenOver(0, "output_lost", "the output was taken over (test)")
@@ -127,7 +149,7 @@ async def test_a_batch_created_as_the_run_loses_its_output_is_never_paid_twice(s
             # Another run of the key creates a batch of the same size at the same moment...
             alike = [{**r, "params": message_body(f"another dataset {i}")} for i, r in enumerate(batch_requests)]
             await real_create(self, alike)
-            for run in RUNS.values():  # ...and this run's hold is lost while its create was on the wire.
+            for run in runs:  # ...and this run's hold is lost while its create was on the wire.
                 run.storage.fence = run.store.storage.fence = lost
         return batch
 
@@ -139,9 +161,11 @@ async def test_a_batch_created_as_the_run_loses_its_output_is_never_paid_twice(s
     assert summary["succeeded"] == 10
     frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert list(frame["status"]) == ["succeeded"] * 10
+    assert await all_ended(emu)
     stats = emu.stats()
     assert stats["duplicate_billed_requests"] == 0 and stats["billed_batch_requests"] == 20  # 10 ours, 10 alike
     assert len(created) == 1  # the rerun polled the batch it found recorded
     # The state file forgot it, but every reader sees it: cancel-batches too.
-    canceled = await batch_mode.cancel_batches(str(tmp_path / "out"), ClientSettings(base_url=emu.base_url))
+    setup = RunSetup.resolve(ClientSettings(base_url=emu.base_url))
+    canceled = await batch_mode.cancel_batches(str(tmp_path / "out"), setup)
     assert canceled == []  # it ended; what matters is that listing it did not fail

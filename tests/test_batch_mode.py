@@ -12,9 +12,10 @@ import pytest
 
 from conftest import HEADERS, message_body, write_requests
 from prefect_anthropic import ClientSettings
+from prefect_anthropic.dataset.batch_mode import cancel_batches
+from prefect_anthropic.dataset.setup import RunSetup
 from prefect_anthropic.engine import RequestItem
 from prefect_anthropic.engine.batches import plan_batches
-from prefect_anthropic.orchestration.batch_mode import cancel_batches
 from prefect_anthropic.orchestration.flows import generate_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -128,7 +129,7 @@ async def test_cancel_ends_the_run_with_canceled_rows(start_emulator, tmp_path):
 
     while not recorded():
         await asyncio.sleep(0.05)
-    canceled = await cancel_batches(tmp_path / "out", ClientSettings(base_url=emu.base_url))
+    canceled = await cancel_batches(str(tmp_path / "out"), RunSetup.resolve(ClientSettings(base_url=emu.base_url)))
     assert len(canceled) == 1
     summary = await asyncio.wait_for(run, timeout=30)
     assert summary["failed"] == 10 and summary["failed_by_error_type"] == {"batch_canceled": 10}

@@ -4,14 +4,13 @@ URL or file id, base64 PDFs, server tools' results and per-use fees."""
 from __future__ import annotations
 
 import json
-import os
 
 import orjson
 import pandas as pd
 import pytest
 
 from prefect_anthropic.api.models import MODELS_FILE_ENV, resolve_model, use_models_file
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 from prefect_anthropic.engine.budget import max_input_tokens, unbudgeted_reason, worst_case_cost
 from prefect_anthropic.settings import ClientSettings
 
@@ -32,17 +31,16 @@ WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3
 
 @pytest.fixture
 def models_file(tmp_path, monkeypatch):
-    """A models file in use for the test, the shipped table afterwards."""
-    monkeypatch.delenv(MODELS_FILE_ENV, raising=False)  # restored after: use_models_file sets it
+    """A models file in use for the test (named by the environment, as --models-file does), the shipped table
+    afterwards."""
 
     def use(text: str) -> None:
         path = tmp_path / "models.toml"
         path.write_text(text)
-        use_models_file(path)
+        use_models_file(path)  # read afresh: the same path, new text
+        monkeypatch.setenv(MODELS_FILE_ENV, str(path))
 
-    yield use
-    os.environ.pop(MODELS_FILE_ENV, None)
-    use_models_file(None)
+    return use
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import pytest
 from conftest import MODEL
 from prefect_anthropic import ClientSettings, RunOptions
 from prefect_anthropic.api.models import lookup_model
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 from prefect_anthropic.engine.budget import journaled_spending, worst_case_cost
 from prefect_anthropic.engine.shared_budget import SharedBudget, start_shared_budget
 from prefect_anthropic.engine.shared_limiter import SharedLimiter, SharedLimiterUnavailable
@@ -54,7 +54,7 @@ def digits_requests(path: Path, n: int, max_tokens: int = 300) -> tuple[Path, fl
 _RUN = """
 import asyncio, sys
 from prefect_anthropic import ClientSettings, RunOptions
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 requests, out, base_url, limit = sys.argv[1:5]
 settings = ClientSettings(base_url=base_url, max_cost_usd=float(limit), max_concurrency=50)
 asyncio.run(run_dataset(requests, out, settings, "sk-ant-fake-durable-writes", RunOptions()))

@@ -132,9 +132,9 @@ def test_prefect_waits_for_its_server_as_the_cli_says_and_a_failed_start_is_exit
     extra = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": user_timeout} if user_timeout else {}
     if real_start:
         extra["PROBE_REAL_START"] = "1"
-    # Batch mode: a real-time run with no server configured starts none (issue 26); batch mode still does.
+    # A work pool: a run with no server configured starts none (issues 26, 27); one on a work pool still does.
     command = [sys.executable, "-c", START_PROBE, "run", str(requests), "--output-dir", str(tmp_path / "out"),
-               "--base-url", emulator.base_url, "--mode", "batch", *FAST]  # fmt: skip
+               "--base-url", emulator.base_url, "--work-pool", "a-pool", *FAST]  # fmt: skip
     done = subprocess.run(
         command, env=child_env(tmp_path / "prefect-home", **extra), capture_output=True, text=True, timeout=120
     )

@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_requests
+from conftest import environment_of, write_requests
 from prefect_anthropic import ClientSettings, RunOptions
 from prefect_anthropic.dataset.leases import LeaseConflict, LeaseExists, LeaseObject, lease_object
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 from prefect_anthropic.storage import Storage
 from prefect_anthropic.testing import EmulatedStore, azurite_server, gcs_server
 
@@ -29,7 +29,7 @@ STORES = ["s3", "gs", "az", "memory"]
 
 @pytest.fixture(scope="module")
 def gcs() -> Iterator[EmulatedStore]:
-    with gcs_server() as store:
+    with gcs_server() as store, environment_of(store):
         yield store
 
 
@@ -42,7 +42,7 @@ def azurite() -> Iterator[EmulatedStore]:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
-    with azurite_server() as store:
+    with azurite_server() as store, environment_of(store):
         yield store
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import write_requests
 from prefect_anthropic import ClientSettings, RunOptions
 from prefect_anthropic.cli import main
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 from prefect_anthropic.emulator import emulator_process
 from prefect_anthropic.storage import Storage, StorageError
 

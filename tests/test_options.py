@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from typing import Any
 
 import pytest
 
 from conftest import write_requests
 from prefect_anthropic import AnthropicClientConfig, AnthropicCredentials, ClientSettings, RunOptions
-from prefect_anthropic.api.models import MODELS_FILE_ENV, use_models_file
 from prefect_anthropic.cli import _settings, build_parser, main
 from prefect_anthropic.engine import AnthropicClient
 from prefect_anthropic.orchestration.blocks import resolve_settings
@@ -68,14 +66,6 @@ OVERRIDES: dict[str, Any] = {
     "limiter_block": "other-redis-block",
     "shared_max_concurrency": 3,
 }
-
-
-@pytest.fixture(autouse=True)
-def no_models_file_left_behind():
-    """A client with a models file puts it in the environment for the processes it starts: undo that."""
-    yield
-    os.environ.pop(MODELS_FILE_ENV, None)
-    use_models_file(None)
 
 
 @pytest.fixture

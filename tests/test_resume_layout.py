@@ -13,7 +13,7 @@ import pytest
 
 from conftest import message_body, write_requests
 from prefect_anthropic import ClientSettings, RunOptions
-from prefect_anthropic.dataset.pipeline import run_dataset
+from prefect_anthropic.dataset.shard_loop import run_dataset
 from prefect_anthropic.storage import Storage
 
 KEY = "sk-ant-fake-resume-layout"
@@ -111,7 +111,7 @@ async def test_batch_mode_finds_answers_and_batches_of_another_layout(
     """Batch mode: batches created under shards of 10 and not collected yet are paid for, so a run with shards of
     7 refuses to submit those lines again (naming the size that collects them); once collected, shards of 7 find
     every answer and submit nothing."""
-    from prefect_anthropic.orchestration.batch_mode import BatchesOfAnotherLayout
+    from prefect_anthropic.dataset.batch_mode import BatchesOfAnotherLayout
     from prefect_anthropic.orchestration.flows import generate_dataset
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)

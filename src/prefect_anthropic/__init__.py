@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from .lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from .dataset.shard_loop import run_dataset
     from .orchestration.blocks import AnthropicClientConfig, AnthropicCredentials
     from .orchestration.flows import generate_dataset, generate_dataset_from_table
     from .settings import ClientSettings, RunOptions
@@ -20,6 +21,7 @@ __all__ = [
     "RunOptions",
     "generate_dataset",
     "generate_dataset_from_table",
+    "run_dataset",
 ]
 
 # Where each public name lives. Loaded on first use: the blocks import Prefect and the flows its engine
@@ -31,6 +33,7 @@ _EXPORTS = {
     "RunOptions": "settings",
     "generate_dataset": "orchestration.flows",
     "generate_dataset_from_table": "orchestration.flows",
+    "run_dataset": "dataset.shard_loop",
 }
 
 

@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .api.formatting import money, number
+from .api.models import MODELS_FILE_ENV
 from .emulator.config import EmulatorConfig
-from .settings import API_KEY_ENV, ClientSettings, RunOptions, add_arguments, environment_set, explicit_options
+from .settings import API_KEY_ENV, ClientSettings, RunOptions, add_arguments, explicit_options
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -49,6 +50,8 @@ PREFECT_DEFAULTS = {
 }
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+#: The demo's key, unless one is set: its emulator takes any.
+DEMO_API_KEY = "sk-ant-fake-demo-key-for-the-emulator"
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +88,7 @@ def _console_handlers() -> list[Any]:
 def _progress_bar(enabled: bool) -> Iterator[None]:
     """A live bar on its own line at the bottom of the terminal: done, spent, projected total, $/min,
     req/min against the limit and an ETA from the limits in force. Log lines print above it."""
-    from .dataset import progress as progress_module
+    from .orchestration.handoff import HANDOFF
 
     if not enabled:
         yield
@@ -119,14 +122,14 @@ def _progress_bar(enabled: bool) -> Iterator[None]:
 
     handlers = _console_handlers()
     own_consoles = [handler.console for handler in handlers]
-    progress_module.listeners.append(listener)
+    HANDOFF.progress_listeners.append(listener)
     with bar:
         for handler in handlers:
             handler.console = bar.console  # through the live display: printed above the bar, never into it
         try:
             yield
         finally:
-            progress_module.listeners.remove(listener)
+            HANDOFF.progress_listeners.remove(listener)
             for handler, console in zip(handlers, own_consoles, strict=True):
                 handler.console = console
 
@@ -150,9 +153,9 @@ def run_flow(
     """Run the dataset and turn its outcome into an exit code, with a message a user can act on (and, with
     `verbose`, the tracebacks on the terminal too). `run` and the drop-in script both come here: as a flow run
     when `runs_as_flow` says so (unless `with_prefect` decides), else with plain asyncio, said in one line."""
-    from .dataset.pipeline import SHUTDOWN
     from .dataset.run_lock import OutputDirectoryLocked
     from .engine import FatalAPIError, RunStopped
+    from .orchestration.handoff import HANDOFF
     from .orchestration.observability import RowsFailed
     from .settings import MissingAPIKeyError
 
@@ -182,13 +185,15 @@ def run_flow(
         "parquet_beside_original": parquet_beside_original,
     }
 
+    stop = HANDOFF.stop
+
     def on_interrupt(signum, frame) -> None:
-        if SHUTDOWN.is_set():
+        if stop.is_set():
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        SHUTDOWN.set()
+        stop.set()
         print("\nstopping: no new requests; saving those in flight (Ctrl-C again to quit now)", file=sys.stderr)
 
-    SHUTDOWN.clear()
+    stop.clear()
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
         if early:  # the flow run sets its terminal up once Prefect is loaded
@@ -254,10 +259,9 @@ LOCAL_RUN_NOTICE = (
 def runs_as_flow(options: RunOptions) -> bool:
     """Whether a run is a Prefect flow run. On a configured server, always: the UI shows it. Without one, a
     flow run would first start Prefect's temporary server (20-30 s on 2 cores, and its UI is never served), so
-    a real-time run goes through `pipeline.run_dataset` instead, the same steps with plain asyncio. Batch and
-    auto mode (their batches are polled by tasks) and work pools (workers take flow runs) need Prefect: they
-    stay flow runs and pay that start."""
-    return prefect_api_configured() or options.mode != "realtime" or bool(options.work_pool)
+    a run goes through `shard_loop.run_dataset` instead, the same steps with plain asyncio, in any mode. Work
+    pools (workers take flow runs) need Prefect: they stay flow runs and pay that start."""
+    return prefect_api_configured() or bool(options.work_pool)
 
 
 def prefect_api_configured() -> bool:
@@ -325,8 +329,9 @@ async def _flow_run_sending_early(
     sending at once, while Prefect loads in a thread; the flow run then adopts the open run, and each shard
     task takes over the shard already under way. A server that does not answer its health check first gets
     the ordinary start-up, which stops with Prefect's own message before anything is sent."""
-    from .dataset.pipeline import OPENED_EARLY, open_run
+    from .dataset.pipeline import open_run
     from .dataset.setup import RunSetup
+    from .orchestration.handoff import HANDOFF
 
     setup = RunSetup.resolve(settings, options)  # no block is named (`sends_early`): nothing to read through Prefect
     flow_parameters = {
@@ -338,13 +343,15 @@ async def _flow_run_sending_early(
     }
     if not await _prefect_server_answers():
         return await _flow_run_once_prefect_loads(flow_parameters, verbose)
-    async with open_run(requests_path, output_dir, setup, **run_fields) as run:
+    setup.check()
+    handed = {"stop": HANDOFF.stop, "progress_listeners": HANDOFF.progress_listeners}
+    async with open_run(requests_path, output_dir, setup, **handed, **run_fields) as run:
         run.start_sending()
-        OPENED_EARLY[output_dir] = run
+        HANDOFF.opened_early[output_dir] = run
         try:
             return await _flow_run_once_prefect_loads(flow_parameters, verbose)
         finally:
-            OPENED_EARLY.pop(output_dir, None)
+            HANDOFF.opened_early.pop(output_dir, None)
             await run.stop_sending_early()
 
 
@@ -364,12 +371,14 @@ async def _without_prefect(
     client_block: str | None = None,
     credentials_block: str | None = None,
 ) -> dict[str, Any]:
-    from .dataset.pipeline import run_with_setup
+    from .dataset.shard_loop import run_with_setup
     from .orchestration.edge import resolve_run
+    from .orchestration.handoff import HANDOFF
 
     # Blocks named are read as the flow reads them (from Prefect's local database); none, no Prefect.
     setup = await resolve_run(settings, options, client_block=client_block, credentials_block=credentials_block)
-    return await run_with_setup(requests_path, output_dir, setup, **run_fields)
+    handed = {"stop": HANDOFF.stop, "progress_listeners": HANDOFF.progress_listeners}
+    return await run_with_setup(requests_path, output_dir, setup, **handed, **run_fields)
 
 
 class _TerminalHandler(logging.Handler):
@@ -440,14 +449,22 @@ def _without_traceback(format_record: Callable[[logging.LogRecord], str]) -> Cal
     return format_line
 
 
+def _console_level(level: str, verbose: bool) -> str:
+    return level if verbose else "WARNING"
+
+
+def _logging_environment(level: str = "INFO", verbose: bool = False) -> dict[str, str]:
+    """Logs at `level` reach the Prefect server; the terminal shows warnings and errors only (Prefect's
+    banners and per-task lines too with --verbose). Quiet terminal, full server logs. Prefect reads these when
+    it sets up its logging, at import: `main` sets them before it imports Prefect."""
+    return {"PREFECT_LOGGING_LEVEL": level, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": _console_level(level, verbose)}
+
+
 @contextlib.contextmanager
 def _log_levels(level: str = "INFO", verbose: bool = False) -> Iterator[None]:
-    """Logs at `level` reach the Prefect server; the terminal shows warnings and errors only (Prefect's
-    banners and per-task lines too with --verbose). Quiet terminal, full server logs."""
-    console = level if verbose else "WARNING"
-    # Prefect reads these when it sets up its logging, at import (the CLI imports it after this).
-    os.environ["PREFECT_LOGGING_LEVEL"] = level
-    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = console
+    """The levels of `_logging_environment` on Prefect's console handlers where Prefect set them up already
+    (an in-process command after another: a test, a notebook), for the block."""
+    console = _console_level(level, verbose)
     handlers = _console_handlers() if "prefect" in sys.modules else []  # already set up: adjust in place
     levels = [handler.level for handler in handlers]
     for handler in handlers:
@@ -483,17 +500,6 @@ def _one_line_errors(verbose: bool) -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .storage import STORAGE_OPTIONS_ENV
-
-    # The key and the storage credentials go into this process's environment, never into a flow parameter
-    # (workers bring their own).
-    # For the command's life only: a command run in-process (tests, notebooks) leaves no key behind.
-    given = {API_KEY_ENV: args.api_key, STORAGE_OPTIONS_ENV: args.storage_options}
-    with environment_set({name: value for name, value in given.items() if value}):
-        return _run_with_environment(args)
-
-
-def _run_with_environment(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         RunOptions(**explicit_options(args, RunOptions))
@@ -556,11 +562,16 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _cancel_batches(args: argparse.Namespace) -> int:
-    from .orchestration.batch_mode import cancel_batches
+    from .dataset.batch_mode import cancel_batches
+    from .orchestration.edge import resolve_run
 
-    if args.api_key:
-        os.environ[API_KEY_ENV] = args.api_key
-    canceled = asyncio.run(cancel_batches(args.output_dir, _settings(args), args.client_block, args.credentials_block))
+    async def cancel() -> list[str]:
+        setup = await resolve_run(
+            _settings(args), client_block=args.client_block, credentials_block=args.credentials_block
+        )
+        return await cancel_batches(args.output_dir, setup)
+
+    canceled = asyncio.run(cancel())
     print(f"canceled {len(canceled)} batches: {' '.join(canceled) or '-'}", file=sys.stderr)
     print("run the same `run --mode batch` command again to collect what finished", file=sys.stderr)
     return EXIT_OK
@@ -572,8 +583,6 @@ def _estimate(args: argparse.Namespace) -> int:
     from .engine import FatalAPIError
     from .settings import MissingAPIKeyError
 
-    if args.api_key:
-        os.environ[API_KEY_ENV] = args.api_key
     try:
         settings, api_key = _resolved(args)  # a bad schema or models file: exit 2
         exact = asyncio.run(_exact_input_tokens(args.requests, settings, api_key)) if args.exact else None
@@ -666,7 +675,6 @@ def _demo(args: argparse.Namespace) -> int:
             "75 tokens/s, 2% overloaded errors.",
             file=sys.stderr,
         )
-        os.environ.setdefault(API_KEY_ENV, "sk-ant-fake-demo-key-for-the-emulator")
         settings = ClientSettings(base_url=emulator.base_url, requests_per_minute=1200)
         with _log_levels(), _on_prefect_api(api_url):
             code = run_flow(str(requests), str(output_dir), settings, RunOptions(shard_size=50), with_prefect=True)
@@ -901,14 +909,14 @@ def _uses_prefect(args: argparse.Namespace) -> bool:
     """Whether the command may talk to a Prefect API (and so start an ephemeral server): a run that is a flow
     run (`runs_as_flow`), or any command naming a block. A local run imports no Prefect at all."""
     blocks = ("client_block", "credentials_block", "storage_block", "limiter_block")
-    if args.command in ("demo", "cancel-batches"):
+    if args.command == "demo":
         return True
     if args.command == "run":
         mode, pool = getattr(args, "mode", "realtime"), getattr(args, "work_pool", None)
         options = RunOptions.model_validate({"mode": mode, "work_pool": pool})
         if sends_early(options, *(getattr(args, name, None) for name in blocks)):
             return False  # Prefect loads while the first requests are sent (`_flow_run_sending_early`)
-        if prefect_api_configured() or mode != "realtime" or pool:
+        if prefect_api_configured() or pool:
             return True
     return any(getattr(args, name, None) for name in blocks)
 
@@ -930,6 +938,41 @@ def stopped_message(error: BaseException) -> str:
     return text
 
 
+def command_environment(args: argparse.Namespace) -> dict[str, str]:
+    """What a command puts in this process's environment, for its life, so that the processes it starts (an
+    emulator, Prefect's server, workers) read it too: the key and the storage credentials (never flow
+    parameters: workers bring their own), the models file, Prefect's logging levels; the demo's key unless one
+    is set."""
+    values: dict[str, str | None] = {}
+    if args.command in ("run", "estimate", "cancel-batches"):
+        values |= {API_KEY_ENV: args.api_key, MODELS_FILE_ENV: getattr(args, "models_file", None)}
+    if args.command == "run":
+        from .storage import STORAGE_OPTIONS_ENV
+
+        values |= {STORAGE_OPTIONS_ENV: args.storage_options, **_logging_environment(args.log_level, args.verbose)}
+    if args.command == "demo":
+        values |= _logging_environment()
+        if API_KEY_ENV not in os.environ:
+            values[API_KEY_ENV] = DEMO_API_KEY
+    return {name: value for name, value in values.items() if value}
+
+
+@contextlib.contextmanager
+def environment_set(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` in this process's environment (and so in the processes it starts) for the block, then the
+    previous ones again: a command run in-process (a test, a notebook) leaves nothing behind."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def main(argv: list[str] | None = None) -> int:
     """The exit code means one thing (EXIT_CODES_HELP): an error no handler expected stops with 2 and one line,
     never 1, the code of "some rows failed" (a wrapper retrying on 1 would otherwise pay again)."""
@@ -939,7 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_STOPPED
     verbose = bool(getattr(args, "verbose", False))
     try:
-        with prefect_defaults() if _uses_prefect(args) else contextlib.nullcontext():
+        # The one place the command line writes the environment; before Prefect is imported (it reads its
+        # logging levels then).
+        with (
+            environment_set(command_environment(args)),
+            prefect_defaults() if _uses_prefect(args) else contextlib.nullcontext(),
+        ):
             return int(args.handler(args))
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)

@@ -14,10 +14,9 @@ A field left None is resolved where it is used: from the environment of the proc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -37,6 +36,7 @@ __all__ = [
     "Flag",
     "MissingAPIKeyError",
     "RunOptions",
+    "account_wide_fields",
     "add_arguments",
     "api_key_from_env",
     "explicit_options",
@@ -125,22 +125,6 @@ def api_key_from_env() -> str:
     return os.environ.get(API_KEY_ENV, "")
 
 
-@contextlib.contextmanager
-def environment_set(values: Mapping[str, str]) -> Iterator[None]:
-    """`values` in this process's environment (and so in the processes it starts) for the block, then the
-    previous ones again: what a command or a test server sets is never left behind."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @dataclass(frozen=True)
 class Flag:
     """How the command line spells a field, where the plain rule (`--field-name`, a trailing `_s` for
@@ -162,6 +146,15 @@ class Flag:
 NoFlag = Flag(hidden=True)
 
 
+@dataclass(frozen=True)
+class AccountWide:
+    """Marks a ClientSettings field the account's shared state depends on (its connections, rate limiters and
+    concurrency, see engine/account.py): clients whose settings differ in one of them do not share it."""
+
+
+ACCOUNT_WIDE = AccountWide()
+
+
 def _load_schema(path: str) -> dict[str, Any]:
     from .api.schema import load_schema
 
@@ -174,53 +167,57 @@ class ClientSettings(BaseModel):
     # A refused value is never echoed: it may be the secret (a password in limiter_url, say).
     model_config = ConfigDict(validate_assignment=True, extra="forbid", hide_input_in_errors=True)
 
-    base_url: Annotated[str | None, Flag(env=BASE_URL_ENV)] = Field(
+    base_url: Annotated[str | None, Flag(env=BASE_URL_ENV), ACCOUNT_WIDE] = Field(
         default=None,
         description=f"API base URL: the emulator's or a gateway's (default: the credentials block's, else env "
         f"{BASE_URL_ENV}, else {DEFAULT_BASE_URL}); no user, password or token in it (the key is sent as a header).",
     )
-    anthropic_version: Annotated[str | None, Flag(choices=API_VERSIONS)] = Field(
+    anthropic_version: Annotated[str | None, Flag(choices=API_VERSIONS), ACCOUNT_WIDE] = Field(
         default=None,
         description=f"API version, the anthropic-version header (default: the credentials block's, else "
         f"{DEFAULT_ANTHROPIC_VERSION}; {API_VERSION_2026} rejects sampling parameters).",
     )
-    tier: Annotated[str | None, Flag(choices=TIER_CHOICES)] = Field(
+    tier: Annotated[str | None, Flag(choices=TIER_CHOICES), ACCOUNT_WIDE] = Field(
         default=None,
         description="Rate-limit preset: 1-4, evaluation, start, build, scale, or auto (start at Tier 1, adopt "
         "the server's headers).",
     )
-    requests_per_minute: float | None = Field(default=None, gt=0, description="Requests per minute (over the tier).")
-    input_tokens_per_minute: float | None = Field(
+    requests_per_minute: Annotated[float | None, ACCOUNT_WIDE] = Field(
+        default=None, gt=0, description="Requests per minute (over the tier)."
+    )
+    input_tokens_per_minute: Annotated[float | None, ACCOUNT_WIDE] = Field(
         default=None, gt=0, description="Input tokens per minute (over the tier)."
     )
-    output_tokens_per_minute: float | None = Field(
+    output_tokens_per_minute: Annotated[float | None, ACCOUNT_WIDE] = Field(
         default=None, gt=0, description="Output tokens per minute (over the tier)."
     )
-    limit_share: float = Field(
+    limit_share: Annotated[float, ACCOUNT_WIDE] = Field(
         default=1.0,
         gt=0,
         le=1,
         description="Share of the account's limits this run may use (e.g. 0.25 on each of four machines).",
     )
-    max_concurrency: int = Field(
+    max_concurrency: Annotated[int, ACCOUNT_WIDE] = Field(
         default=6_000,
         ge=1,
         description="Most requests in flight at once: a safety ceiling (the limits set the pace; the default lets "
         "10,000 requests/min of 30 s replies through).",
     )
-    adaptive_concurrency: Annotated[bool, Flag("--fixed-concurrency", negate=True)] = Field(
+    adaptive_concurrency: Annotated[bool, Flag("--fixed-concurrency", negate=True), ACCOUNT_WIDE] = Field(
         default=True,
         description="Adapt the requests in flight per limit class to overload (529, 503, resets); the switch "
         "--fixed-concurrency keeps max_concurrency whatever the answers.",
     )
-    give_up_after_s: float = Field(
+    give_up_after_s: Annotated[float, ACCOUNT_WIDE] = Field(
         default=300.0,
         gt=0,
         description="Stop (resumable, exit 2) when nothing of a limit class succeeded for this many seconds while "
         "requests kept failing with retryable errors.",
     )
     max_attempts: int = Field(default=5, ge=1, description="Attempts per request, the first included.")
-    timeout_s: float = Field(default=600.0, gt=0, description="Seconds one HTTP request may take.")
+    timeout_s: Annotated[float, ACCOUNT_WIDE] = Field(
+        default=600.0, gt=0, description="Seconds one HTTP request may take."
+    )
     include_request: bool = Field(default=False, description="Keep each request body in the results.")
     use_caching: bool = Field(
         default=False, description="Warm each shared cached prefix once before the requests that share it are sent."
@@ -253,16 +250,16 @@ class ClientSettings(BaseModel):
         description="Hard budget in dollars for the output directory's dataset, earlier runs included: a request "
         "whose worst case would cross it is not sent (exit 3).",
     )
-    limiter_url: Annotated[str | None, Flag(env=LIMITER_URL_ENV)] = Field(
+    limiter_url: Annotated[str | None, Flag(env=LIMITER_URL_ENV), ACCOUNT_WIDE] = Field(
         default=None,
         description="redis://HOST:PORT/DB: one set of limits for every process and machine using this Redis "
         f"(password from env {LIMITER_PASSWORD_ENV}, never in the URL).",
     )
-    limiter_block: str | None = Field(
+    limiter_block: Annotated[str | None, ACCOUNT_WIDE] = Field(
         default=None,
         description="Instead of limiter_url: a prefect-redis RedisDatabase block by name (its password stays in it).",
     )
-    shared_max_concurrency: int | None = Field(
+    shared_max_concurrency: Annotated[int | None, ACCOUNT_WIDE] = Field(
         default=None, ge=1, description="With a shared limiter: most requests in flight across every process."
     )
 
@@ -368,6 +365,15 @@ class ClientSettings(BaseModel):
         if self.anthropic_version is None and anthropic_version:
             updates["anthropic_version"] = anthropic_version
         return self.with_options(**updates) if updates else self
+
+
+def account_wide_fields() -> tuple[str, ...]:
+    """The ClientSettings fields marked ACCOUNT_WIDE, in their order of declaration."""
+    return tuple(
+        name
+        for name, info in ClientSettings.model_fields.items()
+        if any(isinstance(item, AccountWide) for item in info.metadata)
+    )
 
 
 class RunOptions(BaseModel):

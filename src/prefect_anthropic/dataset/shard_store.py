@@ -41,6 +41,7 @@ from ..engine.results_file import (
 )
 from ..settings import RunOptions
 from ..storage import Storage, is_url, join, local_path
+from .batch_state import BatchState
 from .inputs import Shard, iter_requests
 
 __all__ = ["ShardStore", "spent_in"]
@@ -192,11 +193,7 @@ class ShardStore:
                     match = _BATCH_STATE.search(str(location))
                     if match is None:
                         continue
-                    unfinished = []
-                    for round_ in json.loads(self.storage.read_text(location)).get("rounds", []):
-                        if not round_.get("complete"):
-                            unfinished += [b["id"] for b in round_.get("batches", []) if not b.get("downloaded")]
-                            unfinished += ["a batch being created"] if "creating" in round_ else []
+                    unfinished = BatchState.from_json(json.loads(self.storage.read_text(location))).unfinished()
                     if unfinished:
                         index = int(match.group(1))
                         self._other_batches.append((layout, index * size + 1, (index + 1) * size, unfinished))

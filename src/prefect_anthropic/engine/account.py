@@ -24,7 +24,7 @@ import httpx
 
 from ..api.models import request_limit_class
 from ..api.request_rules import API_VERSION_2026
-from ..settings import ClientSettings
+from ..settings import ClientSettings, account_wide_fields
 from .adaptive import AdaptiveWindow, CircuitBreaker
 from .corrections import load_token_corrections
 from .estimator import InputTokenEstimator, OutputTokenEstimator
@@ -34,23 +34,9 @@ from .shared_limiter import SharedLimiter
 __all__ = ["Account", "auth_headers"]
 
 LimitsForClass = Callable[[str], RateLimits]
-#: What the account's shared state depends on: clients whose settings differ here do not share it.
-_SHARED_FIELDS = (
-    "base_url",
-    "anthropic_version",
-    "tier",
-    "requests_per_minute",
-    "input_tokens_per_minute",
-    "output_tokens_per_minute",
-    "limit_share",
-    "max_concurrency",
-    "adaptive_concurrency",
-    "give_up_after_s",
-    "timeout_s",
-    "limiter_url",
-    "limiter_block",
-    "shared_max_concurrency",
-)
+#: What the account's shared state depends on (the fields settings.py marks ACCOUNT_WIDE): clients whose
+#: settings differ here do not share it.
+_SHARED_FIELDS = account_wide_fields()
 _CONNECTIONS_PER_LANE = 2
 logger = logging.getLogger(__name__)
 
@@ -220,7 +206,7 @@ class Account:
 
     def limiter(self, model: str, speed: Any = None) -> Limiter:
         """The limiter of the bucket a request draws from: its model's limit class (fast mode apart)."""
-        cls = request_limit_class(model, speed)
+        cls = request_limit_class(model, speed, models_file=self.settings.models_file)
         limiter = self.limiters.get(cls)
         if limiter is None and self.shared_limiter is not None:
             limiter = self.limiters[cls] = self.shared_limiter.for_class(
@@ -237,7 +223,7 @@ class Account:
 
     def window(self, model: str, speed: Any = None) -> AdaptiveWindow:
         """The concurrency window of the request's limit class."""
-        cls = request_limit_class(model, speed)
+        cls = request_limit_class(model, speed, models_file=self.settings.models_file)
         window = self.windows.get(cls)
         if window is None:
             limiter = self.limiter(model, speed)

@@ -25,11 +25,12 @@ resumable, with the status codes it saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 __all__ = ["AdaptiveWindow", "CircuitBreaker"]
 
@@ -123,6 +124,15 @@ class AdaptiveWindow:
     def release(self) -> None:
         self.in_flight -= 1
         self._wake()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """A place in the window for one attempt, given back on exit."""
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
     def _wake(self) -> None:
         room = self.size - self.in_flight

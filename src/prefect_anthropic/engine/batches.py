@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import orjson
 
+from ..api.models import ModelTable
 from ..settings import DEFAULT_ANTHROPIC_VERSION, DEFAULT_BASE_URL, ClientSettings
 from .account import auth_headers
 from .errors import APIStatusError, FatalAPIError
@@ -67,11 +68,11 @@ def plan_batches(
         yield batch
 
 
-def batch_result_record(item: RequestItem, result: dict[str, Any]) -> ResultRecord:
+def batch_result_record(item: RequestItem, result: dict[str, Any], models: ModelTable | None = None) -> ResultRecord:
     """One line of a batch's results as a ResultRecord (succeeded, errored, canceled or expired)."""
     kind = result.get("type")
     if kind == "succeeded":
-        return record_from_message(item, result.get("message") or {}, batch=True, attempts=1)
+        return record_from_message(item, result.get("message") or {}, batch=True, attempts=1, models=models)
     if kind == "errored":
         envelope: dict[str, Any] = result.get("error") or {}
         inner = envelope.get("error")

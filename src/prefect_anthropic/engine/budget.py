@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from ..api.formatting import money
-from ..api.models import ModelInfo, Usage, cost_usd, lookup_model, server_tool_fee, unpriced_reason
+from ..api.models import ModelInfo, ModelTable, Usage, cost_usd, model_table, unpriced_reason
 from .caching import cached_prefix
 from .errors import RunStopped
 from .records import RequestItem, ResultRecord
@@ -151,10 +151,11 @@ def max_input_tokens(
 
 
 def _worst_case(
-    info: ModelInfo | str, body: dict[str, Any], payload_bytes: int | None, batch: bool
+    info: ModelInfo | str, body: dict[str, Any], payload_bytes: int | None, batch: bool, models: ModelTable | None
 ) -> tuple[float | None, str | None]:
     """(the most a request can cost, None and why it cannot be bounded)."""
-    model = info if isinstance(info, ModelInfo) else lookup_model(info)
+    models = models or model_table()
+    model = info if isinstance(info, ModelInfo) else models.lookup(info)
     name = model.id if model is not None else str(info)
     tools = _server_tools(body)
     input_tokens = max_input_tokens(body, payload_bytes, context_window=model.context_window if model else None)
@@ -169,7 +170,7 @@ def _worst_case(
         )
     fees = 0.0
     for tool, uses in tools:
-        fee = server_tool_fee(tool)
+        fee = models.server_tool_fees.get(tool)
         if fee is None:
             return None, (
                 f"the model table has no per-use fee for the server tool {tool} (set [server_tool_fees] {tool} = "
@@ -198,15 +199,22 @@ def _worst_case(
 
 
 def worst_case_cost(
-    info: ModelInfo | str, body: dict[str, Any], *, payload_bytes: int | None = None, batch: bool = False
+    info: ModelInfo | str,
+    body: dict[str, Any],
+    *,
+    payload_bytes: int | None = None,
+    batch: bool = False,
+    models: ModelTable | None = None,
 ) -> float | None:
     """The most a request can cost (None when it cannot be bounded: see unbudgeted_reason)."""
-    return _worst_case(info, body, payload_bytes, batch)[0]
+    return _worst_case(info, body, payload_bytes, batch, models)[0]
 
 
-def unbudgeted_reason(info: ModelInfo | str | None, body: dict[str, Any]) -> str | None:
+def unbudgeted_reason(
+    info: ModelInfo | str | None, body: dict[str, Any], models: ModelTable | None = None
+) -> str | None:
     """Why a budget cannot be kept for this request (None when it can): the words of its row."""
-    return _worst_case(info or str(body.get("model") or "(no model)"), body, None, False)[1]
+    return _worst_case(info or str(body.get("model") or "(no model)"), body, None, False, models)[1]
 
 
 class JournalUnavailable(RunStopped):
@@ -493,7 +501,8 @@ class Budget:
     reserved_usd: float = 0.0
     exhausted: bool = False
     journal: SpendingJournal | None = None
-    #: Reservations of batch requests in flight, by line: (worst case, journal entry), settled from results.
+    #: Reservations of batch requests in flight, by line: (worst case, journal entry), settled from results
+    #: (`hold_for_batch`, `batch_sent`, `settle_batch`).
     holds: dict[int, tuple[float, int]] = field(default_factory=dict)
     #: Reservations not settled yet.
     holding: int = 0
@@ -563,6 +572,48 @@ class Budget:
             self.journal.settle(entry, 0.0)
         self._release(reserved_usd)
 
+    @contextlib.asynccontextmanager
+    async def hold(self, worst_usd: float) -> AsyncIterator[BudgetHold | None]:
+        """Reserve one attempt's worst case, waiting while attempts in flight hold the room it needs (None:
+        it cannot fit, the budget is exhausted); settled or refunded on exit (see BudgetHold)."""
+        entry = await self.areserve(worst_usd)
+        if entry is None:
+            yield None
+            return
+        hold = BudgetHold(self, worst_usd, entry)
+        try:
+            yield hold
+        finally:
+            hold.close()
+
+    def hold_for_batch(self, line: int, worst_usd: float) -> bool:
+        """Reserve a batch request's worst case until its result is downloaded (`settle_batch`). A batch cannot
+        wait for others to settle: a reservation that does not fit exhausts the budget (False)."""
+        self.release_batch_hold(line)
+        entry = self.reserve(worst_usd)
+        if entry is None:
+            self.exhausted = True
+            return False
+        self.holds[line] = (worst_usd, entry)
+        return True
+
+    def release_batch_hold(self, line: int) -> None:
+        """Give back what the line held for a batch of an interrupted round that was never created."""
+        stale = self.holds.pop(line, None)
+        if stale is not None:
+            self.refund(*stale)
+
+    def batch_sent(self, line: int) -> None:
+        """The batch holding the line's request is about to be created: from here on it may be billed."""
+        worst_usd, entry = self.holds[line]
+        self.sent(entry, worst_usd)
+
+    def settle_batch(self, line: int, actual_usd: float) -> None:
+        """The line's batch result is downloaded: its real cost is spent (nothing when it held no reservation)."""
+        held = self.holds.pop(line, None)
+        if held is not None:
+            self.settle(held[0], actual_usd, held[1])
+
     async def aclose(self) -> None:
         if self.journal is not None:
             await self.journal.aclose()
@@ -580,3 +631,40 @@ class Budget:
             "again with a higher --max-cost-usd to resume"
         )
         return ResultRecord.errored(item, "budget_exhausted", f"line {item.line}: not sent: {why}", **fields)
+
+
+class BudgetHold:
+    """One attempt's reservation of its worst case. Settled by what the answer cost, or refunded when the
+    server did not bill it; on leaving its `async with` (`Budget.hold`), spent whole if its request left (it
+    may have been billed) and refunded if it never did. `budget` None: a run without a budget, nothing held."""
+
+    def __init__(self, budget: Budget | None, usd: float, entry: int | None) -> None:
+        self.budget = budget
+        self.usd = usd
+        self.entry = entry
+        #: The request went out: from here on, unless told otherwise, it may have been billed.
+        self.left = False
+        self._done = budget is None
+
+    async def journal(self) -> None:
+        """Before the request leaves: its worst case durable in the journal a rerun reads (see `asent`)."""
+        if self.budget is not None and self.entry is not None:
+            await self.budget.asent(self.entry, self.usd)
+
+    def settle(self, actual_usd: float | None) -> None:
+        """Answered: its real cost is spent (None: unknown, so the worst case)."""
+        if not self._done and self.budget is not None:
+            self._done = True
+            self.budget.settle(self.usd, actual_usd, self.entry)
+
+    def refund(self) -> None:
+        """Not billed (an error answer, or never sent): the reservation is given back."""
+        if not self._done and self.budget is not None:
+            self._done = True
+            self.budget.refund(self.usd, self.entry)
+
+    def close(self) -> None:
+        if self.left:
+            self.settle(None)
+        else:
+            self.refund()

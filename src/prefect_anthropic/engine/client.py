@@ -9,29 +9,30 @@ key, no credit, no permission, the spend cap) stop the client for good: nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import httpx
 import orjson
 
-from ..api.models import ModelInfo, Usage, lookup_model, unpriced_reason, use_models_file
+from ..api.models import ModelInfo, Usage, model_table, unpriced_reason, use_models_file
 from ..api.request_rules import FAST_MODE_BETA
 from ..api.schema import OutputSchema, SchemaError, load_schema, output_format_of, with_output_format
 from ..settings import API_KEY_ENV, DEFAULT_BASE_URL, ClientSettings, MissingAPIKeyError
 from .account import Account, LimitsForClass, auth_headers
 from .adaptive import AdaptiveWindow
-from .budget import Budget, unbudgeted_reason, worst_case_cost
+from .budget import Budget, BudgetHold, unbudgeted_reason, worst_case_cost
 from .caching import AutoCache, PrefixWarmer, cached_prefix
 from .errors import APIStatusError, FatalAPIError, OutputLost, RunStopped, ServiceUnavailableError
 from .estimator import InputTokenEstimator, OutputTokenEstimator
-from .limiter import Limiter, RateLimits, Reservation
+from .limiter import Admission, Limiter, RateLimits, admitted
 from .preflight import Preflight
 from .records import RequestItem, ResultRecord, record_from_message, validate_record
 from .retry import RetryPolicy, retry_after_seconds
@@ -103,8 +104,9 @@ class AnthropicClient:
             )
         settings = settings or ClientSettings()
         self.settings = settings = settings.with_options(**options) if options else settings
-        if settings.models_file:
-            use_models_file(settings.models_file)
+        #: The model table the run prices and checks by: the shipped one, extended by the settings' models
+        #: file (read now: a wrong file fails here, naming it), else by the environment's.
+        self.models = use_models_file(settings.models_file) if settings.models_file else model_table()
         self._api_key = api_key
         self._account: Account | None = None
         self._account_options: dict[str, Any] = {
@@ -119,7 +121,9 @@ class AnthropicClient:
         self.base_url = settings.api_base_url
         self.anthropic_version = settings.api_version
         self.max_concurrency = settings.max_concurrency
-        self.preflight = Preflight(self.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params)
+        self.preflight = Preflight(
+            self.anthropic_version, drop_unsupported_params=settings.drop_unsupported_params, models=self.models
+        )
         #: Every request asks for replies matching it (a line's own format wins); replies are validated.
         self.output_schema = OutputSchema(settings.output_schema) if settings.output_schema is not None else None
         self.validation_retries = settings.validation_retries
@@ -237,7 +241,7 @@ class AnthropicClient:
         if self.output_schema is not None:
             item = dataclasses.replace(item, body=with_output_format(item.body, self.output_schema))
         self._raise_if_stopped()
-        info = lookup_model(item.model)
+        info = self.models.lookup(item.model)
         ratio = self.input_estimator.ratio(item.model)
         if self.auto_cache is not None:
             body = self.auto_cache.apply(
@@ -312,19 +316,14 @@ class AnthropicClient:
         while attempt < self.retry.max_attempts:
             attempt += 1
             try:
-                commit = await self._commit_budget(request)
-            except SharedLimiterUnavailable as error:  # a shared budget that cannot be asked: send nothing
+                async with self._budget_hold(request) as hold:
+                    if hold is None:
+                        return self._budget_record(
+                            item, request.info, attempt - 1, request.estimated_input, request.errors
+                        )
+                    outcome = await self._attempt(request, attempt, hold)
+            except SharedLimiterUnavailable as error:  # a shared budget or limiter that cannot be asked
                 self._stop_for(error)
-            if commit is None:
-                return self._budget_record(item, request.info, attempt - 1, request.estimated_input, request.errors)
-            try:
-                outcome = await self._attempt(request, attempt, commit)
-            except BaseException:
-                # Cancelled or stopped before an answer: sent or not, it may have been billed unless it never
-                # left (the attempt refunds what it knows was not sent).
-                if not commit.done:
-                    self._budget_settle(commit, None)
-                raise
             if isinstance(outcome, ResultRecord):
                 return outcome
             failure = outcome
@@ -358,7 +357,7 @@ class AnthropicClient:
         max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else 4096
         # Too long to answer within the SDK's non-streaming limit: streamed, and accumulated into one Message.
         streaming = bool(body.get("stream")) or needs_streaming(max_tokens)
-        info = lookup_model(model)
+        info = self.models.lookup(model)
         return _Request(
             item=item,
             model=model,
@@ -374,63 +373,36 @@ class AnthropicClient:
             window=self.window(model, body.get("speed")),
         )
 
-    async def _attempt(self, request: _Request, attempt: int, commit: _Commit) -> ResultRecord | _Failure:
+    async def _attempt(self, request: _Request, attempt: int, hold: BudgetHold) -> ResultRecord | _Failure:
         """One HTTP attempt: a place in the class's window and a slot, then the limiter; send, and settle the
-        limiter, the budget, the window and the breaker by what came back."""
-        await request.window.acquire()  # how many of this class may be out at once: it adapts to overload
-        try:
-            async with self.account.slots:
-                limiter = request.limiter
-                if self._stopping_now():
-                    self._budget_refund(commit)
-                    self._raise_if_stopped()
-                try:
-                    # Both estimates are taken when the limiter admits the request: what was learned while it
-                    # waited counts.
-                    reservation = await limiter.acquire(
-                        lambda: self._charged_input(request),
-                        lambda: self.output_estimator.reserve(request.model, request.max_tokens),
-                    )
-                except SharedLimiterUnavailable as error:  # never fall open: without the shared limits, send nothing
-                    self._budget_refund(commit)
-                    self._stop_for(error)
-                except BaseException:
-                    self._budget_refund(commit)  # never sent
-                    raise
-                admitted = _ON_ADMITTED.get()
-                if admitted is not None:
-                    admitted()
-                if self.budget is not None and commit.entry is not None:
+        limiter, the budget, the window and the breaker by what came back. Each hold is an `async with` that
+        gives back what a request that never left took."""
+        async with request.window.slot(), self.account.slots:  # the window adapts to overload
+            self._raise_if_stopped()
+            # Both estimates are taken when the limiter admits the request: what was learned while it waited
+            # counts.
+            async with admitted(
+                request.limiter,
+                lambda: self._charged_input(request),
+                lambda: self.output_estimator.reserve(request.model, request.max_tokens),
+            ) as admission:
+                admitted_now = _ON_ADMITTED.get()
+                if admitted_now is not None:
+                    admitted_now()
+                await hold.journal()  # in the journal a rerun reads before it is sent (on a bucket: written)
+                if self.fence is not None and not self._stopping_now():
                     try:
-                        # In the journal a rerun reads before it is sent (on a bucket: waits for the write).
-                        await self.budget.asent(commit.entry, commit.usd)
-                    except BaseException:
-                        limiter.refund(reservation)
-                        limiter.release(reservation)
-                        self._budget_refund(commit)  # never sent
-                        raise
-                try:
-                    return await self._exchange_and_settle(request, attempt, commit, reservation)
-                finally:
-                    limiter.release(reservation)
-        finally:
-            request.window.release()
+                        await self.fence()
+                    except OutputLost as lost:
+                        self._stop_for(lost)
+                self._raise_if_stopped()
+                hold.left = admission.left = True
+                return await self._exchange_and_settle(request, attempt, hold, admission)
 
     async def _exchange_and_settle(
-        self, request: _Request, attempt: int, commit: _Commit, reservation: Reservation
+        self, request: _Request, attempt: int, hold: BudgetHold, admission: Admission
     ) -> ResultRecord | _Failure:
-        limiter, window, errors = request.limiter, request.window, request.errors
-        if self.fence is not None and not self._stopping_now():
-            try:
-                await self.fence()
-            except OutputLost as lost:
-                limiter.refund(reservation)
-                self._budget_refund(commit)
-                self._stop_for(lost)
-        if self._stopping_now():
-            limiter.refund(reservation)
-            self._budget_refund(commit)
-            self._raise_if_stopped()
+        window, errors = request.window, request.errors
         started = time.monotonic()
         self.stats.http_requests += 1
         self.stats.streamed_requests += request.streaming
@@ -439,8 +411,7 @@ class AnthropicClient:
                 request.payload, request.headers, request.streaming
             )
         except (httpx.TimeoutException, httpx.TransportError) as exc:
-            # The server may have processed it: keep the reservations, as it may have been charged.
-            self._budget_settle(commit, None)
+            # The server may have processed it: the reservations stay spent, as it may have been charged.
             self.stats.connection_errors += 1
             kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
             errors.append(f"{kind}: {exc!r}")
@@ -448,44 +419,31 @@ class AnthropicClient:
             self._note_failure(window, kind)
             return _Failure(APIStatusError(0, kind, repr(exc)))
         latency = time.monotonic() - started
-        limiter.observe_headers(headers)
+        admission.limiter.observe_headers(headers)
         if status == 200:
             if isinstance(answer, dict):
                 self.account.breaker(window).on_success()
-                record = self._succeeded(
-                    request.item,
-                    answer,
-                    limiter,
-                    reservation,
-                    request.cl100k,
-                    request.estimated_input,
-                    attempt,
-                    latency,
-                    errors,
-                    headers.get("request-id"),
-                )
-                self._budget_settle(commit, record.cost_usd)
+                record = self._succeeded(request, answer, admission, attempt, latency, headers.get("request-id"))
+                hold.settle(record.cost_usd)
                 charged = record.input_tokens + record.cache_creation_input_tokens
                 window.on_success(latency, charged, record.output_tokens)
                 return record
-            self._budget_settle(commit, None)  # answered, so billed, but unreadable
-            errors.append("invalid_response: the 200 response body is not a JSON object")
+            errors.append("invalid_response: the 200 response body is not a JSON object")  # billed, unreadable
             return _Failure(APIStatusError(status, "invalid_response", "unparseable 200 response body"))
         error = APIStatusError.from_body(status, answer, headers.get("request-id"))
         errors.append(str(error))
-        limiter.refund(reservation)
-        if streamed:
-            # An `error` event after the stream began: the work had started, so it may have been billed.
-            self._budget_settle(commit, None)
-        else:
-            self._budget_refund(commit)
+        admission.refund()
+        if not streamed:
+            # An error answer before any work: not billed. (An `error` event after a stream began: the work
+            # had started, so it may have been: the hold's exit spends it.)
+            hold.refund()
         if isinstance(error, FatalAPIError):
             self._stop_for(error)
         if status == 429:
             self.stats.rate_limited += 1
             self.stats.ramp_limited += error.error_code == "ramp_limit_exceeded"
             # Hold the whole class, not just this request, so in-flight peers do not stampede.
-            limiter.pause(retry_after_seconds(headers) or self.retry.delay(attempt - 1, rng=self._rng))
+            admission.limiter.pause(retry_after_seconds(headers) or self.retry.delay(attempt - 1, rng=self._rng))
         elif status >= 500:
             self.stats.server_errors += 1
         if status in _OVERLOAD_STATUSES:
@@ -547,37 +505,28 @@ class AnthropicClient:
     def _stopping_now(self) -> bool:
         return self.fatal_error is not None or self.stopping
 
-    async def _commit_budget(self, request: _Request) -> _Commit | None:
-        """Reserve the attempt's worst case in the budget (waiting while attempts in flight hold the room);
-        None when it cannot fit (or cannot be bounded: a budget cannot be kept for an unpriced model, nor for
+    @contextlib.asynccontextmanager
+    async def _budget_hold(self, request: _Request) -> AsyncIterator[BudgetHold | None]:
+        """The attempt's worst case held in the budget (waiting while attempts in flight hold the room); None
+        when it cannot fit (or cannot be bounded: a budget cannot be kept for an unpriced model, nor for
         content or server tools whose worst case the model table cannot bound, see unbudgeted_reason)."""
         if self.budget is None:
-            return _Commit(0.0, None)
+            yield BudgetHold(None, 0.0, None)
+            return
         info = request.info or request.model
-        worst = worst_case_cost(info, request.item.body, payload_bytes=len(request.payload))
-        if worst is None:
-            if self.budget.limit_usd is not None:
-                return None
-            worst = 0.0  # no limit to keep: the journal records what it really cost
-        entry = await self.budget.areserve(worst)
-        return None if entry is None else _Commit(worst, entry)
-
-    def _budget_settle(self, commit: _Commit, actual: float | None) -> None:
-        if self.budget is not None and commit.entry is not None and not commit.done:
-            commit.done = True
-            self.budget.settle(commit.usd, actual, commit.entry)
-
-    def _budget_refund(self, commit: _Commit) -> None:
-        if self.budget is not None and commit.entry is not None and not commit.done:
-            commit.done = True
-            self.budget.refund(commit.usd, commit.entry)
+        worst = worst_case_cost(info, request.item.body, payload_bytes=len(request.payload), models=self.models)
+        if worst is None and self.budget.limit_usd is not None:
+            yield None
+            return
+        async with self.budget.hold(worst or 0.0) as hold:  # no limit to keep: the journal records the cost
+            yield hold
 
     def _budget_record(
         self, item: RequestItem, info: ModelInfo | None, attempts: int, estimated_input: int, errors: list[str]
     ) -> ResultRecord:
         assert self.budget is not None
         why = None
-        unbudgeted = unbudgeted_reason(info or item.model, item.body)
+        unbudgeted = unbudgeted_reason(info or item.model, item.body, self.models)
         if unbudgeted is not None:
             why = f"a budget cannot be kept for it: {unbudgeted}"
         return self.budget.exhausted_record(
@@ -610,36 +559,34 @@ class AnthropicClient:
 
     def _succeeded(
         self,
-        item: RequestItem,
+        request: _Request,
         message: dict[str, Any],
-        limiter: Limiter,
-        reservation: Any,
-        cl100k: int,
-        estimated_input: int,
+        admission: Admission,
         attempt: int,
         latency: float,
-        errors: list[str],
         request_id: str | None,
     ) -> ResultRecord:
+        item, cl100k = request.item, request.cl100k
         usage = Usage.from_api(message.get("usage"))
         model = str(message.get("model") or item.model)
-        info = lookup_model(model)
+        info = self.models.lookup(model)
         charged = usage.input_tokens + usage.cache_creation_input_tokens
         if info is not None and info.cache_reads_count_toward_itpm:
             charged += usage.cache_read_input_tokens
-        limiter.settle(reservation, charged, usage.output_tokens)
+        admission.settle(charged, usage.output_tokens)
         self.input_estimator.observe(item.model, cl100k, usage.total_input_tokens)
         if item.body.get("max_tokens"):
             self.output_estimator.observe(item.model, usage.output_tokens)
         record = record_from_message(
             item,
             message,
+            models=self.models,
             attempts=attempt,
             latency_s=round(latency, 6),
             request_id=request_id,
-            estimated_input_tokens=estimated_input,
+            estimated_input_tokens=request.estimated_input,
             request=item.body if self.include_request else None,
-            errors=errors,
+            errors=request.errors,
         )
         if record.cost_usd is None:
             self._note_unpriced(model, info, usage)
@@ -672,15 +619,6 @@ class _Request:
     window: AdaptiveWindow
     #: Every error met on the way (the original script's output lists them).
     errors: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Commit:
-    """An attempt's reservation in the budget: its worst case and journal entry, settled once."""
-
-    usd: float
-    entry: int | None
-    done: bool = False
 
 
 @dataclass

@@ -10,9 +10,10 @@ check timing exactly without sleeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,6 +110,44 @@ class Limiter(Protocol):
     def pause(self, seconds: float) -> None: ...
 
     def observe_headers(self, headers: Mapping[str, str]) -> None: ...
+
+
+class Admission:
+    """A request the limiter let go: settled by its usage, or refunded when the server did not process it. On
+    leaving its `async with` (`admitted`) it is refunded unless it was settled or its request left (then the
+    server may have counted it), and released."""
+
+    def __init__(self, limiter: Limiter, reservation: Reservation) -> None:
+        self.limiter = limiter
+        self.reservation = reservation
+        #: The request went out: from here on, unless told otherwise, the server may have counted it.
+        self.left = False
+        self._settled = False
+
+    def settle(self, input_tokens: float, output_tokens: float) -> None:
+        self.limiter.settle(self.reservation, input_tokens, output_tokens)
+        self._settled = True
+
+    def refund(self) -> None:
+        self.limiter.refund(self.reservation)
+        self._settled = True
+
+    def close(self) -> None:
+        if not self._settled and not self.left:
+            self.limiter.refund(self.reservation)
+        self.limiter.release(self.reservation)
+
+
+@contextlib.asynccontextmanager
+async def admitted(
+    limiter: Limiter, input_tokens: float | Callable[[], float], output_tokens: float | Callable[[], float]
+) -> AsyncIterator[Admission]:
+    """Wait for the limiter to let the request go; settle or refund it, and release it, on exit."""
+    admission = Admission(limiter, await limiter.acquire(input_tokens, output_tokens))
+    try:
+        yield admission
+    finally:
+        admission.close()
 
 
 _MAX_NAP_S = 0.25

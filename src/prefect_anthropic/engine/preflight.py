@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..api.models import lookup_model
+from ..api.models import ModelTable, model_table
 from ..api.request_rules import FAST_MODE_BETA, drop_parameters, rejections
 from .records import RequestItem, ResultRecord
 
@@ -18,8 +18,11 @@ __all__ = ["Preflight"]
 
 
 class Preflight:
-    def __init__(self, api_version: str, *, drop_unsupported_params: bool = False) -> None:
+    def __init__(
+        self, api_version: str, *, drop_unsupported_params: bool = False, models: ModelTable | None = None
+    ) -> None:
         self.api_version = api_version
+        self.models = models or model_table()
         self.drop_unsupported_params = drop_unsupported_params
         #: Lines sent without the sampling parameters their model or API version rejects.
         self.lines_with_dropped_params = 0
@@ -28,7 +31,7 @@ class Preflight:
 
     def problem(self, item: RequestItem) -> str | None:
         """Why the API would reject the line as it stands (None: nothing known)."""
-        info = lookup_model(item.model)
+        info = self.models.lookup(item.model)
         if info is not None and info.is_retired():
             return f"model {item.model!r} was retired on {info.retired_on}; choose a current model"
         # The client adds the fast-mode beta header itself, so a preview model's fast mode is not a problem.
@@ -54,7 +57,7 @@ class Preflight:
             )
         if not self.drop_unsupported_params:
             return item
-        found = rejections(item.body, lookup_model(item.model), self.api_version, beta=FAST_MODE_BETA)
+        found = rejections(item.body, self.models.lookup(item.model), self.api_version, beta=FAST_MODE_BETA)
         if not found:
             return item
         self.lines_with_dropped_params += 1

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import orjson
 
-from ..api.models import Usage, cost_usd, lookup_model
+from ..api.models import ModelTable, Usage, cost_usd, model_table
 from ..api.schema import OutputSchema, parse_reply
 
 __all__ = ["RequestItem", "ResultRecord", "message_columns", "record_from_message", "validate_record"]
@@ -111,7 +111,7 @@ def _text_of(message: dict[str, Any]) -> str:
 
 
 def record_from_message(
-    item: RequestItem, message: dict[str, Any], *, batch: bool = False, **fields: Any
+    item: RequestItem, message: dict[str, Any], *, batch: bool = False, models: ModelTable | None = None, **fields: Any
 ) -> ResultRecord:
     """The row of an answered request, from the API's Message (real time or a batch result).
 
@@ -144,7 +144,10 @@ def record_from_message(
         speed=usage.speed,
         inference_geo=usage.inference_geo,
         cost_usd=cost_usd(
-            lookup_model(model) or model, usage, batch=batch, refused_before_output=refused and not usage.output_tokens
+            (models or model_table()).lookup(model) or model,
+            usage,
+            batch=batch,
+            refused_before_output=refused and not usage.output_tokens,
         ),
         metadata=item.metadata,
         response=message,

@@ -37,7 +37,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from ..dataset.inputs import Shard
-from ..dataset.pipeline import SHUTDOWN, DatasetRun, run_shard_requests
+from ..dataset.pipeline import DatasetRun, run_shard_requests
 from ..dataset.shard_store import ShardStore
 from ..engine import AnthropicClient
 from ..engine.budget import Budget
@@ -46,6 +46,7 @@ from ..engine.shared_budget import SharedBudget
 from ..settings import ClientSettings, RunOptions
 from ..storage import Storage, is_url, join, local_path
 from .edge import resolve_run
+from .handoff import HANDOFF
 from .observability import forward_logs
 
 __all__ = [
@@ -315,7 +316,7 @@ async def run_shard_flow(
             client = AnthropicClient(api_key, settings, budget=budget, fence=fence, limiter_url=setup.limiter_url)
             async with client:
                 await client.check_limiter()
-                summary = await run_shard_requests(client, requests_path, shard, store, stop=SHUTDOWN)
+                summary = await run_shard_requests(client, requests_path, shard, store, stop=HANDOFF.stop)
         finally:
             heart.cancel()
             if claim is not None:

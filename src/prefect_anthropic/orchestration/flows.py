@@ -23,23 +23,15 @@ from prefect.artifacts import (
 from prefect.logging import get_run_logger
 
 from ..api.formatting import duration, money, number
-from ..dataset.auto_mode import CutOver, parse_deadline
-from ..dataset.inputs import Shard
-from ..dataset.outputs import final_records
-from ..dataset.pipeline import (
-    DatasetRun,
-    ShardIncomplete,
-    open_run,
-    raise_first_error,
-    spent_in,
-)
+from ..dataset.pipeline import DatasetRun, open_run, spent_in
+from ..dataset.shard_loop import run_shards
 from ..dataset.tables import SAVED_TABLE_PREFIX, PromptFunction, render_requests
-from ..engine.results_file import is_final
 from ..settings import ClientSettings, RunOptions
 from ..storage import join
 from .edge import resolve_run, resolve_storage
+from .handoff import HANDOFF
 from .observability import RunEvents, artifact_keys, final_state, forward_logs, state_message
-from .tasks import merge_materializing, plan_request_shards, run_shard
+from .tasks import as_prefect_tasks, merge_materializing, plan_request_shards
 
 __all__ = ["generate_dataset", "generate_dataset_from_table", "spent_in"]
 
@@ -177,29 +169,23 @@ async def generate_dataset(
         fail_on_errors=fail_on_errors,
     )
     setup = await resolve_run(settings, options, client_block=client_block, credentials_block=credentials_block)
-    settings = setup.settings
-    if options.work_pool and options.mode != "realtime":
-        raise ValueError("--work-pool runs shards in real-time mode only (batch mode needs no workers)")
-    if options.mode == "auto" and not options.deadline:
-        raise ValueError("--mode auto needs --deadline (an ISO 8601 time with its zone, or a duration such as 6h)")
-    if options.mode == "auto":
-        parse_deadline(options.deadline or "")  # a malformed deadline stops the run before anything is sent
-    if options.work_pool and settings.max_cost_usd is not None and setup.limiter_url is None:
-        raise ValueError(
-            "--max-cost-usd with --work-pool needs --limiter-url: the budget is kept in Redis so that every "
-            "worker spends from the same one"
-        )
+    setup.check()
+    run_fields = {
+        "input_table": input_table,
+        "input_columns": input_columns,
+        "original_layout_path": original_layout_path,
+        "parquet_beside_original": parquet_beside_original,
+    }
     with forward_logs():
-        async with open_run(
-            requests_path,
-            output_dir,
-            setup,
-            input_table=input_table,
-            input_columns=input_columns,
-            original_layout_path=original_layout_path,
-            parquet_beside_original=parquet_beside_original,
-        ) as run:
-            summary = await _run(run, client_block, credentials_block)
+        early = HANDOFF.opened_early.pop(output_dir, None)
+        if early is not None:  # opened and sending since before Prefect loaded: its opener closes it
+            summary = await _run(early, client_block, credentials_block)
+        else:
+            async with open_run(
+                requests_path, output_dir, setup, stop=HANDOFF.stop, progress_listeners=HANDOFF.progress_listeners,
+                **run_fields,
+            ) as run:  # fmt: skip
+                summary = await _run(run, client_block, credentials_block)
     # Completed (or, with fail_on_errors and failed rows, Failed) with a message saying what happened.
     return final_state(summary, options.fail_on_errors)
 
@@ -207,7 +193,7 @@ async def generate_dataset(
 async def _run(run: DatasetRun, client_block: str | None, credentials_block: str | None) -> dict[str, Any]:
     logger = get_run_logger()
     options = run.options
-    plan = plan_request_shards(run.key)
+    plan_request_shards(run.plan_shards)
     tracker = run.progress
     assert tracker is not None
     keys = artifact_keys(run.output_dir)
@@ -227,37 +213,6 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
             await aupdate_progress_artifact(artifact_id, tracker.percent, description=tracker.describe())
 
     publisher = asyncio.create_task(publish_progress())
-    gate = asyncio.Semaphore(options.max_parallel_shards)
-    retries = options.shard_retries
-    shard_task = run_shard.with_options(
-        retries=retries, retry_delay_seconds=[options.shard_retry_delay_s * 2**n for n in range(retries)]
-    )
-    budget = run.client.budget
-
-    if options.mode == "auto":
-        run.cutover = plan_cutover(run)
-        tracker.phase, tracker.phase_detail = run.cutover.short, run.cutover.describe
-        log = logger.warning if run.cutover.late else logger.info
-        log("Auto mode: %s.", run.cutover.describe())
-
-    async def one_shard(shard: Shard) -> None:
-        # Batches of every shard run at once (they cost no rate limit); real time, shard by shard.
-        if options.mode != "realtime" and run.store.done_summary(shard) is None:
-            from .batch_mode import run_shard_in_batches
-
-            left = await run_shard_in_batches(run.key, shard)
-            # Auto mode leaves the shard to real time, which sends what has no answer and marks it done.
-            if options.mode == "batch" and not left and not (budget is not None and budget.exhausted):
-                run.store.mark_done(shard, {"shard": shard.index, "requests": shard.line_count})
-        async with gate:
-            try:
-                # Real-time mode, or what batch mode left for it: sends only the lines not yet answered.
-                await shard_task(run.key, shard)
-            except ShardIncomplete as error:  # its failed rows are in the dataset as errors
-                logger.warning(
-                    "Shard %d (%s) ended with failures after its retries: %s", shard.index, shard.lines, error
-                )
-
     shards_by_worker: dict[str, int] = {}
     budget_id = None
     try:
@@ -270,13 +225,13 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
                 on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
             )  # fmt: skip
         else:
-            raise_first_error(await asyncio.gather(*(one_shard(s) for s in plan.shards), return_exceptions=True))
+            await run_shards(run, as_prefect_tasks)
     finally:
         publisher.cancel()
         events.watch(run.client)
 
     inputs = [run.input_table] if run.input_table is not None else [run.requests_path]
-    totals = merge_materializing(run.key, run.output_dir, inputs)(run.key)
+    totals = merge_materializing(run.output_dir, inputs)(run.merge, run.client.stats.prewarm_cost_usd)
     summary = run.summary(totals)
     summary["artifacts"] = keys
     if options.work_pool:
@@ -295,35 +250,6 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
     events.finished(summary)
     logger.info("Done: %s", state_message(summary))
     return summary
-
-
-def plan_cutover(run: DatasetRun) -> CutOver:
-    """Auto mode's plan: real time's need for the requests without an answer yet, against the deadline
-    (DeadlineInfeasible when even real time from now would be late)."""
-    from ..dataset.estimate import estimate_file
-    from .batch_mode import batch_state_name
-
-    assert run.plan is not None
-    options, store = run.options, run.store
-    remaining = {}
-    resumed = False
-    for shard in run.plan.shards:
-        if store.done_summary(shard) is not None:
-            resumed = True
-            continue
-        records = final_records(store.records(shard)).values()
-        answered = sum(1 for record in records if is_final(record))
-        remaining[shard.index] = max(0, shard.line_count - answered)
-        resumed |= bool(records) or store.read_text(batch_state_name(shard)) is not None
-    estimate = estimate_file(run.requests_path, run.settings, storage=run.storage)
-    return CutOver.plan(
-        options.deadline or "",
-        estimate,
-        margin=options.deadline_margin,
-        slack_s=options.deadline_slack_s,
-        remaining=remaining,
-        resumed=resumed,
-    )
 
 
 async def _start_shared_budget(run: DatasetRun) -> str | None:

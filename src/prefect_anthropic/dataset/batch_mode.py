@@ -1,10 +1,11 @@
-"""Batch mode: each shard goes to Anthropic's Message Batches API (half price), as Prefect tasks.
+"""Batch mode: a shard through Anthropic's Message Batches API (half price), in plain asyncio.
 
-Per shard: `submit_batches` (records every batch id the moment it exists, so a restarted flow polls the
-same batches instead of paying for them again), `wait_for_batches` (polls with backoff, reports
-request_counts as progress), `download_batch_results` (writes each result into the shard's results file,
-in the same schema as real-time mode). Failed rows can then get a follow-up batch or go through the
-real-time engine.
+Per shard, three steps, each run by the run's executor (so as Prefect tasks in a flow): `submit_batches`
+(records every batch id the moment it exists, so a restarted run polls the same batches instead of paying
+for them again), `wait_for_batches` (polls with backoff, reports request_counts as progress),
+`download_batch_results` (writes each result into the shard's results file, in the same schema as real-time
+mode). `run_shard_in_batches` runs the rounds: failed rows can get a follow-up batch or go through the
+real-time engine. The state they keep is `batch_state`'s.
 """
 
 from __future__ import annotations
@@ -13,38 +14,45 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
-
-from ..api.models import lookup_model
 from ..api.schema import with_output_format
-from ..dataset.inputs import Shard, iter_requests
-from ..dataset.outputs import final_records
-from ..dataset.pipeline import RUNS, SHUTDOWN, DatasetRun
-from ..dataset.shard_store import ShardStore
 from ..engine import RunStopped
 from ..engine.batches import BatchAPI, batch_custom_id, batch_result_record, line_of_custom_id, plan_batches
 from ..engine.budget import unbudgeted_reason, worst_case_cost
 from ..engine.records import RequestItem, ResultRecord, validate_record
 from ..engine.runner import done_before
-from ..settings import ClientSettings
-from ..storage import Storage, join
-from .edge import resolve_run
+from ..storage import join
+from .batch_state import (
+    RECORD_INFIX,
+    STATE_SUFFIX,
+    BatchRound,
+    BatchState,
+    CreatedBatch,
+    Creating,
+    batch_record_name,
+    batch_state_name,
+    read_batch_state,
+)
+from .executor import BATCH_STEP_RETRY, Executor, NotRetryable
+from .inputs import Shard, iter_requests
+from .outputs import final_records
+from .pipeline import DatasetRun
+from .setup import RunSetup
+from .shard_store import ShardStore
 
 __all__ = [
     "BATCH_RETRY_CHOICES",
     "BatchesOfAnotherLayout",
-    "batch_state_name",
     "cancel_batches",
     "run_shard_in_batches",
 ]
+
+logger = logging.getLogger(__name__)
 
 BATCH_RETRY_CHOICES = ("none", "batch", "realtime")
 #: Batch results worth another try: the request never ran, or failed on the server's side.
@@ -53,59 +61,17 @@ RETRYABLE_BATCH_ERRORS = frozenset(
 )
 
 
-class BatchesOfAnotherLayout(ValueError):
+class BatchesOfAnotherLayout(NotRetryable, ValueError):
     """Batches created under another shard size for a shard's lines are not downloaded yet: submitting the
     lines again would pay for them twice."""
 
 
-def batch_state_name(shard: Shard) -> str:
-    return f"shard-{shard.index:05d}-{shard.digest}.batches.json"
-
-
-_STATE_SUFFIX = ".batches.json"
-_RECORD_INFIX = ".batch."
-
-
-def _batch_record_location(store: ShardStore, shard: Shard, batch_id: str) -> str:
-    """Where one created batch's id is recorded, beside the shard's batch state (a name no other batch has)."""
-    return join(store.location, f"{batch_state_name(shard).removesuffix(_STATE_SUFFIX)}{_RECORD_INFIX}{batch_id}.json")
-
-
-def _batch_records(storage: Storage, state_location: str) -> list[dict[str, Any]]:
-    """The records of the batches created for the shard whose batch state is at `state_location`."""
-    directory, _, name = str(state_location).rpartition("/")  # a URL, or a POSIX path as Storage.list gives
-    pattern = f"{name.removesuffix(_STATE_SUFFIX)}{_RECORD_INFIX}*.json"
-    return [json.loads(storage.read_text(location)) for location in storage.list(directory, pattern)]
-
-
-def read_batch_state(storage: Storage, state_location: str) -> dict[str, Any]:
-    """A shard's batch state: its state file, with every batch created for it that the file does not name
-    (its fenced write failed, or the file was lost) added to the round that created it, not downloaded yet.
-
-    Every reader goes through here, so that a batch created (and so paid for) is never forgotten."""
-    state: dict[str, Any] = (
-        json.loads(storage.read_text(state_location)) if storage.exists(state_location) else {"rounds": []}
-    )
-    rounds: list[dict[str, Any]] = state.setdefault("rounds", [])
-    known = {batch["id"] for round_ in rounds for batch in round_.get("batches", [])}
-    for record in sorted(_batch_records(storage, state_location), key=lambda r: (r["round"], r.get("created", ""))):
-        while len(rounds) <= record["round"]:
-            rounds.append({"complete": False, "batches": []})
-        round_ = rounds[record["round"]]
-        creating = round_.get("creating")
-        if creating is not None and creating.get("token") == record.get("token"):
-            del round_["creating"]  # the create it announced is this batch: nothing to look for
-        if record["id"] not in known:
-            known.add(record["id"])
-            round_.setdefault("batches", []).append(
-                {"id": record["id"], "requests": record["requests"], "downloaded": False}
-            )
-            round_["complete"] = False  # its results were never collected
-    return state
-
-
-def _read_state(store: ShardStore, shard: Shard) -> dict[str, Any]:
+def _read_state(store: ShardStore, shard: Shard) -> BatchState:
     return read_batch_state(store.storage, join(store.location, batch_state_name(shard)))
+
+
+def _write_state(store: ShardStore, shard: Shard, state: BatchState) -> None:
+    store.write_json(batch_state_name(shard), state.to_json())
 
 
 async def _record_created_batch(store: ShardStore, shard: Shard, record: dict[str, Any]) -> None:
@@ -114,14 +80,14 @@ async def _record_created_batch(store: ShardStore, shard: Shard, record: dict[st
     instead of paying for it again. Retried a little: the state file is the fallback, then the search by time
     and size (_unrecorded_batch)."""
     data = json.dumps(record).encode("utf-8")
-    location = _batch_record_location(store, shard, record["id"])
+    location = join(store.location, batch_record_name(shard, record["id"]))
     for attempt in range(3):
         try:
             await asyncio.to_thread(store.storage.write_bytes, location, data, immutable=True)
             return
         except Exception as error:  # a storage fault: the state write comes next, and may still record it
             if attempt == 2:
-                logging.getLogger(__name__).warning("Could not record batch %s: %s", record["id"], error)
+                logger.warning("Could not record batch %s: %s", record["id"], error)
                 return
             await asyncio.sleep(0.2 * 2**attempt)
 
@@ -140,28 +106,26 @@ def _pending_items(run: DatasetRun, shard: Shard, retry_lines: set[int] | None):
         yield item
 
 
-@task(name="submit-batches", task_run_name="submit-shard-{shard.index:05d}", cache_policy=NO_CACHE, retries=2)
-async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | None = None) -> list[str]:
+async def submit_batches(run: DatasetRun, shard: Shard, retry_lines: list[int] | None = None) -> list[str]:
     """Submit the shard's unsent requests; return the ids of this round's batches (never submitted twice)."""
-    logger = get_run_logger()
-    run = RUNS[run_key]
     client, store = run.client, run.store
-    state_name = batch_state_name(shard)
     state = _read_state(store, shard)
-    if state["rounds"] and not state["rounds"][-1]["complete"] and retry_lines is None:
-        last = state["rounds"][-1]
-        if "creating" in last:  # stopped while creating a batch: it may exist at Anthropic without its id here
-            async with _batch_api(run) as api:
-                found = await _unrecorded_batch(run, api, last.pop("creating"))
-            if found is not None:
-                last["batches"].append({"id": found["id"], "requests": found["requests"], "downloaded": False})
-                logger.info("Shard %d: %s was created before the stop; polling it, not paying again.", shard.index,
-                            found["id"])  # fmt: skip
-            elif not last["batches"]:
-                state["rounds"].pop()  # it never reached Anthropic: submit the round again
-            store.write_json(state_name, state)
-    if state["rounds"] and not state["rounds"][-1]["complete"] and retry_lines is None:
-        ids = [b["id"] for b in state["rounds"][-1]["batches"]]
+    last = state.open_round
+    if last is not None and retry_lines is None and last.creating is not None:
+        # Stopped while creating a batch: it may exist at Anthropic without its id here.
+        async with _batch_api(run) as api:
+            found = await _unrecorded_batch(run, api, last.creating)
+        last.creating = None
+        if found is not None:
+            last.batches.append(found)
+            logger.info("Shard %d: %s was created before the stop; polling it, not paying again.", shard.index,
+                        found.id)  # fmt: skip
+        elif not last.batches:
+            state.rounds.pop()  # it never reached Anthropic: submit the round again
+        _write_state(store, shard, state)
+    last = state.open_round
+    if last is not None and retry_lines is None:
+        ids = [batch.id for batch in last.batches]
         logger.info("Shard %d: batches %s were submitted before; polling them, not submitting again.", shard.index, ids)
         return ids
     foreign = store.unfinished_batches_of_other_layouts(shard)
@@ -173,12 +137,12 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
             "size finds their answers. Nothing was submitted for this shard"
         )
     cutover = run.cutover
-    if cutover is not None and (state["rounds"] or cutover.due()):
+    if cutover is not None and (state.rounds or cutover.due()):
         # Auto mode submits a shard's requests once, and never past the cut-over: what the batches did not
         # answer goes in real time (also when a rerun finds the round downloaded).
         return []
-    round_: dict[str, Any] = {"complete": False, "batches": []}
-    state["rounds"].append(round_)
+    round_ = BatchRound()
+    state.rounds.append(round_)
     budget = client.budget
     async with _batch_api(run) as api:
         pending = list(_pending_items(run, shard, set(retry_lines) if retry_lines else None))
@@ -190,20 +154,15 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
                 checked = ResultRecord.for_invalid_line(item) if item.invalid is not None else client.preflight(item)
                 if isinstance(checked, RequestItem) and budget is not None:
                     # Each request's worst case at the batch price, held until its result is downloaded.
-                    info = lookup_model(checked.model) or checked.model
-                    worst = worst_case_cost(info, checked.body, batch=True)
-                    stale = budget.holds.pop(checked.line, None)
-                    if stale is not None:  # held for a batch of an interrupted round that was never created
-                        budget.refund(*stale)
+                    info = client.models.lookup(checked.model) or checked.model
+                    worst = worst_case_cost(info, checked.body, batch=True, models=client.models)
+                    budget.release_batch_hold(checked.line)
                     if worst is None and budget.limit_usd is not None:
                         # This request has no bound (the others may): its row says why, the budget goes on.
-                        why = f"a budget cannot be kept for it: {unbudgeted_reason(info, checked.body)}"
+                        why = f"a budget cannot be kept for it: {unbudgeted_reason(info, checked.body, client.models)}"
                         checked = budget.exhausted_record(checked, why)
-                    elif (entry := budget.reserve(worst or 0.0)) is None:
-                        budget.exhausted = True  # a batch cannot wait for others to settle: the budget stops here
+                    elif not budget.hold_for_batch(checked.line, worst or 0.0):
                         checked = budget.exhausted_record(checked)
-                    else:
-                        budget.holds[checked.line] = (worst or 0.0, entry)
                 if isinstance(checked, ResultRecord):
                     writer.write(checked)
                 else:
@@ -211,66 +170,57 @@ async def submit_batches(run_key: str, shard: Shard, retry_lines: list[int] | No
         for requests in plan_batches(valid):
             if budget is not None:
                 for request in requests:
-                    worst, entry = budget.holds[line_of_custom_id(request["custom_id"])]
-                    budget.sent(entry, worst)  # from here on it may be billed, whatever happens to this process
+                    budget.batch_sent(line_of_custom_id(request["custom_id"]))  # may be billed from here on
                 await budget.acommit()  # in the journal a rerun reads (on a bucket: written) before the create
             # One create at a time in a run, announced before it is sent: after a crash, the one batch that may
             # exist without its id here is found by its time and size (see _unrecorded_batch).
             async with run.batch_create_lock:
                 since, token = datetime.now(timezone.utc).isoformat(), uuid.uuid4().hex
-                round_["creating"] = {"requests": len(requests), "since": since, "token": token}
-                store.write_json(state_name, state)
+                round_.creating = Creating(requests=len(requests), since=since, token=token)
+                _write_state(store, shard, state)
                 batch = await api.create(requests)
                 await _record_created_batch(
                     store,
                     shard,
-                    {"id": batch["id"], "requests": len(requests), "round": len(state["rounds"]) - 1,
+                    {"id": batch["id"], "requests": len(requests), "round": len(state.rounds) - 1,
                      "token": token, "created": since},
                 )  # fmt: skip
-                del round_["creating"]
-                round_["batches"].append({"id": batch["id"], "requests": len(requests), "downloaded": False})
-                store.write_json(state_name, state)  # recorded at once: a restart polls it instead of paying again
+                round_.creating = None
+                round_.batches.append(CreatedBatch(batch["id"], len(requests)))
+                _write_state(store, shard, state)  # recorded at once: a restart polls it instead of paying again
             logger.info("Shard %d: submitted %s with %d requests.", shard.index, batch["id"], len(requests))
-    if not round_["batches"]:
-        round_["complete"] = True
-    store.write_json(state_name, state)
-    return [b["id"] for b in round_["batches"]]
+    if not round_.batches:
+        round_.complete = True
+    _write_state(store, shard, state)
+    return [batch.id for batch in round_.batches]
 
 
-async def _unrecorded_batch(run: DatasetRun, api: BatchAPI, creating: dict[str, Any]) -> dict[str, Any] | None:
+async def _unrecorded_batch(run: DatasetRun, api: BatchAPI, creating: Creating) -> CreatedBatch | None:
     """The batch a stopped run created without recording its id: created since it announced the create, of
     its size, and not recorded by any shard of this output. None when there is none (or, with batches of
     other runs of the key looking alike, when it cannot be told apart: then it is submitted again)."""
     assert run.plan is not None
-    known = {
-        batch["id"]
-        for shard in run.plan.shards
-        for round_ in _read_state(run.store, shard)["rounds"]
-        for batch in round_["batches"]
-    }
-    since = datetime.fromisoformat(creating["since"]) - timedelta(seconds=5)
+    known = {batch_id for shard in run.plan.shards for batch_id in _read_state(run.store, shard).batch_ids()}
+    since = datetime.fromisoformat(creating.since) - timedelta(seconds=5)
     candidates = [
         batch
         for batch in await api.created_since(since)
-        if batch["id"] not in known and sum(batch["request_counts"].values()) == creating["requests"]
+        if batch["id"] not in known and sum(batch["request_counts"].values()) == creating.requests
     ]
     if len(candidates) != 1:
         if candidates:
-            get_run_logger().warning(
+            logger.warning(
                 "%d batches of %d requests were created at the time a stopped run created one; submitting again "
-                "(one of them may be paid twice).", len(candidates), creating["requests"],
+                "(one of them may be paid twice).", len(candidates), creating.requests,
             )  # fmt: skip
         return None
-    return {"id": candidates[0]["id"], "requests": creating["requests"]}
+    return CreatedBatch(candidates[0]["id"], creating.requests)
 
 
-@task(name="wait-for-batches", task_run_name="wait-shard-{shard.index:05d}", cache_policy=NO_CACHE, retries=2)
-async def wait_for_batches(run_key: str, shard: Shard, batch_ids: list[str]) -> list[dict[str, Any]]:
+async def wait_for_batches(run: DatasetRun, shard: Shard, batch_ids: list[str]) -> list[dict[str, Any]]:
     """Poll until every batch has ended; backoff from 1 s up to the poll interval. In auto mode, once the
     cut-over is due, cancel the batches still running and wait for them to end (what they finished while
     canceling is kept)."""
-    logger = get_run_logger()
-    run = RUNS[run_key]
     cutover = run.cutover
     poll_interval_s = run.options.batch_poll_interval_s
     delay = min(1.0, poll_interval_s)
@@ -299,7 +249,7 @@ async def wait_for_batches(run_key: str, shard: Shard, batch_ids: list[str]) -> 
                                 cutover.describe(),
                             )
                     delay = min(delay, 1.0)
-            if SHUTDOWN.is_set():
+            if run.stop.is_set():
                 raise RunStopped("stopped while batches run; they go on at Anthropic: run again to collect them")
             wait = delay
             if cutover is not None and cutover.cut_at is None:
@@ -308,16 +258,13 @@ async def wait_for_batches(run_key: str, shard: Shard, batch_ids: list[str]) -> 
             delay = min(delay * 2, poll_interval_s)
 
 
-@task(name="download-batch-results", task_run_name="download-shard-{shard.index:05d}", cache_policy=NO_CACHE, retries=2)
-async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
+async def download_batch_results(run: DatasetRun, shard: Shard) -> dict[str, int]:
     """Write every result of the shard's last round into its results file; count them by type."""
-    run = RUNS[run_key]
     client, store = run.client, run.store
-    state_name = batch_state_name(shard)
     state = _read_state(store, shard)
-    if not state["rounds"]:
+    if not state.rounds:
         return {}  # auto mode past its cut-over: nothing went to batches
-    round_ = state["rounds"][-1]
+    round_ = state.rounds[-1]
     items = {
         batch_custom_id(i): i
         for i in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage)
@@ -327,14 +274,14 @@ async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
     store.prepare(shard)
     async with _batch_api(run) as api:
         with store.writer(shard) as writer:
-            for batch in round_["batches"]:
-                if batch["downloaded"]:
+            for batch in round_.batches:
+                if batch.downloaded:
                     continue
-                async for line in api.results(batch["id"]):
+                async for line in api.results(batch.id):
                     item = items.get(str(line.get("custom_id")))
                     if item is None:
                         continue
-                    record = batch_result_record(item, line.get("result") or {})
+                    record = batch_result_record(item, line.get("result") or {}, client.models)
                     if client.output_schema is not None:
                         # No repair in a batch: an invalid reply is a validation_error row (--batch-retry
                         # realtime sends it again through the engine, which repairs).
@@ -342,44 +289,43 @@ async def download_batch_results(run_key: str, shard: Shard) -> dict[str, int]:
                     writer.write(record)
                     if run.progress is not None:
                         run.progress.record(record)
-                    held = budget.holds.pop(item.line, None) if budget is not None else None
-                    if budget is not None and held is not None:
-                        budget.settle(held[0], record.cost_usd or 0.0, held[1])
+                    if budget is not None:
+                        budget.settle_batch(item.line, record.cost_usd or 0.0)
                     kind = "succeeded" if record.succeeded else str(record.error_type)
                     counts[kind] = counts.get(kind, 0) + 1
                 writer.flush()
-                batch["downloaded"] = True
-                store.write_json(state_name, state)
-    round_["complete"] = True
-    store.write_json(state_name, state)
+                batch.downloaded = True
+                _write_state(store, shard, state)
+    round_.complete = True
+    _write_state(store, shard, state)
     return counts
 
 
-async def run_shard_in_batches(run_key: str, shard: Shard, *, max_rounds: int = 3) -> list[int]:
-    """Run one shard through batches; return the lines whose retryable failures are left for real-time mode
-    (only with batch_retry="realtime")."""
-    options = RUNS[run_key].options
+async def run_shard_in_batches(run: DatasetRun, shard: Shard, execute: Executor, *, max_rounds: int = 3) -> list[int]:
+    """Run one shard through batches, each step by `execute`; return the lines whose retryable failures are
+    left for real-time mode (only with batch_retry="realtime")."""
+    options = run.options
     auto = options.mode == "auto"
     # Auto mode: whatever the batches did not answer goes in real time (canceled requests among them).
     batch_retry = "realtime" if auto else options.batch_retry
     retry_lines: list[int] | None = None
     unsent: list[int] = []
     for _ in range(max_rounds):
-        ids = await submit_batches(run_key, shard, retry_lines)
+        ids = await execute("submit-batches", shard, partial(submit_batches, run, shard, retry_lines), BATCH_STEP_RETRY)
         if ids:
-            await wait_for_batches(run_key, shard, ids)
-        await download_batch_results(run_key, shard)
+            await execute("wait-for-batches", shard, partial(wait_for_batches, run, shard, ids), BATCH_STEP_RETRY)
+        await execute("download-batch-results", shard, partial(download_batch_results, run, shard), BATCH_STEP_RETRY)
         # A round stopped between two creates (a failed create, a killed run) sent only its first batches:
         # the lines of the others have no answer. Never a retry: they are sent whatever --batch-retry says.
-        unsent = _unanswered_lines(RUNS[run_key], shard)
-        retryable = _retryable_failures(RUNS[run_key].store, shard, canceled_too=auto)
+        unsent = _unanswered_lines(run, shard)
+        retryable = _retryable_failures(run.store, shard, canceled_too=auto)
         if batch_retry == "realtime":
             return sorted({*retryable, *unsent})
         retry_lines = sorted({*unsent, *(retryable if batch_retry == "batch" else ())})
         if not retry_lines:
             return []
         if unsent:
-            get_run_logger().info(
+            logger.info(
                 "Shard %d: %d requests were never sent (a round stopped between two creates); sending them.",
                 shard.index, len(unsent),
             )  # fmt: skip
@@ -419,23 +365,20 @@ def _retryable_failures(store: ShardStore, shard: Shard, *, canceled_too: bool =
     )
 
 
-async def cancel_batches(
-    output_dir: str | os.PathLike[str],
-    settings: ClientSettings | None = None,
-    client_block: str | None = None,
-    credentials_block: str | None = None,
-) -> list[str]:
-    """Cancel every batch of an output directory that has not ended; return their ids."""
-    setup = await resolve_run(settings, client_block=client_block, credentials_block=credentials_block)
-    settings, api_key, storage = setup.settings, setup.api_key, setup.storage
-    canceled = []
+def has_batch_state(store: ShardStore, shard: Shard) -> bool:
+    return store.read_text(batch_state_name(shard)) is not None
+
+
+async def cancel_batches(output_dir: str, setup: RunSetup) -> list[str]:
+    """Cancel every batch of an output location that has not ended; return their ids."""
+    storage = setup.storage
     ids: dict[str, None] = {}  # every batch any state or record names, in order, once
-    for location in storage.list(str(output_dir), f".shards-*/*{_STATE_SUFFIX}"):
-        for round_ in read_batch_state(storage, location)["rounds"]:
-            ids.update(dict.fromkeys(batch["id"] for batch in round_["batches"]))
-    for location in storage.list(str(output_dir), f".shards-*/*{_RECORD_INFIX}*.json"):
+    for location in storage.list(str(output_dir), f".shards-*/*{STATE_SUFFIX}"):
+        ids.update(dict.fromkeys(read_batch_state(storage, location).batch_ids()))
+    for location in storage.list(str(output_dir), f".shards-*/*{RECORD_INFIX}*.json"):
         ids.update({json.loads(storage.read_text(location))["id"]: None})  # also where the state file was lost
-    async with BatchAPI.for_settings(api_key, settings) as api:
+    canceled = []
+    async with BatchAPI.for_settings(setup.api_key, setup.settings) as api:
         for batch_id in ids:
             if (await api.retrieve(batch_id))["processing_status"] == "in_progress":
                 await api.cancel(batch_id)
