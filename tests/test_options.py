@@ -193,3 +193,20 @@ def test_a_client_block_with_an_explicit_budget_stops_at_it(start_emulator, tmp_
     assert 0 < emu.stats()["cost_usd"] <= 0.05
     summary = json.loads((out / "summary.json").read_text())
     assert summary["budget_usd"] == 0.05 and summary["settings"]["max_concurrency"] == 4
+
+
+def test_the_flow_takes_each_run_option_as_a_parameter_made_from_its_declaration():
+    """Issue 27: the flow's option parameters are generated from RunOptions (name, type, default, and the
+    description the Prefect UI shows), never copied by hand."""
+    from prefect.utilities.callables import parameter_schema
+
+    from prefect_anthropic.orchestration.flows import generate_dataset
+
+    properties = parameter_schema(generate_dataset).model_dump()["properties"]
+    for name, field in RunOptions.model_fields.items():
+        assert properties[name].get("default") == field.default, name
+        assert " ".join(properties[name]["description"].split()) == " ".join(field.description.split()), name
+    assert properties["mode"]["enum"] == ["realtime", "batch", "auto"]
+    own = {"requests_path", "output_dir", "settings", "client_block", "credentials_block", "original_layout_path",
+           "parquet_beside_original", "input_table", "input_columns"}  # fmt: skip
+    assert set(properties) == own | set(RunOptions.model_fields)

@@ -28,7 +28,7 @@ def prepared_requests(
 ) -> Iterator[tuple[RequestItem, str | None]]:
     """Each line as it would be sent (the schema applied, unsupported parameters dropped if asked), with
     why it would not be sent (None: it would)."""
-    storage = storage or Storage.from_environment()
+    storage = storage or Storage()
     if not storage.exists(str(path)):
         raise FileNotFoundError(f"requests file not found: {path}")
     models = use_models_file(settings.models_file) if settings.models_file else model_table()

@@ -122,7 +122,7 @@ class Shard:
 
 def _open(path: str | os.PathLike[str], storage: Storage | None) -> IO[bytes]:
     if is_url(path):
-        return (storage or Storage.from_environment()).open(str(path), "rb")
+        return (storage or Storage()).open(str(path), "rb")
     return open(local_path(path), "rb")
 
 

@@ -347,8 +347,7 @@ async def open_run(
         check_input(requests_path, storage)
         remove_stale_run_inputs(output_dir, own_inputs, storage)
         store = ShardStore.for_run(output_dir, options, storage)
-        # What earlier runs of the dataset paid (or may have: a killed run's requests in flight) is spent.
-        budget = Budget(settings.max_cost_usd, spent_usd=store.spent(), journal=store.new_journal())
+        budget = open_budget(store, setup)
         if budget.limit_usd is not None:
             logger.info("Budget $%.4f, $%.4f spent by earlier runs.", budget.limit_usd, budget.spent_usd)
         client = AnthropicClient(
@@ -361,6 +360,25 @@ async def open_run(
                 yield run
             finally:
                 save_token_corrections(client.input_estimator.learned_ratios())
+
+
+def open_budget(
+    store: ShardStore, setup: RunSetup, *, on_worker: bool = False, shared_budget_id: str | None = None
+) -> Budget:
+    """A dataset run's budget, the one place it is made: journaled in the shard store, with what earlier runs
+    of the dataset paid (or may have: a killed run's requests in flight) spent already. `on_worker`: a
+    work-pool shard's, spending from the budget its parent keeps in Redis (`shared_budget_id`, given when the
+    run has a limit), which every worker's process spends from; the parent read the earlier spending."""
+    settings, journal = setup.settings, store.new_journal()
+    if not on_worker:
+        return Budget(settings.max_cost_usd, spent_usd=store.spent(), journal=journal)
+    if shared_budget_id is None or settings.max_cost_usd is None:
+        return Budget(None, journal=journal)
+    from ..engine.shared_budget import SharedBudget  # Redis's client: loaded where a worker spends from it
+
+    return SharedBudget.connect(
+        settings, setup.api_key, shared_budget_id, settings.max_cost_usd, journal=journal, limiter_url=setup.limiter_url
+    )
 
 
 @contextlib.contextmanager

@@ -305,7 +305,7 @@ class ShardStore:
 def spent_in(output: str, storage: Storage | None = None) -> float:
     """Dollars the dataset at `output` paid, or may have paid, over all its runs: its spending journals; for a
     dataset written before journals, what its results files record."""
-    storage = storage or Storage.from_environment()
+    storage = storage or Storage()
     journaled = journaled_spending(join(output, SPENDING_DIR), storage)
     if journaled is not None:
         return journaled

@@ -30,24 +30,26 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from prefect import flow
 from prefect.logging import get_run_logger
 
+from ..dataset.executor import RetryPolicy
 from ..dataset.inputs import Shard
-from ..dataset.pipeline import DatasetRun, run_shard_requests
+from ..dataset.pipeline import DatasetRun, open_budget, run_shard_requests
+from ..dataset.shard_loop import run_shards
 from ..dataset.shard_store import ShardStore
 from ..engine import AnthropicClient
-from ..engine.budget import Budget
 from ..engine.errors import OutputLost
-from ..engine.shared_budget import SharedBudget
 from ..settings import ClientSettings, RunOptions
 from ..storage import Storage, is_url, join, local_path
 from .edge import resolve_run
 from .handoff import HANDOFF
 from .observability import forward_logs
+
+T = TypeVar("T")
 
 __all__ = [
     "OutputDirectoryNotShared",
@@ -294,14 +296,7 @@ async def run_shard_flow(
         if not storage.exists(requests_path):
             raise OutputDirectoryNotShared(f"worker {worker_name()} does not see the request file {requests_path}")
         store = ShardStore.for_run(output, options, storage)
-        journal = store.new_journal()
-        budget = (
-            SharedBudget.connect(
-                settings, api_key, budget_id, settings.max_cost_usd, journal=journal, limiter_url=setup.limiter_url
-            )
-            if budget_id is not None and settings.max_cost_usd is not None
-            else Budget(None, journal=journal)
-        )
+        budget = open_budget(store, setup, on_worker=True, shared_budget_id=budget_id)
         claim = None
         if attempt_id:
             margin_s = claim_margin(options.shard_heartbeat_timeout_s)
@@ -347,34 +342,22 @@ async def ensure_shard_deployment(work_pool: str) -> str:
 
 
 async def run_shards_on_pool(
-    run: DatasetRun,
-    client_block: str | None,
-    credentials_block: str | None,
-    *,
-    budget_id: str | None = None,
-    on_shard_done: Any = None,
+    run: DatasetRun, client_block: str | None, credentials_block: str | None, *, budget_id: str | None = None
 ) -> dict[str, int]:
-    """Run every shard not finished yet as a child flow run on the pool; the shards each worker ran."""
+    """Run every shard not finished yet as a child flow run on the pool (the shard loop, with `PoolExecutor`);
+    the shards each worker ran."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments.flow_runs import arun_deployment
 
-    logger = get_run_logger()
     options = run.options
     work_pool = options.work_pool
     assert work_pool is not None and run.plan is not None
     if run.limiter_url is None:
-        logger.warning(
+        get_run_logger().warning(
             "--work-pool without --limiter-url: each worker process keeps its own rate limits, so together "
             "they may send more than the account allows. Give them a shared Redis with --limiter-url."
         )
     output = run.output_dir if is_url(run.output_dir) else str(local_path(run.output_dir).resolve())
     requests_path = run.requests_path if is_url(run.requests_path) else str(local_path(run.requests_path).resolve())
-    location_id = mark_shared_location(run.storage, output)
-    deployment = await ensure_shard_deployment(work_pool)
-    store = run.store
-    gate = asyncio.Semaphore(options.max_parallel_shards)
-    ran: Counter[str] = Counter()
-    shard_retries = options.shard_retries
     parameters = {
         "requests_path": requests_path,
         "output": output,
@@ -382,52 +365,73 @@ async def run_shards_on_pool(
         "settings": run.settings,
         "client_block": client_block,
         "credentials_block": credentials_block,
-        "location_id": location_id,
+        "location_id": mark_shared_location(run.storage, output),
         "budget_id": budget_id,
     }
-    heartbeat_timeout_s = options.shard_heartbeat_timeout_s
-
-    async def one(shard: Shard, client: Any) -> None:
-        async with gate:
-            # A copy an earlier parent left may still send: it stops before this parent's first launch.
-            done = await asyncio.to_thread(store.done_summary, shard)
-            attempt_id = "" if done is not None else await take_over(store, shard, heartbeat_timeout_s)
-            for attempt in range(shard_retries + 1):
-                if store.done_summary(shard) is not None:
-                    break
-                flow_run = await arun_deployment(
-                    deployment,
-                    parameters={**parameters, "shard": shard, "attempt_id": attempt_id},
-                    timeout=0,
-                    as_subflow=True,
-                )
-                state = await _wait_for(client, flow_run.id, store, _heartbeat_name(shard), heartbeat_timeout_s)
-                if state is not None and state.is_completed():
-                    worker = store.read_text(_worker_name_file(shard))
-                    if worker is not None:
-                        ran[json.loads(worker)["worker"]] += 1
-                    break
-                message = (state.message if state is not None else None) or ""
-                logger.warning(
-                    "Shard %d on the pool ended %s (%s)%s",
-                    shard.index,
-                    state.name if state is not None else "without a state",
-                    message,
-                    "; running it again, it resumes" if attempt < shard_retries else "",
-                )
-                if "does not see" in message:
-                    raise OutputDirectoryNotShared(message)
-                # Superseded first; the next copy starts once this one is known stopped or its margin is out
-                # (even a still heartbeat may hide a beat landing now: a paused copy resuming).
-                attempt_id = await take_over(store, shard, heartbeat_timeout_s)
-            else:
-                raise RuntimeError(f"shard {shard.index} did not complete on work pool {work_pool!r}")
-        if on_shard_done is not None:
-            on_shard_done(shard)
-
+    deployment = await ensure_shard_deployment(work_pool)
     async with get_client() as client:
-        await asyncio.gather(*(one(shard, client) for shard in run.plan.shards))
-    return dict(ran)
+        pool = PoolExecutor(run, deployment, parameters, client)
+        await run_shards(run, pool)
+    return dict(pool.ran)
+
+
+class PoolExecutor:
+    """The shard loop's executor on a work pool: a shard's step runs as child flow runs of the shard
+    deployment, which any worker takes and runs from its parameters (so `call`, the way this process would
+    run it, is not used); one attempt after another, up to the retry policy's count, each launched once the
+    one before is known to send nothing more (`take_over`)."""
+
+    def __init__(self, run: DatasetRun, deployment: str, parameters: dict[str, Any], client: Any) -> None:
+        self.run = run
+        self.deployment = deployment
+        self.parameters = parameters
+        self.client = client
+        #: Shards completed, by the worker that ran them.
+        self.ran: Counter[str] = Counter()
+
+    async def __call__(self, step: str, shard: Shard, call: Callable[[], Awaitable[T]], retry: RetryPolicy) -> T:
+        from prefect.deployments.flow_runs import arun_deployment
+
+        if step != "run-shard":
+            raise ValueError(f"a work pool runs shards in real time only, not {step}")
+        logger = get_run_logger()
+        store, timeout_s = self.run.store, self.run.options.shard_heartbeat_timeout_s
+        # A copy an earlier parent left may still send: it stops before this parent's first launch.
+        done = await asyncio.to_thread(store.done_summary, shard)
+        attempt_id = "" if done is not None else await take_over(store, shard, timeout_s)
+        for attempt in range(retry.retries + 1):
+            if store.done_summary(shard) is not None:
+                break
+            flow_run = await arun_deployment(
+                self.deployment,
+                parameters={**self.parameters, "shard": shard, "attempt_id": attempt_id},
+                timeout=0,
+                as_subflow=True,
+            )
+            state = await _wait_for(self.client, flow_run.id, store, _heartbeat_name(shard), timeout_s)
+            if state is not None and state.is_completed():
+                worker = store.read_text(_worker_name_file(shard))
+                if worker is not None:
+                    self.ran[json.loads(worker)["worker"]] += 1
+                break
+            message = (state.message if state is not None else None) or ""
+            logger.warning(
+                "Shard %d on the pool ended %s (%s)%s",
+                shard.index,
+                state.name if state is not None else "without a state",
+                message,
+                "; running it again, it resumes" if attempt < retry.retries else "",
+            )
+            if "does not see" in message:
+                raise OutputDirectoryNotShared(message)
+            # Superseded first; the next copy starts once this one is known stopped or its margin is out
+            # (even a still heartbeat may hide a beat landing now: a paused copy resuming).
+            attempt_id = await take_over(store, shard, timeout_s)
+        else:
+            raise RuntimeError(f"shard {shard.index} did not complete on work pool {self.run.options.work_pool!r}")
+        if self.run.progress is not None:
+            self.run.progress.mark_done(shard.index, shard.line_count)
+        return cast(T, store.done_summary(shard))
 
 
 _POLL_S = _POLL_S_DEFAULT

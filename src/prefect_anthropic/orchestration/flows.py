@@ -9,9 +9,12 @@ the summary and the failed lines as artifacts in the Prefect UI.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+import textwrap
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prefect import flow
 from prefect.artifacts import (
@@ -35,7 +38,7 @@ from .tasks import as_prefect_tasks, merge_materializing, plan_request_shards
 
 __all__ = ["generate_dataset", "generate_dataset_from_table", "spent_in"]
 
-_DEFAULTS = RunOptions()
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _limit_text(value: float | None, unit: str) -> str:
@@ -85,33 +88,37 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def options_as_parameters(fn: F) -> F:
+    """Give the flow one parameter per `RunOptions` field, made from its declaration (name, type, default, and
+    its description in the docstring, which the Prefect UI shows): the fields are written once, in settings.py,
+    and the flow takes them as `**options`."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    options = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.annotation)
+        for name, field in RunOptions.model_fields.items()
+    ]
+    fn.__signature__ = inspect.Signature([*own, *options], return_annotation=dict[str, Any])  # type: ignore[attr-defined]
+    described = "".join(
+        textwrap.fill(f"{name}: {field.description}", 112, initial_indent=" " * 8, subsequent_indent=" " * 12) + "\n"
+        for name, field in RunOptions.model_fields.items()
+    )
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + described
+    return fn
+
+
 @flow(name="anthropic-requests-to-dataset", log_prints=True)
+@options_as_parameters
 async def generate_dataset(
     requests_path: str,
     output_dir: str,
     settings: ClientSettings | None = None,
     client_block: str | None = None,
     credentials_block: str | None = None,
-    shard_size: int = _DEFAULTS.shard_size,
-    max_parallel_shards: int = _DEFAULTS.max_parallel_shards,
-    shard_retries: int = _DEFAULTS.shard_retries,
-    shard_retry_delay_s: float = _DEFAULTS.shard_retry_delay_s,
-    mode: Literal["realtime", "batch", "auto"] = _DEFAULTS.mode,
-    deadline: str | None = _DEFAULTS.deadline,
-    deadline_margin: float = _DEFAULTS.deadline_margin,
-    deadline_slack_s: float = _DEFAULTS.deadline_slack_s,
-    batch_retry: Literal["none", "batch", "realtime"] = _DEFAULTS.batch_retry,
-    batch_poll_interval_s: float = _DEFAULTS.batch_poll_interval_s,
-    work_pool: str | None = _DEFAULTS.work_pool,
-    shard_heartbeat_timeout_s: float = _DEFAULTS.shard_heartbeat_timeout_s,
-    part_rows: int = _DEFAULTS.part_rows,
-    part_seconds: float = _DEFAULTS.part_seconds,
-    storage_block: str | None = _DEFAULTS.storage_block,
-    fail_on_errors: bool = _DEFAULTS.fail_on_errors,
     original_layout_path: str | None = None,
     parquet_beside_original: bool = False,
     input_table: str | None = None,
     input_columns: list[str] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Send every request of a JSONL file to the Anthropic Messages API and write the dataset.
 
@@ -121,54 +128,14 @@ async def generate_dataset(
         settings: How requests are sent (no secrets); the fields set here are laid over the client block's.
         client_block: Name of a saved AnthropicClientConfig block (its settings and key).
         credentials_block: Name of a saved AnthropicCredentials block; else ANTHROPIC_API_KEY is used.
-        shard_size: Lines per shard task.
-        max_parallel_shards: Shards running at once (they share one client and its limits).
-        shard_retries: Retries of a shard that ended with retryable failures (each resumes).
-        shard_retry_delay_s: Base of the exponential backoff between shard retries, in seconds.
-        mode: "realtime" (Messages API, at the rate limits), "batch" (Message Batches API, half price) or
-            "auto" (batches until the latest moment real time can still finish by `deadline`).
-        deadline: Auto mode: an ISO 8601 time with its zone, or a duration from the start (90m, 6h).
-        deadline_margin: Auto mode: real time's estimated duration is planned at x (1 + this).
-        deadline_slack_s: Auto mode: seconds kept in hand besides (last replies, cancel, writing the dataset).
-        batch_retry: Batch mode: send expired or server-failed requests again in a follow-up batch or in
-            real time.
-        batch_poll_interval_s: Batch mode: the longest wait between two polls of a batch, in seconds.
-        work_pool: Run each shard as a flow run on this Prefect work pool (any worker of the pool, on any
-            machine, takes shards).
-        shard_heartbeat_timeout_s: With a work pool: a running shard whose heartbeat stops this long is taken
-            as lost with its worker and run again (it resumes).
-        part_rows: With the output on object storage: a shard's results are uploaded as a new part every this
-            many records (or part_seconds, whichever comes first); a container lost mid-shard loses at most that.
-        part_seconds: With the output on object storage: the longest time between two parts.
-        storage_block: A Prefect block by name (prefect-aws's S3Bucket) whose credentials reach URL inputs and
-            outputs (default: the environment's).
-        fail_on_errors: End the flow run Failed (not Completed) when rows failed; either way the state's
-            message says how many.
         original_layout_path: Also write the original script's JSONL layout here.
         parquet_beside_original: Write the Parquet file beside `original_layout_path` (the drop-in script).
         input_table: The table the request file was rendered from (one line per row, see
             `generate_dataset_from_table`): its columns are put beside the result columns.
         input_columns: Which of the table's columns to keep (default: all).
     """
-    options = RunOptions(
-        shard_size=shard_size,
-        max_parallel_shards=max_parallel_shards,
-        shard_retries=shard_retries,
-        shard_retry_delay_s=shard_retry_delay_s,
-        mode=mode,
-        deadline=deadline,
-        deadline_margin=deadline_margin,
-        deadline_slack_s=deadline_slack_s,
-        batch_retry=batch_retry,
-        batch_poll_interval_s=batch_poll_interval_s,
-        work_pool=work_pool,
-        shard_heartbeat_timeout_s=shard_heartbeat_timeout_s,
-        part_rows=part_rows,
-        part_seconds=part_seconds,
-        storage_block=storage_block,
-        fail_on_errors=fail_on_errors,
-    )
-    setup = await resolve_run(settings, options, client_block=client_block, credentials_block=credentials_block)
+    run_options = RunOptions(**options)
+    setup = await resolve_run(settings, run_options, client_block=client_block, credentials_block=credentials_block)
     setup.check()
     run_fields = {
         "input_table": input_table,
@@ -187,7 +154,7 @@ async def generate_dataset(
             ) as run:  # fmt: skip
                 summary = await _run(run, client_block, credentials_block)
     # Completed (or, with fail_on_errors and failed rows, Failed) with a message saying what happened.
-    return final_state(summary, options.fail_on_errors)
+    return final_state(summary, run_options.fail_on_errors)
 
 
 async def _run(run: DatasetRun, client_block: str | None, credentials_block: str | None) -> dict[str, Any]:
@@ -220,10 +187,7 @@ async def _run(run: DatasetRun, client_block: str | None, credentials_block: str
             from .fanout import run_shards_on_pool
 
             budget_id = await _start_shared_budget(run)
-            shards_by_worker = await run_shards_on_pool(
-                run, client_block, credentials_block, budget_id=budget_id,
-                on_shard_done=lambda shard: tracker.mark_done(shard.index, shard.line_count),
-            )  # fmt: skip
+            shards_by_worker = await run_shards_on_pool(run, client_block, credentials_block, budget_id=budget_id)
         else:
             await run_shards(run, as_prefect_tasks)
     finally:
