@@ -382,6 +382,7 @@ class RunOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Declarations alike in shape only: each field its own type, bounds and help (no logic to share).
     shard_size: int = Field(default=5_000, ge=1, description="Lines per shard task.")
     max_parallel_shards: int = Field(
         default=4, ge=1, description="Shards running at once (they share one client and its limits)."

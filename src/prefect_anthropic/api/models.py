@@ -29,12 +29,14 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "MODELS_FILE_ENV",
     "REJECTABLE",
+    "TOKEN_COUNTS",
     "ModelInfo",
     "ModelTable",
     "ModelsFileError",
     "Prices",
     "UnknownModelError",
     "Usage",
+    "UsageTotals",
     "cost_usd",
     "current_date",
     "lookup_model",
@@ -297,6 +299,10 @@ def request_limit_class(model: str, speed: Any = None, *, models_file: str | os.
     return f"{base}:fast" if speed == "fast" else base
 
 
+#: Usage's token counts, by the names the API's `usage`, result records and result rows give them.
+TOKEN_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
 @dataclass(frozen=True)
 class Usage:
     input_tokens: int = 0
@@ -328,9 +334,35 @@ class Usage:
             inference_geo=usage.get("inference_geo"),
         )
 
+    @classmethod
+    def of_counts(cls, fields: Mapping[str, Any]) -> Usage:
+        """The token counts among a result record's or a result row's fields (a null count is 0)."""
+        counts: dict[str, Any] = {name: fields[name] or 0 for name in TOKEN_COUNTS}
+        return cls(**counts)
+
     @property
     def total_input_tokens(self) -> int:
         return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+
+
+@dataclass
+class UsageTotals:
+    """Tokens and dollars summed over answers: what the emulator billed, a run's progress, a dataset's totals."""
+
+    # Usage's token counts by the same names, summed (Usage is one answer's, frozen): alike in shape only.
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add_usage(self, usage: Usage, cost: float | None) -> None:
+        """One answer's tokens, and its cost (None: the model table cannot price it, no dollars are added)."""
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cache_creation_input_tokens += usage.cache_creation_input_tokens
+        self.cache_read_input_tokens += usage.cache_read_input_tokens
+        self.cost_usd += cost or 0.0
 
 
 def _info(model: str | ModelInfo | None) -> ModelInfo | None:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from ..api.models import Usage, cost_usd
 from ..api.schema import OutputSchema
-from ..engine.records import message_columns
+from ..engine.records import AnswerTotals, message_columns
 from ..storage import Storage, join, local_path
 from .inputs import Shard, iter_requests
 from .tables import InputColumns
@@ -74,18 +74,13 @@ def parquet_schema(output_schema: OutputSchema | None = None) -> pa.Schema:
 
 
 @dataclass
-class DatasetTotals:
+class DatasetTotals(AnswerTotals):
+    """The dataset's rows counted, and the tokens and dollars of its answers (`AnswerTotals`)."""
+
     rows: int = 0
     succeeded: int = 0
     failed: int = 0
     errors_by_type: Counter[str] = field(default_factory=Counter)
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    estimated_input_tokens: int = 0
-    real_input_tokens_of_estimated: int = 0
-    cost_usd: float = 0.0
     #: What the same responses would have cost with every input token at the base input price.
     cost_usd_without_cache: float = 0.0
     #: Answered rows the model table could not price (cost_usd null), by model: left out of the costs.
@@ -108,25 +103,10 @@ class DatasetTotals:
         if row["status"] == "succeeded":
             self.succeeded += 1
             self.succeeded_by_mode[row["mode"] or "realtime"] += 1
-            self.input_tokens += row["input_tokens"] or 0
-            self.output_tokens += row["output_tokens"] or 0
-            self.cache_creation_input_tokens += row["cache_creation_input_tokens"] or 0
-            self.cache_read_input_tokens += row["cache_read_input_tokens"] or 0
-            self.cost_usd += row["cost_usd"] or 0.0
-            uncached = Usage(
-                input_tokens=(row["input_tokens"] or 0)
-                + (row["cache_creation_input_tokens"] or 0)
-                + (row["cache_read_input_tokens"] or 0),
-                output_tokens=row["output_tokens"] or 0,
-            )
+            usage = Usage.of_counts(row)
+            self.add_answer(usage, row["cost_usd"], row["estimated_input_tokens"])
+            uncached = Usage(input_tokens=usage.total_input_tokens, output_tokens=usage.output_tokens)
             self.cost_usd_without_cache += cost_usd(row["model"], uncached, batch=row["mode"] == "batch") or 0.0
-            if row["estimated_input_tokens"]:
-                self.estimated_input_tokens += row["estimated_input_tokens"]
-                self.real_input_tokens_of_estimated += (
-                    (row["input_tokens"] or 0)
-                    + (row["cache_creation_input_tokens"] or 0)
-                    + (row["cache_read_input_tokens"] or 0)
-                )
         else:
             self.failed += 1
             self.errors_by_type[row["error_type"] or "unknown"] += 1
@@ -205,7 +185,7 @@ def merge_results(
     the records a shard wrote. With `input_table` (the table the request file was rendered from, one line
     per row), the table's columns come first in every row, `input_<name>` where a name is a result column's.
     Each file is written whole or not at all (see `Storage.atomic_writer`)."""
-    storage = storage or Storage.from_environment()
+    storage = storage or Storage()
     if original_layout_path is not None and parquet_beside_original:
         original = local_path(original_layout_path)
         targets = {"parquet": str(original.with_suffix(".parquet")), "original": str(original)}

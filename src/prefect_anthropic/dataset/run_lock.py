@@ -281,6 +281,15 @@ class OutputHold:
         for thread in self._threads:
             thread.join()
 
+    @contextmanager
+    def renewed(self, renew: Callable[[], float | None]) -> Iterator[None]:
+        """`renew` kept running for the block (see `add_renewal`); every renewal stops at its end."""
+        self.add_renewal(renew)
+        try:
+            yield
+        finally:
+            self.close()
+
 
 #: Words in the class names of the storage and Redis libraries' errors for "could not reach it in time": botocore's
 #: EndpointConnectionError, aiohttp's ClientOSError and ServerDisconnectedError, Azure's ServiceRequestError...
@@ -384,11 +393,10 @@ def _hold_in_redis(location: Path | str, limiter_url: str, hold: OutputHold | No
         client.set(name + ":holder", hold.holder_body(), ex=int(LEASE_TTL_S))
         return None
 
-    hold.add_renewal(renew)
     try:
-        yield
+        with hold.renewed(renew):
+            yield
     finally:
-        hold.close()
         with contextlib.suppress(redis.RedisError, LockError):
             lock.release()
             client.delete(name + ":holder")
@@ -437,11 +445,10 @@ def _hold_lease(storage: Any, location: str, hold: OutputHold) -> Iterator[None]
         unanswered.clear()
         return None
 
-    hold.add_renewal(renew)
     try:
-        yield
+        with hold.renewed(renew):
+            yield
     finally:
-        hold.close()
         if hold.lost is None:
             with contextlib.suppress(Exception):
                 lease.delete(current[0])

@@ -58,7 +58,7 @@ def template_text(text_or_path: str | None, storage: Storage | None = None) -> s
     if text_or_path is None:
         return None
     if is_url(text_or_path) and "\n" not in text_or_path:
-        return (storage or Storage.from_environment()).read_text(text_or_path)
+        return (storage or Storage()).read_text(text_or_path)
     path = Path(text_or_path)
     if len(text_or_path) < 4096 and "\n" not in text_or_path and path.is_file():
         return path.read_text(encoding="utf-8")
@@ -79,6 +79,7 @@ def _jsonl_batches(path: str, handle: IO[bytes]) -> Iterator[pa.RecordBatch]:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            # Alike in shape to storage.py's options parsing, not shared: orjson, and errors naming the line.
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
@@ -105,7 +106,7 @@ def iter_row_batches(source: Any, storage: Storage | None = None) -> Iterator[pa
     suffix = Path(location.split("?", 1)[0]).suffix.lower()
     if suffix not in (".parquet", ".csv", ".jsonl"):
         raise TableError(f"{location}: a table is .csv, .parquet or .jsonl, not {suffix or 'a file without suffix'}")
-    storage = storage or Storage.from_environment()
+    storage = storage or Storage()
     if not storage.exists(location):
         raise FileNotFoundError(f"table not found: {location}")
     handle = storage.open(location, "rb")
@@ -185,6 +186,7 @@ class _Renderer:
         return body
 
 
+# The same parameters as flows.py's generate_dataset_from_table, which passes them on here: one API, two layers.
 def render_requests(
     table: Any,
     output_dir: str | os.PathLike[str],
@@ -200,7 +202,7 @@ def render_requests(
     anything is sent, so a template error stops the run with nothing paid). Rows keep the table's order, one
     line each. The file is new (`requests.from-table.<id>.jsonl`), so rendering never touches a file another
     run is reading; the run that then holds the output removes the renders of runs that no longer run."""
-    storage = storage or Storage.from_environment()
+    storage = storage or Storage()
     target = join(str(output_dir), f"{RENDERED_PREFIX}{uuid.uuid4().hex[:12]}.jsonl")
     renderer = _Renderer(prompt, system, model, max_tokens)
     rows = 0

@@ -13,6 +13,7 @@ def _opt(default, help: str, **kwargs):
 
 @dataclass
 class EmulatorConfig:
+    # A table of options: fields alike in shape, each its own default and help (no logic to share).
     host: str = _opt("127.0.0.1", "Address to listen on.")
     port: int = _opt(8765, "Port to listen on (0 picks a free one).")
     api_key: str | None = _opt(None, "Accept only this key (others get 401); by default any non-empty key.")

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ..api.models import ModelInfo, Usage, cost_usd, model_table
+from ..api.models import ModelInfo, Usage, UsageTotals, cost_usd, model_table
 from ..api.request_rules import API_VERSIONS
 from ..engine.limiter import TokenBucket
 from .cache import CacheOutcome, PromptCache
@@ -55,25 +55,32 @@ def new_id(prefix: str) -> str:
 
 
 @dataclass
-class Ledger:
-    """What the emulated Anthropic has served and billed since start or the last reset."""
+class Moments:
+    """When something happened first and last (wall clock); None before it happened."""
+
+    first: float | None = None
+    last: float | None = None
+
+    def mark(self, now: float) -> None:
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+
+@dataclass
+class Ledger(UsageTotals):
+    """What the emulated Anthropic has served and billed since start or the last reset (the tokens and dollars
+    billed: `UsageTotals`)."""
 
     requests_total: int = 0
     responses_by_status: Counter[int] = field(default_factory=Counter)
     billed_requests: int = 0
     billed_batch_requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cost_usd: float = 0.0
     #: When the first and the last request were billed (their replies produced).
-    first_request_at: float | None = None
-    last_request_at: float | None = None
+    billed: Moments = field(default_factory=Moments)
     #: When the first and the last Messages request were admitted (past validation, faults, capacity and
     #: rate limits): from one to the other, the time a client spent sending.
-    first_arrival_at: float | None = None
-    last_arrival_at: float | None = None
+    arrived: Moments = field(default_factory=Moments)
     duplicate_billed_requests: int = 0
     #: Refusals before any output: answered, not billed.
     refused_requests: int = 0
@@ -92,11 +99,9 @@ class Ledger:
     _billed_bodies: set[int] = field(default_factory=set)
 
     def admit(self) -> None:
-        now = time.time()
-        if self.first_arrival_at is None:
-            self.first_arrival_at = now
-        self.last_arrival_at = now
+        self.arrived.mark(time.time())
 
+    # Alike in shape only to other long signatures (positional, then keyword-only arguments).
     def bill(
         self,
         body_digest: int,
@@ -108,20 +113,13 @@ class Ledger:
         admitted_at: float | None = None,
     ) -> None:
         now = time.time()
-        if self.first_request_at is None:
-            self.first_request_at = now
-        self.last_request_at = now
+        self.billed.mark(now)
         self.billed_requests += 1
         self.billed_batch_requests += batch
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        self.cache_creation_input_tokens += usage.cache_creation_input_tokens
-        self.cache_read_input_tokens += usage.cache_read_input_tokens
         cost = cost_usd(model, usage, batch=batch)
+        self.add_usage(usage, cost)
         if cost is None:
             self.unpriced_requests += 1
-        else:
-            self.cost_usd += cost
         if self.keep_requests and key is not None:
             times = self.billed_log.setdefault(key, {}).setdefault(body_digest, [])
             times.append((now if admitted_at is None else admitted_at, now, cost or 0.0))
@@ -147,10 +145,10 @@ class Ledger:
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
             "cost_usd": round(self.cost_usd, 6),
-            "first_request_at": self.first_request_at,
-            "last_request_at": self.last_request_at,
-            "first_arrival_at": self.first_arrival_at,
-            "last_arrival_at": self.last_arrival_at,
+            "first_request_at": self.billed.first,
+            "last_request_at": self.billed.last,
+            "first_arrival_at": self.arrived.first,
+            "last_arrival_at": self.arrived.last,
         }
 
     def requests_of(self, key: str) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ClientStats:
+    # Counters of HTTP traffic, alike in shape only to UsageTotals' counters of tokens and dollars.
     http_requests: int = 0
     retries: int = 0
     rate_limited: int = 0
@@ -172,6 +173,7 @@ class AnthropicClient:
         if self._account is not None:
             await self._account.release()  # kept: what it learned stays readable after the run
 
+    # The account's parts, read through the client (alike in shape only to the run's parts in pipeline.py).
     @property
     def shared_limiter(self) -> SharedLimiter | None:
         return self.account.shared_limiter
@@ -358,6 +360,7 @@ class AnthropicClient:
         # Too long to answer within the SDK's non-streaming limit: streamed, and accumulated into one Message.
         streaming = bool(body.get("stream")) or needs_streaming(max_tokens)
         info = self.models.lookup(model)
+        # A value object built by keyword, alike in shape only to the emulator's ParsedRequest (other fields).
         return _Request(
             item=item,
             model=model,

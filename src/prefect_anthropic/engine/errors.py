@@ -25,6 +25,7 @@ class RunStopped(Exception):
 class APIStatusError(Exception):
     """The API answered with an error status."""
 
+    # Alike in shape only to other long signatures (positional, then defaulted arguments).
     def __init__(
         self,
         status: int,

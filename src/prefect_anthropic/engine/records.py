@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 import orjson
 
-from ..api.models import ModelTable, Usage, cost_usd, model_table
+from ..api.models import ModelTable, Usage, UsageTotals, cost_usd, model_table
 from ..api.schema import OutputSchema, parse_reply
 
-__all__ = ["RequestItem", "ResultRecord", "message_columns", "record_from_message", "validate_record"]
+__all__ = ["AnswerTotals", "RequestItem", "ResultRecord", "message_columns", "record_from_message", "validate_record"]
 
 
 @dataclass
@@ -100,6 +100,27 @@ class ResultRecord:
     @property
     def succeeded(self) -> bool:
         return self.status == "succeeded"
+
+    @property
+    def usage(self) -> Usage:
+        """The record's token counts."""
+        return Usage.of_counts(vars(self))
+
+
+@dataclass
+class AnswerTotals(UsageTotals):
+    """The tokens and dollars of answered requests, and how the input estimated before sending compares with
+    what the answers counted: a run's `Progress`, a dataset's `DatasetTotals`."""
+
+    estimated_input_tokens: int = 0
+    #: The input (uncached, cache writes and reads) of the answers whose input was estimated.
+    real_input_tokens_of_estimated: int = 0
+
+    def add_answer(self, usage: Usage, cost: float | None, estimated_input_tokens: int | None) -> None:
+        self.add_usage(usage, cost)
+        if estimated_input_tokens:
+            self.estimated_input_tokens += estimated_input_tokens
+            self.real_input_tokens_of_estimated += usage.total_input_tokens
 
 
 def _text_of(message: dict[str, Any]) -> str:

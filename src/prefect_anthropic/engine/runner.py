@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .client import AnthropicClient
 from .errors import FatalAPIError, RunStopped
-from .records import RequestItem, ResultRecord
+from .records import AnswerTotals, RequestItem, ResultRecord
 from .results_file import LineSet, ResultsWriter
 
 __all__ = ["Progress", "RunStopped", "done_before", "run_requests"]
@@ -22,21 +22,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Progress:
-    """Counters of one run, handed to the progress callback and returned at the end."""
+class Progress(AnswerTotals):
+    """Counters of one run, handed to the progress callback and returned at the end (the tokens and dollars
+    of its answers: `AnswerTotals`)."""
 
     done: int = 0
     succeeded: int = 0
     failed: int = 0
     skipped: int = 0
     in_flight: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    estimated_input_tokens: int = 0
-    real_input_tokens_of_estimated: int = 0
-    cost_usd: float = 0.0
     attempts: int = 0
     elapsed_s: float = 0.0
     errors_by_type: Counter[str] = field(default_factory=Counter)
@@ -46,16 +40,7 @@ class Progress:
         self.attempts += record.attempts
         if record.succeeded:
             self.succeeded += 1
-            self.input_tokens += record.input_tokens
-            self.output_tokens += record.output_tokens
-            self.cache_creation_input_tokens += record.cache_creation_input_tokens
-            self.cache_read_input_tokens += record.cache_read_input_tokens
-            self.cost_usd += record.cost_usd or 0.0
-            if record.estimated_input_tokens:
-                self.estimated_input_tokens += record.estimated_input_tokens
-                self.real_input_tokens_of_estimated += (
-                    record.input_tokens + record.cache_creation_input_tokens + record.cache_read_input_tokens
-                )
+            self.add_answer(record.usage, record.cost_usd, record.estimated_input_tokens)
         else:
             self.failed += 1
             self.errors_by_type[record.error_type or "unknown"] += 1

@@ -125,6 +125,7 @@ class SharedBudget(Budget):
         self._keeper: asyncio.Task[None] | None = None
         self._closing = False
 
+    # Alike in shape only to other long signatures (positional, then keyword-only arguments).
     @classmethod
     def connect(
         cls,
@@ -193,6 +194,7 @@ class SharedBudget(Budget):
         self._held_usd = self._held_usd - reserved_usd if self.holding else 0.0  # no float dust left
         self._changes += 1
 
+    # Budget's settle and refund, but the spending goes into this process's total (spent_usd is Redis's view).
     def settle(self, reserved_usd: float, actual_usd: float | None, entry: int | None = None) -> None:
         spent = reserved_usd if actual_usd is None else actual_usd
         self._spent_total += spent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC
 from typing import Any
 from urllib.parse import quote
 
@@ -19,11 +20,16 @@ __all__ = [
     "resolve_settings",
 ]
 
-_LOGO = HttpUrl("https://upload.wikimedia.org/wikipedia/commons/7/78/Anthropic_logo.svg")
-_DOCS = HttpUrl("https://github.com/prefect-anthropic/prefect-anthropic#configuration")
+
+class _AnthropicBlock(Block, ABC):
+    """What this package's blocks show alike in the UI: the logo and the documentation. An interface class
+    (ABC): Prefect registers the blocks below, never this one."""
+
+    _logo_url = HttpUrl("https://upload.wikimedia.org/wikipedia/commons/7/78/Anthropic_logo.svg")
+    _documentation_url = HttpUrl("https://github.com/prefect-anthropic/prefect-anthropic#configuration")
 
 
-class AnthropicCredentials(Block):
+class AnthropicCredentials(_AnthropicBlock):
     """Credentials for the Anthropic API: the key, the base URL and the API version.
 
     Example:
@@ -36,8 +42,6 @@ class AnthropicCredentials(Block):
     """
 
     _block_type_name = "Anthropic Credentials"
-    _logo_url = _LOGO
-    _documentation_url = _DOCS
 
     api_key: SecretStr = Field(default=..., description="The Anthropic API key.")
     base_url: str = Field(
@@ -47,7 +51,7 @@ class AnthropicCredentials(Block):
     anthropic_version: str = Field(default=DEFAULT_ANTHROPIC_VERSION, description="The anthropic-version header.")
 
 
-class AnthropicClientConfig(Block):
+class AnthropicClientConfig(_AnthropicBlock):
     """Credentials and every client setting (`ClientSettings`: tier or explicit limits, concurrency,
     attempts, caching, budget, shared limiter...); builds the rate-limited client.
 
@@ -65,9 +69,8 @@ class AnthropicClientConfig(Block):
         ```
     """
 
+    # Declared as AnthropicCredentials is (docstring, type name, fields): the shape of a block, no shared logic.
     _block_type_name = "Anthropic Client Config"
-    _logo_url = _LOGO
-    _documentation_url = _DOCS
 
     credentials: AnthropicCredentials = Field(default=..., description="Credentials to send requests with.")
     settings: ClientSettings = Field(
