@@ -383,7 +383,10 @@ async def child_shard(spec: dict[str, Any]) -> dict[str, Any]:
     output_dir = Path(spec["output_dir"])
     shard = plan_shards(spec["requests"], spec["shard_size"]).shards[spec["shard"]]
     store = ShardStore.for_run(str(output_dir), RunOptions(shard_size=spec["shard_size"]), Storage())
-    budget = SharedBudget.connect(settings, spec["key"], spec["budget_id"], spec["limit"], journal=store.new_journal())
+    assert settings.redis_url is not None
+    budget = SharedBudget.connect(
+        settings.redis_url, spec["key"], spec["budget_id"], spec["limit"], store.new_journal()
+    )
     outcome: dict[str, Any] = {"shard": spec["shard"]}
     async with AnthropicClient(spec["key"], settings, budget=budget) as client:
         await client.check_limiter()

@@ -506,15 +506,15 @@ def _one_line_errors(verbose: bool) -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
-        RunOptions(**explicit_options(args, RunOptions))
+        options = RunOptions(**explicit_options(args, RunOptions))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
     with _log_levels(args.log_level, args.verbose):
-        return _run_flow_from_args(args, settings)
+        return _run_flow_from_args(args, settings, options)
 
 
-def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
+def _run_flow_from_args(args: argparse.Namespace, settings: Any, options: RunOptions) -> int:
     requests_path, input_table, columns = args.requests, None, None
     if args.template is not None:
         from .dataset.tables import TableError, render_requests, template_text
@@ -541,7 +541,6 @@ def _run_flow_from_args(args: argparse.Namespace, settings: Any) -> int:
     elif Path(args.requests).suffix.lower() in (".csv", ".parquet"):
         print(f"error: {args.requests} is a table: give --template (and --model, --max-tokens)", file=sys.stderr)
         return EXIT_STOPPED
-    options = RunOptions(**explicit_options(args, RunOptions))
     if options.deadline:
         from .dataset.auto_mode import absolute_deadline
 

@@ -93,12 +93,12 @@ async def _record_created_batch(store: ShardStore, shard: Shard, record: dict[st
 
 
 def _batch_api(run: DatasetRun) -> BatchAPI:
-    return BatchAPI.for_settings(run.api_key, run.settings)
+    return BatchAPI.for_settings(run.setup.api_key, run.setup.settings)
 
 
 def _pending_items(run: DatasetRun, shard: Shard, retry_lines: set[int] | None):
     done = run.store.answered_requests(shard, run.requests_path)  # under any layout (another --shard-size)
-    for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage):
+    for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.store.storage):
         if done_before(done, item):
             continue
         if retry_lines is not None and item.line not in retry_lines:
@@ -222,7 +222,7 @@ async def wait_for_batches(run: DatasetRun, shard: Shard, batch_ids: list[str]) 
     cut-over is due, cancel the batches still running and wait for them to end (what they finished while
     canceling is kept)."""
     cutover = run.cutover
-    poll_interval_s = run.options.batch_poll_interval_s
+    poll_interval_s = run.setup.options.batch_poll_interval_s
     delay = min(1.0, poll_interval_s)
     canceled: set[str] = set()
     async with _batch_api(run) as api:
@@ -267,7 +267,7 @@ async def download_batch_results(run: DatasetRun, shard: Shard) -> dict[str, int
     round_ = state.rounds[-1]
     items = {
         batch_custom_id(i): i
-        for i in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage)
+        for i in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.store.storage)
     }
     counts: dict[str, int] = {}
     budget = client.budget
@@ -304,7 +304,7 @@ async def download_batch_results(run: DatasetRun, shard: Shard) -> dict[str, int
 async def run_shard_in_batches(run: DatasetRun, shard: Shard, execute: Executor, *, max_rounds: int = 3) -> list[int]:
     """Run one shard through batches, each step by `execute`; return the lines whose retryable failures are
     left for real-time mode (only with batch_retry="realtime")."""
-    options = run.options
+    options = run.setup.options
     auto = options.mode == "auto"
     # Auto mode: whatever the batches did not answer goes in real time (canceled requests among them).
     batch_retry = "realtime" if auto else options.batch_retry
@@ -350,7 +350,7 @@ def _unanswered_lines(run: DatasetRun, shard: Shard) -> list[int]:
         answered.setdefault(line, set()).add(digest)
     return [
         item.line
-        for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.storage)
+        for item in iter_requests(run.requests_path, shard.start, shard.end, shard.first_line, run.store.storage)
         if not (digests := answered.get(item.line)) or not (item.digest in digests or "" in digests or not item.digest)
     ]
 

@@ -24,7 +24,6 @@ from ..engine import AnthropicClient, run_requests
 from ..engine.budget import Budget
 from ..engine.corrections import save_token_corrections
 from ..engine.records import RequestItem, ResultRecord
-from ..settings import ClientSettings, RunOptions
 from ..storage import Storage, is_url, join, local_path
 from .auto_mode import CutOver
 from .inputs import Shard, ShardPlan, iter_requests, plan_shards
@@ -179,30 +178,10 @@ class DatasetRun:
     #: Shards started before the tasks that run them existed (`start_sending`), by index.
     _started_early: dict[int, asyncio.Task[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
-    @property
-    def storage(self) -> Storage:
-        return self.store.storage
-
-    @property
-    def settings(self) -> ClientSettings:
-        return self.setup.settings
-
-    @property
-    def options(self) -> RunOptions:
-        return self.setup.options
-
-    @property
-    def api_key(self) -> str:
-        return self.setup.api_key
-
-    @property
-    def limiter_url(self) -> str | None:
-        return self.setup.limiter_url
-
     def plan_shards(self) -> ShardPlan:
         if self.plan is not None:  # planned when the run started sending early
             return self.plan
-        plan = self.plan = plan_shards(self.requests_path, self.options.shard_size, self.storage)
+        plan = self.plan = plan_shards(self.requests_path, self.setup.options.shard_size, self.store.storage)
         if plan.lines == 0:
             raise ValueError(f"requests file is empty: {self.requests_path}")
         client = self.client
@@ -219,7 +198,7 @@ class DatasetRun:
             self.requests_path,
             plan.lines,
             len(plan.shards),
-            self.options.shard_size,
+            self.setup.options.shard_size,
             self.output_dir,
         )
         return plan
@@ -238,7 +217,7 @@ class DatasetRun:
     def start_sending(self) -> None:
         """Start the first shards now, as many as run at once, before the tasks that run them exist (a flow
         run whose Prefect is still loading): each shard's first `run_shard` then takes over its own."""
-        for shard in self.plan_shards().shards[: self.options.max_parallel_shards]:
+        for shard in self.plan_shards().shards[: self.setup.options.max_parallel_shards]:
             self._started_early[shard.index] = asyncio.create_task(self._send(shard))
 
     async def stop_sending_early(self) -> None:
@@ -251,13 +230,13 @@ class DatasetRun:
 
     def merge(self) -> DatasetTotals:
         assert self.plan is not None
-        schema = self.settings.output_schema
+        schema = self.setup.settings.output_schema
         return merge_results(
             self.requests_path,
             self.plan.shards,
             self.store.records,
             self.output_dir,
-            storage=self.storage,
+            storage=self.store.storage,
             original_layout_path=self.original_layout_path,
             parquet_beside_original=self.parquet_beside_original,
             output_schema=OutputSchema(schema) if schema is not None else None,
@@ -314,12 +293,12 @@ class DatasetRun:
             "shared_limiter": client.shared_limiter.summary() if client.shared_limiter is not None else None,
             "succeeded_by_mode": dict(totals.succeeded_by_mode),
             **(self.cutover.summary() if self.cutover is not None else {}),
-            "settings": self.settings.model_dump(),
-            "options": self.options.model_dump(),
+            "settings": self.setup.settings.model_dump(),
+            "options": self.setup.options.model_dump(),
         }
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self.storage.write_text(join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+        self.store.storage.write_text(join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
 
 
 @contextlib.asynccontextmanager
@@ -376,9 +355,9 @@ def open_budget(
         return Budget(None, journal=journal)
     from ..engine.shared_budget import SharedBudget  # Redis's client: loaded where a worker spends from it
 
-    return SharedBudget.connect(
-        settings, setup.api_key, shared_budget_id, settings.max_cost_usd, journal=journal, limiter_url=setup.limiter_url
-    )
+    if setup.limiter_url is None:
+        raise ValueError("a shared budget needs the shared limiter's Redis (--limiter-url or --limiter-block)")
+    return SharedBudget.connect(setup.limiter_url, setup.api_key, shared_budget_id, settings.max_cost_usd, journal)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ def shard_retry_policy(options: RunOptions) -> RetryPolicy:
 
 async def run_shards(run: DatasetRun, execute: Executor = in_process) -> None:
     """Run every shard of the (planned) run; raise what stops the run once every shard has ended."""
-    options, plan, tracker = run.options, run.plan, run.progress
+    options, plan, tracker = run.setup.options, run.plan, run.progress
     assert plan is not None and tracker is not None, "plan the shards first (DatasetRun.plan_shards)"
     if options.mode == "auto":
         run.cutover = plan_cutover(run)
@@ -71,7 +71,7 @@ def plan_cutover(run: DatasetRun) -> CutOver:
     from .estimate import estimate_file
 
     assert run.plan is not None
-    options, store = run.options, run.store
+    options, store = run.setup.options, run.store
     remaining = {}
     resumed = False
     for shard in run.plan.shards:
@@ -82,7 +82,7 @@ def plan_cutover(run: DatasetRun) -> CutOver:
         answered = sum(1 for record in records if is_final(record))
         remaining[shard.index] = max(0, shard.line_count - answered)
         resumed |= bool(records) or has_batch_state(store, shard)
-    estimate = estimate_file(run.requests_path, run.settings, storage=run.storage)
+    estimate = estimate_file(run.requests_path, run.setup.settings, storage=run.store.storage)
     return CutOver.plan(
         options.deadline or "",
         estimate,

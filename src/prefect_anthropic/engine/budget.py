@@ -558,10 +558,13 @@ class Budget:
         if self._settled is not None:
             self._settled.set()
 
+    def _spend(self, usd: float) -> None:
+        self.spent_usd += usd
+
     def settle(self, reserved_usd: float, actual_usd: float | None, entry: int | None = None) -> None:
         """The attempt was answered (or may have been billed): its real cost, or the reservation, is spent."""
         spent = reserved_usd if actual_usd is None else actual_usd
-        self.spent_usd += spent
+        self._spend(spent)
         if self.journal is not None and entry is not None:
             self.journal.settle(entry, spent)
         self._release(reserved_usd)

@@ -19,7 +19,6 @@ import logging
 import time
 from typing import Any
 
-from ..settings import ClientSettings
 from .budget import Budget, SpendingJournal
 from .shared_limiter import KEY_PREFIX, SharedLimiter, SharedLimiterUnavailable
 
@@ -128,20 +127,10 @@ class SharedBudget(Budget):
     # Alike in shape only to other long signatures (positional, then keyword-only arguments).
     @classmethod
     def connect(
-        cls,
-        settings: ClientSettings,
-        api_key: str,
-        budget_id: str,
-        limit_usd: float,
-        *,
-        journal: SpendingJournal | None = None,
-        limiter_url: str | None = None,
+        cls, limiter_url: str, api_key: str, budget_id: str, limit_usd: float, journal: SpendingJournal | None = None
     ) -> SharedBudget:
         """The run's budget through a Redis connection of its own (the shared limiter's, resolved at the edge)."""
-        url = limiter_url or settings.redis_url
-        if url is None:
-            raise ValueError("a shared budget needs the shared limiter's Redis (--limiter-url or --limiter-block)")
-        shared = SharedLimiter(url, api_key)
+        shared = SharedLimiter(limiter_url, api_key)
         return cls(shared, budget_id, limit_usd, journal=journal, owns_connection=True)
 
     async def _call(self, worst: float) -> bool:
@@ -189,23 +178,15 @@ class SharedBudget(Budget):
             delay = min(delay * 2, _WAIT_S[1])
         return None
 
-    def _let_go(self, reserved_usd: float) -> None:
+    # Budget's settle and refund, but the spending goes into this process's total (spent_usd is Redis's view),
+    # and what is let go is said to Redis with the next call.
+    def _spend(self, usd: float) -> None:
+        self._spent_total += usd
+
+    def _release(self, reserved_usd: float) -> None:
         self.holding -= 1
         self._held_usd = self._held_usd - reserved_usd if self.holding else 0.0  # no float dust left
         self._changes += 1
-
-    # Budget's settle and refund, but the spending goes into this process's total (spent_usd is Redis's view).
-    def settle(self, reserved_usd: float, actual_usd: float | None, entry: int | None = None) -> None:
-        spent = reserved_usd if actual_usd is None else actual_usd
-        self._spent_total += spent
-        if self.journal is not None and entry is not None:
-            self.journal.settle(entry, spent)
-        self._let_go(reserved_usd)
-
-    def refund(self, reserved_usd: float, entry: int | None = None) -> None:
-        if self.journal is not None and entry is not None:
-            self.journal.settle(entry, 0.0)
-        self._let_go(reserved_usd)
 
     async def _keep(self) -> None:
         """Send settlements no reservation carried, and renew this process's hold on its reservations."""

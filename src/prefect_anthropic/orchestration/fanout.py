@@ -348,10 +348,10 @@ async def run_shards_on_pool(
     the shards each worker ran."""
     from prefect.client.orchestration import get_client
 
-    options = run.options
+    options = run.setup.options
     work_pool = options.work_pool
     assert work_pool is not None and run.plan is not None
-    if run.limiter_url is None:
+    if run.setup.limiter_url is None:
         get_run_logger().warning(
             "--work-pool without --limiter-url: each worker process keeps its own rate limits, so together "
             "they may send more than the account allows. Give them a shared Redis with --limiter-url."
@@ -362,10 +362,10 @@ async def run_shards_on_pool(
         "requests_path": requests_path,
         "output": output,
         "options": options,
-        "settings": run.settings,
+        "settings": run.setup.settings,
         "client_block": client_block,
         "credentials_block": credentials_block,
-        "location_id": mark_shared_location(run.storage, output),
+        "location_id": mark_shared_location(run.store.storage, output),
         "budget_id": budget_id,
     }
     deployment = await ensure_shard_deployment(work_pool)
@@ -395,7 +395,7 @@ class PoolExecutor:
         if step != "run-shard":
             raise ValueError(f"a work pool runs shards in real time only, not {step}")
         logger = get_run_logger()
-        store, timeout_s = self.run.store, self.run.options.shard_heartbeat_timeout_s
+        store, timeout_s = self.run.store, self.run.setup.options.shard_heartbeat_timeout_s
         # A copy an earlier parent left may still send: it stops before this parent's first launch.
         done = await asyncio.to_thread(store.done_summary, shard)
         attempt_id = "" if done is not None else await take_over(store, shard, timeout_s)
@@ -428,7 +428,9 @@ class PoolExecutor:
             # (even a still heartbeat may hide a beat landing now: a paused copy resuming).
             attempt_id = await take_over(store, shard, timeout_s)
         else:
-            raise RuntimeError(f"shard {shard.index} did not complete on work pool {self.run.options.work_pool!r}")
+            raise RuntimeError(
+                f"shard {shard.index} did not complete on work pool {self.run.setup.options.work_pool!r}"
+            )
         if self.run.progress is not None:
             self.run.progress.mark_done(shard.index, shard.line_count)
         return cast(T, store.done_summary(shard))

@@ -159,7 +159,7 @@ async def generate_dataset(
 
 async def _run(run: DatasetRun, client_block: str | None, credentials_block: str | None) -> dict[str, Any]:
     logger = get_run_logger()
-    options = run.options
+    options = run.setup.options
     plan_request_shards(run.plan_shards)
     tracker = run.progress
     assert tracker is not None
