@@ -45,10 +45,10 @@ def write_table(path: Path, rows: int) -> None:
 
 
 def measure(table: str, out: str) -> None:
-    from prefect_anthropic.dataset.tables import InputColumns, render_requests
+    from prefect_anthropic.dataset.tables import InputColumns, RequestTemplate, render_requests
 
     started = time.monotonic()
-    rendered = render_requests(table, out, TEMPLATE, model="claude-haiku-5-5", max_tokens=200)
+    rendered = render_requests(table, out, RequestTemplate(TEMPLATE, model="claude-haiku-5-5", max_tokens=200))
     columns = InputColumns(table, None, ["line", "text"])
     for _ in range(rendered.rows):
         columns.next_row()

@@ -517,23 +517,21 @@ def _run(args: argparse.Namespace) -> int:
 def _run_flow_from_args(args: argparse.Namespace, settings: Any, options: RunOptions) -> int:
     requests_path, input_table, columns = args.requests, None, None
     if args.template is not None:
-        from .dataset.tables import TableError, render_requests, template_text
+        from .dataset.tables import RequestTemplate, TableError, render_requests, template_text
         from .orchestration.edge import resolve_storage
 
         columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
         try:
             storage = asyncio.run(resolve_storage(getattr(args, "storage_block", None)))
             # Every row is rendered before anything is sent: a template error costs nothing.
-            rendered = render_requests(
-                args.requests,
-                args.output_dir,
+            template = RequestTemplate(
                 template_text(args.template, storage) or "",
                 model=args.model,
                 max_tokens=args.max_tokens,
                 system=template_text(args.system, storage),
                 id_column=args.id_column,
-                storage=storage,
             )
+            rendered = render_requests(args.requests, args.output_dir, template, storage=storage)
         except (TableError, FileNotFoundError, ValueError) as error:
             print(f"error: {error}; nothing was sent", file=sys.stderr)
             return EXIT_STOPPED

@@ -32,6 +32,7 @@ from ..storage import Storage, is_url, join
 __all__ = [
     "TABLE_SUFFIXES",
     "PromptFunction",
+    "RequestTemplate",
     "TableError",
     "iter_row_batches",
     "render_requests",
@@ -133,19 +134,29 @@ class RenderedTable:
     columns: list[str]
 
 
+@dataclass(frozen=True)
+class RequestTemplate:
+    """How a row becomes a request: `prompt` is a Jinja2 template of the user message (strict: an undefined
+    column is an error) or of a whole request body as JSON, or a function of the row returning the user
+    message, a list of messages or a body; `system` a Jinja2 template of the system prompt; `model` and
+    `max_tokens` go into every request that does not set them; `id_column` gives each row's custom_id
+    (default: a digest of the row)."""
+
+    prompt: str | PromptFunction
+    model: str | None = None
+    max_tokens: int | None = None
+    system: str | None = None
+    id_column: str | None = None
+
+
 class _Renderer:
-    def __init__(
-        self,
-        prompt: str | PromptFunction,
-        system: str | None,
-        model: str | None,
-        max_tokens: int | None,
-    ) -> None:
+    def __init__(self, template: RequestTemplate) -> None:
         environment = Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+        prompt, system = template.prompt, template.system
         self.prompt = environment.from_string(prompt) if isinstance(prompt, str) else prompt
         self.system = environment.from_string(system) if system is not None else None
-        self.model = model
-        self.max_tokens = max_tokens
+        self.model = template.model
+        self.max_tokens = template.max_tokens
 
     def _render(self, template: Any, row: dict[str, Any], index: int, what: str) -> str:
         try:
@@ -186,17 +197,8 @@ class _Renderer:
         return body
 
 
-# The same parameters as flows.py's generate_dataset_from_table, which passes them on here: one API, two layers.
 def render_requests(
-    table: Any,
-    output_dir: str | os.PathLike[str],
-    prompt: str | PromptFunction,
-    *,
-    model: str | None = None,
-    max_tokens: int | None = None,
-    system: str | None = None,
-    id_column: str | None = None,
-    storage: Storage | None = None,
+    table: Any, output_dir: str | os.PathLike[str], template: RequestTemplate, *, storage: Storage | None = None
 ) -> RenderedTable:
     """Render every row into a request file of this run's own in the output location (written whole before
     anything is sent, so a template error stops the run with nothing paid). Rows keep the table's order, one
@@ -204,7 +206,7 @@ def render_requests(
     run is reading; the run that then holds the output removes the renders of runs that no longer run."""
     storage = storage or Storage()
     target = join(str(output_dir), f"{RENDERED_PREFIX}{uuid.uuid4().hex[:12]}.jsonl")
-    renderer = _Renderer(prompt, system, model, max_tokens)
+    renderer, id_column = _Renderer(template), template.id_column
     rows = 0
     columns: list[str] = []
     with storage.atomic_writer(target) as handle:

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from .batches import BatchStore
 from .config import EmulatorConfig
 from .errors import APIError
+from .platforms import (
+    AWS_SERVICE,
+    TEST_AWS_ACCESS_KEY,
+    TEST_AWS_SECRET_KEY,
+    bedrock_error,
+    bedrock_request,
+    bedrock_stream_frame,
+    verify_sigv4,
+    vertex_error,
+    vertex_request,
+    without_limit_headers,
+)
 from .service import Caller, Completion, EmulatedAnthropic, new_id
 from .sse import error_event, paced_stream
 
@@ -61,20 +74,31 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, completion: Completion, headers: dict[str, str], *, error: bytes | None, pacing: StreamPacing
+        self,
+        completion: Completion,
+        headers: dict[str, str],
+        *,
+        error: bytes | None,
+        pacing: StreamPacing,
+        framing: Callable[[bytes], bytes] | None = None,
+        media_type: str | None = None,
     ) -> None:
-        super().__init__(headers=headers)
+        super().__init__(headers=headers, media_type=media_type or self.media_type)
         # A stream has no length known in advance: chunked transfer, as the API answers.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.completion = completion
         self.stream = paced_stream(completion.message, completion.output_s)
-        self.error = error
+        # Each server-sent event as the wire carries it: as it is, or framed (Bedrock's event-stream).
+        frame = framing or (lambda event: event)
+        self.content = [(due, frame(event)) for due, event in self.stream.content]
+        self.closing = [frame(event) for event in self.stream.closing]
+        self.error = frame(error) if error is not None else None
         self.pacing = pacing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        content, closing = self.stream.content, self.stream.closing
+        content, closing = self.content, self.closing
         cut_short = self.completion.drop_connection or self.error is not None
         cut = (len(content) + len(closing)) // 2 if cut_short else len(content)
         self.pacing.streams += 1
@@ -137,8 +161,8 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         request_id = new_id("req")
         api.ledger.requests_total += 1
         try:
-            caller = api.authenticate(request.headers)
             raw = await request.body()
+            caller = await authenticate(request, raw)
             body = api.parse_json(raw)
             completion = await api.create_message(caller, raw, body)
         except APIError as error:
@@ -154,12 +178,77 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             return DroppedResponse(orjson.dumps(completion.message), headers=headers, media_type="application/json")
         return JSONResponse(completion.message, headers=headers)
 
+    async def authenticate(request: Request, raw: bytes) -> Caller:
+        """The first-party API's caller: by its key; on Claude Platform on AWS also by a SigV4 signature for
+        `aws-external-anthropic`, with the workspace it names (`anthropic-workspace-id`)."""
+        if request.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256"):
+            secrets = {TEST_AWS_ACCESS_KEY: TEST_AWS_SECRET_KEY}
+            signer = verify_sigv4(
+                request.method, _url_as_sent(request), request.headers, raw, service=AWS_SERVICE, secrets=secrets
+            )
+            if not request.headers.get("anthropic-workspace-id"):
+                raise APIError(400, "anthropic-workspace-id: header is required on Claude Platform on AWS")
+            return api.authenticate({**request.headers, "x-api-key": signer})
+        return api.authenticate(request.headers)
+
+    async def platform_messages(
+        request: Request, to_request: Any, to_error: Any, framing: Callable[[bytes], bytes] | None = None
+    ) -> Response:
+        """A message through a cloud's surface (see platforms.py): its request made first-party, its answer
+        in the platform's shape."""
+        request_id = new_id("req")
+        api.ledger.requests_total += 1
+        raw = await request.body()
+        try:
+            asked = to_request(request, raw, api.parse_json(raw))
+            completion = await api.create_message(asked.caller, orjson.dumps(asked.body), asked.body)
+        except APIError as error:
+            api.ledger.responses_by_status[error.status] += 1
+            status, body, headers = to_error(error)
+            return JSONResponse(body, status_code=status, headers={"request-id": request_id, **headers})
+        headers = without_limit_headers({"request-id": request_id, **completion.headers})
+        api.ledger.responses_by_status[200] += 1
+        if completion.stream:
+            overloaded = error_event(APIError(529, "Overloaded").error_object()) if completion.stream_error else None
+            media_type = "application/vnd.amazon.eventstream" if framing is not None else None
+            return EventStreamResponse(
+                completion, {**headers, "cache-control": "no-cache"}, error=overloaded, pacing=pacing,
+                framing=framing, media_type=media_type,
+            )  # fmt: skip
+        if completion.drop_connection:
+            return DroppedResponse(orjson.dumps(completion.message), headers=headers, media_type="application/json")
+        return JSONResponse(completion.message, headers=headers)
+
+    def _url_as_sent(request: Request) -> str:
+        """The URL as the client signed it: its path undecoded (a model id may hold an escaped `/`)."""
+        raw_path = request.scope.get("raw_path") or request.url.path.encode()
+        query = request.scope.get("query_string", b"")
+        base = f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}{raw_path.decode('latin-1')}"
+        return f"{base}?{query.decode('latin-1')}" if query else base
+
+    async def bedrock(request: Request) -> Response:
+        def to_request(request: Request, raw: bytes, body: Any) -> Any:
+            params = request.path_params
+            return bedrock_request(
+                request.method, _url_as_sent(request), params["model"], params["action"], request.headers, raw, body
+            )
+
+        return await platform_messages(request, to_request, bedrock_error, bedrock_stream_frame)
+
+    async def vertex(request: Request) -> Response:
+        def to_request(request: Request, raw: bytes, body: Any) -> Any:
+            model, _, action = request.path_params["model_action"].partition(":")
+            return vertex_request(model, action, request.headers, body)
+
+        return await platform_messages(request, to_request, vertex_error)
+
     async def count_tokens(request: Request) -> Response:
         request_id = new_id("req")
         api.ledger.requests_total += 1
         try:
-            caller = api.authenticate(request.headers)
-            counted, headers = api.count_tokens(caller, api.parse_json(await request.body()))
+            raw = await request.body()
+            caller = await authenticate(request, raw)
+            counted, headers = api.count_tokens(caller, api.parse_json(raw))
             return ok(counted, request_id, headers)
         except APIError as error:
             return error_response(error, request_id)
@@ -168,7 +257,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         async def endpoint(request: Request) -> Response:
             request_id = new_id("req")
             try:
-                caller = api.authenticate(request.headers)
+                caller = await authenticate(request, await request.body())
                 return await handler(request, caller, request_id)
             except APIError as error:
                 return error_response(error, request_id)
@@ -221,14 +310,25 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         api.clock_offset += float(request.query_params.get("seconds", "0"))
         return JSONResponse({"clock_offset": api.clock_offset})
 
+    first_party = [
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/messages/batches", batch_endpoint(batch_collection), methods=["GET", "POST"]),
+        Route("/v1/messages/batches/{batch_id}", batch_endpoint(batch_item), methods=["GET", "DELETE"]),
+        Route("/v1/messages/batches/{batch_id}/cancel", batch_endpoint(batch_cancel), methods=["POST"]),
+        Route("/v1/messages/batches/{batch_id}/results", batch_endpoint(batch_results), methods=["GET"]),
+    ]
     app = Starlette(
         routes=[
-            Route("/v1/messages", messages, methods=["POST"]),
-            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
-            Route("/v1/messages/batches", batch_endpoint(batch_collection), methods=["GET", "POST"]),
-            Route("/v1/messages/batches/{batch_id}", batch_endpoint(batch_item), methods=["GET", "DELETE"]),
-            Route("/v1/messages/batches/{batch_id}/cancel", batch_endpoint(batch_cancel), methods=["POST"]),
-            Route("/v1/messages/batches/{batch_id}/results", batch_endpoint(batch_results), methods=["GET"]),
+            *first_party,
+            # Claude on Google Cloud: the first-party API under a workspace of a project.
+            Mount("/v1/projects/{project}/locations/{location}/workspaces/{workspace}/invoke", routes=first_party),
+            Route("/model/{model}/{action}", bedrock, methods=["POST"]),
+            Route(
+                "/v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model_action}",
+                vertex,
+                methods=["POST"],
+            ),
             Route("/_emulator/stats", stats, methods=["GET"]),
             Route("/_emulator/requests", billed_requests, methods=["GET"]),
             Route("/_emulator/reset", reset, methods=["POST"]),

@@ -28,7 +28,7 @@ from prefect.logging import get_run_logger
 from ..api.formatting import duration, money, number
 from ..dataset.pipeline import DatasetRun, open_run, spent_in
 from ..dataset.shard_loop import run_shards
-from ..dataset.tables import SAVED_TABLE_PREFIX, PromptFunction, render_requests
+from ..dataset.tables import SAVED_TABLE_PREFIX, PromptFunction, RequestTemplate, render_requests
 from ..settings import ClientSettings, RunOptions
 from ..storage import join
 from .edge import resolve_run, resolve_storage
@@ -266,16 +266,8 @@ async def generate_dataset_from_table(
         frame = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
         with storage.atomic_writer(source) as handle:
             pq.write_table(frame, handle)
-    rendered = render_requests(
-        source,
-        output_dir,
-        prompt,
-        model=model,
-        max_tokens=max_tokens,
-        system=system,
-        id_column=id_column,
-        storage=storage,
-    )
+    template = RequestTemplate(prompt, model=model, max_tokens=max_tokens, system=system, id_column=id_column)
+    rendered = render_requests(source, output_dir, template, storage=storage)
     result: dict[str, Any] = await generate_dataset(
         str(rendered.requests_path),
         str(output_dir),
