@@ -1,10 +1,10 @@
 """How a shard's steps are run: the retry policy, declared once, and the executor that applies it.
 
 The shard loop (`shard_loop.run_shards`) decides what each shard does (batches, then real time) and hands
-every step to an executor: in this process (`in_process`, a plain loop over the policy's delays), or as
+every step to an executor: in this process (`in_process`, a plain loop over the policy's delays), as
 Prefect tasks (`orchestration.tasks.as_prefect_tasks`, whose task runs retry by the same policy and show
-each try in the UI). A step is a coroutine function of nothing: it can be called again, and each call
-resumes where the last one stopped.
+each try in the UI), or as child flow runs on a work pool (`orchestration.fanout.PoolExecutor`). A step is
+a coroutine function of nothing: it can be called again, and each call resumes where the last one stopped.
 """
 
 from __future__ import annotations
