@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 import httpx
 
@@ -15,19 +14,23 @@ def post(emu, body, key="test-key"):
 
 
 def test_requests_bucket_rejects_then_refills(start_emulator):
-    emu = start_emulator(requests_per_minute=120, burst_seconds=1)  # capacity 2, refill 2/s
+    # Capacity 2, one refilled every 30 s of the emulator's clock, which the test moves on: a busy machine's slow
+    # posts cannot refill the bucket between them.
+    emu = start_emulator(requests_per_minute=2, burst_seconds=60)
     assert [post(emu, message_body()).status_code for _ in range(2)] == [200, 200]
     rejected = post(emu, message_body())
     assert rejected.status_code == 429
     assert rejected.json()["error"]["type"] == "rate_limit_error"
     assert int(rejected.headers["retry-after"]) >= 1
     assert rejected.headers["anthropic-ratelimit-requests-remaining"] == "0"
-    time.sleep(0.55)  # half a second refills one request
+    httpx.post(f"{emu.base_url}/_emulator/advance", params={"seconds": 31})  # 30 s refill one request
     assert post(emu, message_body()).status_code == 200
 
 
 def test_limits_are_per_key_and_per_model_class(start_emulator):
-    emu = start_emulator(requests_per_minute=60, burst_seconds=1)  # capacity 1
+    # Capacity 1, refilled once a minute: the posts below are never far enough apart for a refill, however busy
+    # the machine (one a second refilled between two of them when a loaded CI took over a second for four posts).
+    emu = start_emulator(requests_per_minute=1, burst_seconds=60)
     opus = {**message_body(), "model": "claude-opus-4-7"}
     assert post(emu, opus).status_code == 200
     assert post(emu, opus).status_code == 429

@@ -269,9 +269,12 @@ async def test_two_runs_on_one_output_the_second_sends_nothing(
         emulated = request.getfixturevalue("gcs" if protocol == "gs" else "azurite")
         storage = Storage(dict(emulated.storage_options))
         out = f"{fresh(storage, protocol)}/datasets/two"
+    # 100 requests at 20/s after a burst of 20: the first run sends for about 4 s, so it still holds the output
+    # when the second starts, 1 s after its first answer. (With 40, it could finish within that second on a
+    # quick machine, and the second then rightly ran: a resume, not a race.)
     emu = start_emulator(latency_ms=300, requests_per_minute=1_200, burst_seconds=1)
     settings = ClientSettings(base_url=emu.base_url, requests_per_minute=1_200)
-    requests = write_requests(tmp_path / "requests.jsonl", 40)
+    requests = write_requests(tmp_path / "requests.jsonl", 100)
     first = asyncio.create_task(
         run_dataset(str(requests), out, settings, KEY, RunOptions(shard_size=10), storage=storage)
     )
@@ -282,5 +285,5 @@ async def test_two_runs_on_one_output_the_second_sends_nothing(
     with pytest.raises(OutputDirectoryLocked, match="in use by another run"):
         await run_dataset(str(requests), out, settings, KEY, RunOptions(shard_size=10), storage=second_storage)
     summary = await first
-    assert summary["succeeded"] == 40
-    assert emu.stats()["billed_requests"] == 40 and emu.stats()["duplicate_billed_requests"] == 0
+    assert summary["succeeded"] == 100
+    assert emu.stats()["billed_requests"] == 100 and emu.stats()["duplicate_billed_requests"] == 0
